@@ -1,0 +1,126 @@
+"""The pruner contract (DESIGN.md): what a streaming pruner decides and what it is shown.
+
+A pruner owns three decisions:
+- `score(group)` at ingest, a function of this group and earlier ones only (it may keep state,
+  e.g. the previous group). It returns a `GroupScore`: one score per token (higher = keep),
+  an optional ingest keep-mask (tokens dropped before they reach the long-term store), and
+  per-token metadata the pruner needs later (segment, scene, tree, depth, ...).
+- `evict(store, capacity)` when the long-term store is over budget: the rows to keep.
+- `rank_for_query(snapshot, query_embeds, budget)`: which snapshot rows the LLM sees.
+
+`rank_for_query` runs on a query thread while ingest keeps calling `score` on another, so it
+must only read the snapshot and immutable settings, never the pruner's ingest state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import torch
+
+from .similarity import topk_indices
+from .types import FrameTokens
+
+
+@dataclass(frozen=True)
+class GroupScore:
+    """What a pruner says about one incoming group (all tensors are [N], N = H*W, raster order).
+
+    `keep` False drops a token when its group leaves the dense recent window (e.g. DTD drops
+    static tokens). `merge_into[i] = g >= 0` folds token i, at that moment, into the token at the
+    same (row, col) of earlier group g by running mean (HieraVid's static runs); if that token
+    is no longer held, token i is dropped. `meta` is stored per token and handed to `evict`.
+    """
+
+    score: torch.Tensor
+    keep: torch.Tensor | None = None
+    merge_into: torch.Tensor | None = None
+    meta: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """Tokens with per-token metadata, sorted by (group, row, col).
+
+    Used both as the long-term store handed to `evict` (read-only views) and as the immutable
+    snapshot a query runs on. `recent` marks tokens of the dense recent window.
+    """
+
+    tokens: torch.Tensor  # [n, D]
+    group: torch.Tensor  # [n] long
+    pts: torch.Tensor  # [n] float64, seconds of the group's first frame
+    row: torch.Tensor  # [n] long
+    col: torch.Tensor  # [n] long
+    score: torch.Tensor  # [n] float32, ingest score
+    recent: torch.Tensor  # [n] bool
+    grid: tuple[int, int]  # (H, W) of the token grid
+    meta: Mapping[str, torch.Tensor] = field(default_factory=dict)  # [n] each
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)  # [n, ...] each
+
+    def __len__(self) -> int:
+        return int(self.group.shape[0])
+
+    def select(self, idx: torch.Tensor) -> "TokenSet":
+        """Rows `idx` (ascending keeps the (group, row, col) order)."""
+        idx = idx.to(torch.long)
+        return replace(
+            self,
+            tokens=self.tokens[idx],
+            group=self.group[idx],
+            pts=self.pts[idx],
+            row=self.row[idx],
+            col=self.col[idx],
+            score=self.score[idx],
+            recent=self.recent[idx],
+            meta={k: v[idx] for k, v in self.meta.items()},
+            extras={k: v[idx] for k, v in self.extras.items()},
+        )
+
+    def groups(self) -> torch.Tensor:
+        """Distinct group indices present, ascending."""
+        return torch.unique(self.group)
+
+
+def recent_first(snap: TokenSet, score: torch.Tensor, budget: int) -> torch.Tensor:
+    """Top `budget` rows, the dense recent window first (newest group first), then by score.
+
+    Recent frames answer "what is happening now", so a query budget is spent on them before
+    the long-term store. Returns ascending row indices.
+    """
+    budget = max(0, min(int(budget), len(snap)))
+    if budget == len(snap):
+        return torch.arange(len(snap))
+    recent_rows = torch.nonzero(snap.recent).flatten()
+    if recent_rows.numel() >= budget:
+        newest_first = torch.sort(snap.group[recent_rows], descending=True, stable=True).indices
+        return torch.sort(recent_rows[newest_first[:budget]]).values
+    rest = torch.nonzero(~snap.recent).flatten()
+    picked = rest[topk_indices(score[rest], budget - recent_rows.numel())]
+    return torch.sort(torch.cat([recent_rows, picked])).values
+
+
+class Pruner:
+    """Base streaming pruner: subclasses override `score` and `evict`, and `query_score` when
+    they rank differently at question time than at ingest."""
+
+    name = "base"
+
+    def reset(self) -> None:
+        """Forget stream state: the next group has no predecessor (start, reconnect)."""
+
+    def score(self, group: FrameTokens) -> GroupScore:
+        raise NotImplementedError
+
+    def evict(self, store: TokenSet, capacity: int) -> torch.Tensor:
+        """Rows of `store` to keep (ascending, at most `capacity`); default: highest score."""
+        return topk_indices(store.score, capacity)
+
+    def query_score(self, snap: TokenSet, query_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Per-row score used by `rank_for_query`; default: the stored ingest score."""
+        return snap.score
+
+    def rank_for_query(
+        self, snap: TokenSet, query_embeds: torch.Tensor | None, budget: int
+    ) -> torch.Tensor:
+        """Rows of `snap` the LLM sees (ascending, at most `budget`), recent window first."""
+        return recent_first(snap, self.query_score(snap, query_embeds), budget)

@@ -1,0 +1,306 @@
+"""TokenMemory: a dense recent window plus a long-term store bounded by the pruner's eviction.
+
+The last `recent_groups` groups are held whole (recent frames answer "what is happening now").
+When a group leaves that window its surviving tokens move to the long-term store, whose rows
+live in buffers preallocated for `capacity` plus one group, so storage never grows with the
+stream; when the store is over `capacity` the pruner picks the rows to keep. Rows stay sorted
+by (group, row, col) because groups arrive in order and eviction keeps ascending rows, so the
+cost per added group is bounded by `capacity`, independent of stream length.
+
+`add` (ingest thread) and `snapshot` (query thread) take one lock; a snapshot is a copy.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from .base import GroupScore, Pruner, TokenSet
+from .types import FrameTokens
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What one `add` did: tokens now held and the pruner's time (score + evict) in ms."""
+
+    held: int
+    prune_ms: float
+    evicted: int
+
+
+def per_token_extras(extras: Mapping[str, torch.Tensor], h: int, w: int) -> dict[str, torch.Tensor]:
+    """[..., H, W, D] side features -> [H*W, ..., D], one row per token in raster order."""
+    out = {}
+    for name, x in extras.items():
+        if x.ndim < 3 or tuple(x.shape[-3:-1]) != (h, w):
+            raise ValueError(f"extras[{name!r}] has shape {tuple(x.shape)}; expected [..., {h}, {w}, D]")
+        lead = x.ndim - 3
+        perm = [lead, lead + 1, *range(lead), x.ndim - 1]
+        x = x.permute(*perm)
+        out[name] = x.reshape(h * w, *x.shape[2:])
+    return out
+
+
+class _Store:
+    """Preallocated rows of the long-term store: `n` used, `size` allocated."""
+
+    def __init__(self, size: int, d: int, dtype: torch.dtype):
+        self.size = size
+        self.n = 0
+        self.tokens = torch.zeros(size, d, dtype=dtype)
+        self.group = torch.zeros(size, dtype=torch.long)
+        self.pts = torch.zeros(size, dtype=torch.float64)
+        self.row = torch.zeros(size, dtype=torch.long)
+        self.col = torch.zeros(size, dtype=torch.long)
+        self.score = torch.zeros(size, dtype=torch.float32)
+        self.weight = torch.zeros(size, dtype=torch.float32)
+        self.meta: dict[str, torch.Tensor] = {}
+        self.extras: dict[str, torch.Tensor] = {}
+
+    def columns(self) -> dict[str, torch.Tensor]:
+        cols = {
+            "tokens": self.tokens, "group": self.group, "pts": self.pts, "row": self.row,
+            "col": self.col, "score": self.score, "weight": self.weight,
+        }
+        cols.update({f"meta.{k}": v for k, v in self.meta.items()})
+        cols.update({f"extras.{k}": v for k, v in self.extras.items()})
+        return cols
+
+    def ensure(self, name: str, table: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        if name not in table:
+            table[name] = torch.zeros(self.size, *like.shape[1:], dtype=like.dtype)
+            table[name][: self.n] = torch.zeros((), dtype=like.dtype)
+        return table[name]
+
+    def view(self, grid: tuple[int, int]) -> TokenSet:
+        n = self.n
+        return TokenSet(
+            tokens=self.tokens[:n], group=self.group[:n], pts=self.pts[:n], row=self.row[:n],
+            col=self.col[:n], score=self.score[:n], recent=torch.zeros(n, dtype=torch.bool),
+            grid=grid, meta={k: v[:n] for k, v in self.meta.items()},
+            extras={k: v[:n] for k, v in self.extras.items()},
+        )
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        k = int(keep.numel())
+        for buf in self.columns().values():
+            buf[:k] = buf[keep]
+        self.n = k
+
+
+class TokenMemory:
+    """Bounded visual-token memory: `len(mem) <= capacity + recent_groups * H * W` always."""
+
+    def __init__(self, capacity: int, pruner: Pruner, recent_groups: int = 4, max_thumbnails: int = 256):
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if recent_groups < 0:
+            raise ValueError(f"recent_groups must be >= 0, got {recent_groups}")
+        self.capacity = int(capacity)
+        self.pruner = pruner
+        self.recent_groups = int(recent_groups)
+        self.max_thumbnails = int(max_thumbnails)
+        self._lock = threading.Lock()
+        self._recent: deque[tuple[FrameTokens, GroupScore, dict[str, torch.Tensor]]] = deque()
+        self._store: _Store | None = None
+        self._grid: tuple[int, int] | None = None
+        self._thumbs: OrderedDict[int, tuple[float, Any]] = OrderedDict()
+        self.groups_seen = 0
+        self.tokens_seen = 0
+        self.tokens_evicted = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._len()
+
+    def _len(self) -> int:
+        stored = self._store.n if self._store is not None else 0
+        return stored + sum(g.tokens.shape[0] * g.tokens.shape[1] for g, _, _ in self._recent)
+
+    def reset_stream(self) -> None:
+        """The stream restarted (reconnect): the pruner's next group has no predecessor."""
+        with self._lock:
+            self.pruner.reset()
+
+    def add(self, group: FrameTokens, thumbnail: Any = None) -> AddResult:
+        """Score a new group causally, slide the recent window, evict down to capacity."""
+        if group.tokens.ndim != 3:
+            raise ValueError(f"FrameTokens.tokens must be [H, W, D], got {tuple(group.tokens.shape)}")
+        h, w = group.grid
+        extras = per_token_extras(group.extras, h, w)
+        with self._lock:
+            t0 = time.perf_counter()
+            scored = self.pruner.score(group)
+            if scored.score.shape != (h * w,):
+                raise RuntimeError(f"{self.pruner.name}.score returned {tuple(scored.score.shape)}, expected ({h * w},)")
+            self._grid = (h, w)
+            self._recent.append((group, scored, extras))
+            self.groups_seen += 1
+            self.tokens_seen += h * w
+            if thumbnail is not None:
+                self._thumbs[group.index] = (group.pts, thumbnail)
+            evicted = 0
+            while len(self._recent) > self.recent_groups:
+                evicted += self._graduate(*self._recent.popleft())
+            self._trim_thumbnails()
+            self.tokens_evicted += evicted
+            return AddResult(self._len(), (time.perf_counter() - t0) * 1e3, evicted)
+
+    def _graduate(self, group: FrameTokens, scored: GroupScore, extras: dict[str, torch.Tensor]) -> int:
+        """Move a group's surviving tokens from the recent window into the store; evict."""
+        h, w = group.grid
+        n_tok = h * w
+        tokens = group.tokens.reshape(n_tok, -1)
+        keep = torch.ones(n_tok, dtype=torch.bool) if scored.keep is None else scored.keep.clone()
+        st = self._alloc(n_tok, tokens)
+        dropped = n_tok - int(keep.sum())
+        if scored.merge_into is not None:
+            merging = keep & (scored.merge_into >= 0)
+            dropped += self._merge(st, scored.merge_into, merging, tokens, extras, w)
+            keep &= ~merging
+        rows = torch.nonzero(keep).flatten()
+        k = int(rows.numel())
+        if st.n + k > st.size:
+            raise RuntimeError("store overflow: eviction did not bring the store to capacity")
+        sl = slice(st.n, st.n + k)
+        st.tokens[sl] = tokens[rows].to(st.tokens.dtype)
+        st.group[sl] = group.index
+        st.pts[sl] = group.pts
+        st.row[sl] = rows // w
+        st.col[sl] = rows % w
+        st.score[sl] = scored.score[rows].float()
+        st.weight[sl] = 1.0
+        for name, v in scored.meta.items():
+            st.ensure(name, st.meta, v)[sl] = v[rows]
+        for name, v in extras.items():
+            st.ensure(name, st.extras, v)[sl] = v[rows].to(st.tokens.dtype)
+        st.n += k
+        if st.n <= self.capacity:
+            return dropped
+        before = st.n
+        keep_rows = self.pruner.evict(st.view(self._grid), self.capacity) if self.capacity else torch.zeros(0, dtype=torch.long)
+        keep_rows = keep_rows.to(torch.long)
+        if keep_rows.numel() > self.capacity or (keep_rows.numel() > 1 and bool((keep_rows[1:] <= keep_rows[:-1]).any())):
+            raise RuntimeError(f"{self.pruner.name}.evict must return at most {self.capacity} ascending rows")
+        st.keep_rows(keep_rows)
+        return dropped + before - st.n
+
+    def _alloc(self, n_tok: int, tokens: torch.Tensor) -> _Store:
+        st = self._store
+        if st is None or st.size < self.capacity + n_tok or st.tokens.shape[1] != tokens.shape[1]:
+            new = _Store(self.capacity + n_tok, tokens.shape[1], tokens.dtype)
+            if st is not None and st.tokens.shape[1] == tokens.shape[1]:
+                for name, buf in st.columns().items():
+                    table, key = (new.meta, name[5:]) if name.startswith("meta.") else (
+                        (new.extras, name[7:]) if name.startswith("extras.") else (None, name))
+                    dst = new.ensure(key, table, buf) if table is not None else getattr(new, key)
+                    dst[: st.n] = buf[: st.n]
+                new.n = st.n
+            self._store = st = new
+        return st
+
+    @staticmethod
+    def _merge(st: _Store, merge_into: torch.Tensor, merging: torch.Tensor, tokens: torch.Tensor,
+               extras: dict[str, torch.Tensor], w: int) -> int:
+        """Fold `merging` tokens into their run heads by running mean; count those dropped."""
+        rows = torch.nonzero(merging).flatten()
+        if rows.numel() == 0:
+            return 0
+        key_store = _position_key(st.group[: st.n], st.row[: st.n], st.col[: st.n])
+        key_new = _position_key(merge_into[rows], rows // w, rows % w)
+        if st.n == 0:
+            return int(rows.numel())
+        pos = torch.searchsorted(key_store, key_new).clamp_max(st.n - 1)
+        found = key_store[pos] == key_new
+        heads, src = pos[found], rows[found]
+        wt = st.weight[heads].unsqueeze(1)
+        st.tokens[heads] = ((st.tokens[heads].float() * wt + tokens[src].float()) / (wt + 1)).to(st.tokens.dtype)
+        for name, v in extras.items():
+            buf = st.extras.get(name)
+            if buf is not None:
+                wv = st.weight[heads].view(-1, *([1] * (buf.ndim - 1)))
+                buf[heads] = ((buf[heads].float() * wv + v[src].float()) / (wv + 1)).to(buf.dtype)
+        st.weight[heads] += 1
+        return int(rows.numel())
+
+    def _trim_thumbnails(self) -> None:
+        held = set(self._held_groups())
+        for g in [g for g in self._thumbs if g not in held]:
+            del self._thumbs[g]
+        while len(self._thumbs) > self.max_thumbnails:
+            self._thumbs.popitem(last=False)
+
+    def _held_groups(self) -> list[int]:
+        groups = [g.index for g, _, _ in self._recent]
+        if self._store is not None and self._store.n:
+            groups = torch.unique(self._store.group[: self._store.n]).tolist() + groups
+        return groups
+
+    def thumbnails(self) -> list[tuple[int, float, Any]]:
+        """(group, pts, thumbnail) of held groups that have one, oldest first."""
+        with self._lock:
+            return [(g, pts, img) for g, (pts, img) in self._thumbs.items()]
+
+    def snapshot(self) -> TokenSet:
+        """An immutable copy of everything held, sorted by (group, row, col)."""
+        with self._lock:
+            parts: list[TokenSet] = []
+            if self._store is not None and self._store.n:
+                parts.append(self._store.view(self._grid))
+            for g, scored, extras in self._recent:
+                parts.append(self._group_set(g, scored, extras))
+            if not parts:
+                return _empty_set(self._grid or (0, 0))
+            return _concat(parts)
+
+    @staticmethod
+    def _group_set(g: FrameTokens, scored: GroupScore, extras: dict[str, torch.Tensor]) -> TokenSet:
+        h, w = g.grid
+        n = h * w
+        idx = torch.arange(n)
+        return TokenSet(
+            tokens=g.tokens.reshape(n, -1), group=torch.full((n,), g.index, dtype=torch.long),
+            pts=torch.full((n,), g.pts, dtype=torch.float64), row=idx // w, col=idx % w,
+            score=scored.score.float(), recent=torch.ones(n, dtype=torch.bool), grid=(h, w),
+            meta=dict(scored.meta), extras=extras,
+        )
+
+
+def _position_key(group: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """A key that sorts like (group, row, col); store rows are ascending in it."""
+    return (group * 65536 + row) * 65536 + col
+
+
+def _concat(parts: list[TokenSet]) -> TokenSet:
+    meta_keys = set().union(*(p.meta.keys() for p in parts))
+    extra_keys = set.intersection(*(set(p.extras.keys()) for p in parts))
+    dtype = parts[-1].tokens.dtype
+
+    def cat_meta(k: str) -> torch.Tensor:
+        ref = next(p.meta[k] for p in parts if k in p.meta)
+        return torch.cat([p.meta[k] if k in p.meta else torch.zeros(len(p), dtype=ref.dtype) for p in parts])
+
+    return TokenSet(
+        tokens=torch.cat([p.tokens.to(dtype) for p in parts]),
+        group=torch.cat([p.group for p in parts]),
+        pts=torch.cat([p.pts for p in parts]),
+        row=torch.cat([p.row for p in parts]),
+        col=torch.cat([p.col for p in parts]),
+        score=torch.cat([p.score for p in parts]),
+        recent=torch.cat([p.recent for p in parts]),
+        grid=parts[-1].grid,
+        meta={k: cat_meta(k) for k in sorted(meta_keys)},
+        extras={k: torch.cat([p.extras[k].to(dtype) for p in parts]) for k in sorted(extra_keys)},
+    )
+
+
+def _empty_set(grid: tuple[int, int]) -> TokenSet:
+    z = torch.zeros(0, dtype=torch.long)
+    return TokenSet(
+        tokens=torch.zeros(0, 0), group=z, pts=torch.zeros(0, dtype=torch.float64), row=z, col=z,
+        score=torch.zeros(0), recent=torch.zeros(0, dtype=torch.bool), grid=grid,
+    )
