@@ -1,0 +1,86 @@
+"""Frame preprocessing in numpy, matching the Qwen2/2.5-VL processor (no torchvision).
+
+Resize to a pixel budget with the processor's `smart_resize` rule (sides multiples of
+patch*merge), bicubic via PIL as the PIL image processor does, rescale, normalise with CLIP
+mean/std, then patchify a frame pair into the [T*gh*gw, C*2*P*P] rows the vision tower takes
+(REFERENCE.md "transformers 5.x and the Qwen VLMs").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class VisionGeometry:
+    """How frames become patches: the model's patch/merge sizes and our pixel budget."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 448 * 448
+    mean: tuple[float, float, float] = tuple(CLIP_MEAN.tolist())
+    std: tuple[float, float, float] = tuple(CLIP_STD.tolist())
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The Qwen processor's target size: sides divisible by `factor`, area within the budget."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio must be below 200, got {max(height, width) / min(height, width):.1f}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resize_frame(image: np.ndarray, geo: VisionGeometry) -> np.ndarray:
+    """H x W x 3 uint8 -> the budgeted size, bicubic (PIL), still uint8."""
+    h, w = image.shape[:2]
+    th, tw = smart_resize(h, w, geo.factor, geo.min_pixels, geo.max_pixels)
+    if (th, tw) == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((tw, th), Image.BICUBIC))
+
+
+def patchify(frames: np.ndarray, geo: VisionGeometry) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """[F, H, W, 3] uint8 frames of one size (F a multiple of the temporal patch) ->
+    (pixel rows [T*gh*gw, C*tp*P*P] float32, grid (T, gh, gw))."""
+    f, h, w, c = frames.shape
+    p, m, tp = geo.patch_size, geo.merge_size, geo.temporal_patch_size
+    if f % tp or h % (p * m) or w % (p * m):
+        raise ValueError(f"frames {frames.shape} do not tile into {tp}x{p * m}x{p * m} patches")
+    x = (frames.astype(np.float32) / 255.0 - np.asarray(geo.mean, np.float32)) / np.asarray(geo.std, np.float32)
+    x = x.transpose(0, 3, 1, 2)
+    t, gh, gw = f // tp, h // p, w // p
+    x = x.reshape(t, tp, c, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return np.ascontiguousarray(x.reshape(t * gh * gw, c * tp * p * p)), (t, gh, gw)
+
+
+def frames_to_pairs(images: list[np.ndarray], geo: VisionGeometry) -> np.ndarray:
+    """Resize a list of frames to the budget and stack them, duplicating a lone last frame so
+    every temporal group is full (the processor pads the same way)."""
+    resized = [resize_frame(im, geo) for im in images]
+    shape = resized[0].shape
+    resized = [r if r.shape == shape else np.asarray(Image.fromarray(r).resize((shape[1], shape[0]), Image.BICUBIC)) for r in resized]
+    while len(resized) % geo.temporal_patch_size:
+        resized.append(resized[-1])
+    return np.stack(resized)

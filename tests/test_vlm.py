@@ -1,0 +1,115 @@
+"""The Qwen vision path, our M-RoPE positions, and generation over pruned token subsets."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stream.vlm.positions import TextPart, VisualPart, build_positions, time_offsets
+from stream.vlm.preprocess import VisionGeometry, frames_to_pairs, patchify, smart_resize
+
+
+def _frames(n, h=120, w=160, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    return [np.roll(base, 7 * i, axis=1) for i in range(n)]
+
+
+def test_patchify_matches_hf_image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    frame = _frames(1, 100, 150)[0]
+    geo = VisionGeometry(max_pixels=112 * 168)
+    proc = Qwen2VLImageProcessorPil(min_pixels=geo.min_pixels, max_pixels=geo.max_pixels)
+    ref = proc(images=[Image.fromarray(frame)], return_tensors="np")
+    ours, grid = patchify(frames_to_pairs([frame], geo), geo)
+    assert tuple(ref["image_grid_thw"][0]) == grid
+    np.testing.assert_allclose(ours, ref["pixel_values"], atol=1e-5)
+
+
+def test_smart_resize_respects_budget():
+    h, w = smart_resize(480, 640, 28, 56 * 56, 448 * 448)
+    assert h % 28 == 0 and w % 28 == 0 and h * w <= 448 * 448
+    assert abs(w / h - 640 / 480) < 0.1
+
+
+def test_group_by_group_equals_whole_clip(vlm):
+    frames = _frames(8)
+    geo = vlm.geometry
+    pixels, (t, gh, gw) = patchify(frames_to_pairs(frames, geo), geo)
+    whole = vlm.model.model.get_video_features(
+        pixel_values_videos=torch.from_numpy(pixels), video_grid_thw=torch.tensor([[t, gh, gw]])
+    ).pooler_output[0].reshape(t, gh // 2, gw // 2, -1)
+    one_by_one = torch.stack([vlm.encode([frames[i:i + 2]])[0] for i in range(0, 8, 2)])
+    batched = torch.stack(vlm.encode([frames[i:i + 2] for i in range(0, 8, 2)]))
+    torch.testing.assert_close(one_by_one, whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched, whole, atol=1e-5, rtol=0)
+
+
+def test_lone_frame_is_duplicated_into_a_pair(vlm):
+    f = _frames(1)[0]
+    torch.testing.assert_close(vlm.encode([[f]])[0], vlm.encode([[f, f]])[0], atol=1e-6, rtol=0)
+
+
+def test_dense_positions_equal_get_rope_index(vlm):
+    cfg = vlm.model.config
+    t, gh, gw, fps = 5, 8, 12, 2.0
+    n_vis = t * (gh // 2) * (gw // 2)
+    pre = torch.tensor([11, 12, 13, cfg.vision_start_token_id])
+    post = torch.tensor([cfg.vision_end_token_id, 21, 22, 23, 24])
+    ids = torch.cat([pre, torch.full((n_vis,), cfg.video_token_id), post]).unsqueeze(0)
+    types = (ids == cfg.video_token_id).int() * 2
+    ref, _ = vlm.model.model.get_rope_index(
+        ids, mm_token_type_ids=types, video_grid_thw=torch.tensor([[t, gh, gw]]),
+        second_per_grid_ts=torch.tensor([2 / fps]),
+    )
+    idx = torch.arange(n_vis)
+    hw = (gh // 2) * (gw // 2)
+    group, row, col = idx // hw, (idx % hw) // (gw // 2), idx % (gw // 2)
+    pts = group.double() * 2 / fps
+    parts = [TextPart(pre), VisualPart(torch.zeros(n_vis, 4), time_offsets(pts, 0.0, vlm.tokens_per_second), row, col), TextPart(post)]
+    ours = build_positions(parts)
+    vis = slice(len(pre), len(pre) + n_vis)
+    assert torch.equal(ours[:, vis], ref[:, 0, vis])
+    assert torch.equal(ours[:, : len(pre)], ref[:, 0, : len(pre)])
+    after = ours[:, vis.stop:]
+    assert torch.equal(after[:, 0], torch.full((3,), int(ours[:, vis].max()) + 1))
+
+
+def _manual_greedy(vlm, embeds, positions, steps):
+    model = vlm.model
+    ids = []
+    emb, pos = embeds, positions
+    past = None
+    for _ in range(steps):
+        out = model(inputs_embeds=emb, position_ids=pos, attention_mask=torch.ones(1, (past.get_seq_length() if past else 0) + emb.shape[1], dtype=torch.long),
+                    past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = int(out.logits[0, -1].argmax())
+        ids.append(nxt)
+        if nxt in vlm.eos_ids:
+            break
+        emb = model.get_input_embeddings()(torch.tensor([[nxt]]))
+        pos = pos[:, :, -1:] + 1
+    return ids
+
+
+def test_generate_over_sparse_reordered_subset_matches_manual_greedy(vlm):
+    grids = vlm.encode([_frames(2, seed=s) for s in range(3)])
+    h, w, d = grids[0].shape
+    tokens = torch.cat([g.reshape(-1, d) for g in grids])
+    idx = torch.arange(tokens.shape[0])
+    group, row, col = idx // (h * w), (idx % (h * w)) // w, idx % w
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.randperm(tokens.shape[0], generator=gen)[:40]  # sparse and out of raster order
+    pre, post = vlm.chat_parts("You watch a camera.", "what is happening?")
+    parts = [TextPart(pre), VisualPart(tokens[keep], group[keep] * 2, row[keep], col[keep]), TextPart(post)]
+    embeds, positions = vlm.embed_parts(parts)
+    steps = 12
+    with torch.inference_mode():
+        manual = _manual_greedy(vlm, embeds, positions, steps)
+    got = vlm.generate(embeds, positions, max_new_tokens=steps)
+    assert got.new_tokens == len(manual)
+    expect = vlm.tokenizer.decode([i for i in manual if i not in vlm.eos_ids], skip_special_tokens=True).strip()
+    assert got.text == expect
+    assert 0 < got.ttft_s <= got.total_s
