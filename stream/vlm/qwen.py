@@ -147,11 +147,11 @@ class QwenVL:
         return self.embed_ids(self.tokenize(question)).float()
 
     def chat_parts(self, system: str, user: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chat template rendered around the video: (ids up to and including
-        <|vision_start|>, ids from <|vision_end|> to the assistant prompt)."""
+        """The chat template rendered around the video: (ids before the video, ids after it up
+        to the assistant prompt). The caller adds the vision start/end tokens."""
         text = self.tokenizer.apply_chat_template(
             [{"role": "system", "content": system},
-             {"role": "user", "content": f"<|vision_start|>{VIDEO_PLACEHOLDER}<|vision_end|>\n{user}"}],
+             {"role": "user", "content": f"{VIDEO_PLACEHOLDER}\n{user}"}],
             tokenize=False, add_generation_prompt=True,
         )
         before, after = text.split(VIDEO_PLACEHOLDER)

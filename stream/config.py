@@ -1,0 +1,192 @@
+"""Pipeline configuration: TOML validated into dataclasses.
+
+Every field has a default (the defaults are the offline demo), a type, and where it matters
+the accepted values or range. A bad field is reported by its dotted path with what is
+accepted, as a `ConfigError` the CLI prints without a traceback.
+"""
+from __future__ import annotations
+
+import tomllib
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import pruning
+
+from .query import DEFAULT_SYSTEM, TIMESTAMP_MODES
+from .sampler import POLICIES
+from .vlm.qwen import DTYPES
+
+SOURCE_KINDS = ("synthetic", "file")
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased for the user."""
+
+
+def choice(*values: str, default: str) -> Any:
+    return field(default=default, metadata={"choices": values})
+
+
+def bounded(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
+    return field(default=default, metadata={"min": lo, "max": hi})
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str = choice(*SOURCE_KINDS, default="synthetic")
+    path: str = ""  # file: any container/codec FFmpeg reads
+    fps: float = bounded(10.0, 0.1, 240)  # synthetic: frames per second rendered
+    duration_s: float = bounded(60.0, 1.0, 86400 * 7)  # synthetic: length of the scripted scene
+    seed: int = 0  # synthetic: the scene script and noise
+    width: int = bounded(640, 32, 7680)  # synthetic
+    height: int = bounded(480, 32, 4320)  # synthetic
+    realtime: bool = False  # pace to wall clock (a live camera); False = as fast as decoded
+    speed: float = bounded(1.0, 0.01, 1000)  # with realtime: playback speed factor
+    loop: bool = False  # file: start over at the end
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    fps: float = bounded(2.0, 0.05, 60)  # frames per second fed to the encoder
+    policy: str = choice(*POLICIES, default="auto")  # auto: latest for live sources, every for files
+    queue: int = bounded(2, 1, 64)  # latest: frames buffered before the oldest is dropped
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny-random"  # hub id or local path (Qwen2.5-VL); tiny-random builds a test model
+    dtype: str = choice(*DTYPES, default="float32")
+    device: str = "cpu"
+    max_pixels: int = bounded(448 * 448, 56 * 56, 4096 * 4096)  # pixel budget per frame
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    pruner: str = choice(*pruning.PRUNERS, default="echoprune")
+    capacity: int = bounded(4096, 0, 10_000_000)  # long-term store, tokens
+    recent_groups: int = bounded(4, 0, 1024)  # newest groups kept whole
+    params: dict = field(default_factory=dict)  # the pruner's own parameters
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    llm_budget: int = bounded(0, 0, 10_000_000)  # visual tokens the LLM sees; 0 = whole memory
+    max_new_tokens: int = bounded(32, 1, 1024)
+    max_question_chars: int = bounded(500, 1, 100_000)
+    timestamps: str = choice(*TIMESTAMP_MODES, default="mrope")
+    system_prompt: str = DEFAULT_SYSTEM
+
+
+@dataclass(frozen=True)
+class QuestionConfig:
+    text: str = ""
+    at_s: float = bounded(0.0, 0.0, None)  # stream time at which it is asked
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    jsonl: str = ""  # append every answer as one JSON line here ("" = off)
+    status_interval_s: float = bounded(5.0, 0.0, 3600)  # 0 = no periodic status line
+    visuals_dir: str = ""  # write the memory's contact sheet and timeline here at the end
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "camera"
+    source: SourceConfig = field(default_factory=SourceConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    questions: list[QuestionConfig] = field(default_factory=list)
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a table"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(tp)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a table, got {value!r}")
+        return build(tp, value, path)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected an array of tables, got {value!r}")
+        return [_convert(v, item, f"{path}[{i}]", {}) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is dict and isinstance(value, dict):
+        return dict(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{path}: {value!r} is not accepted; accepted values: {', '.join(meta['choices'])}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        span = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+        raise ConfigError(f"{path}: {value!r} is out of range; accepted: {span}")
+    return value
+
+
+def build(cls: type, data: dict, prefix: str = "") -> Any:
+    """Validate a TOML table into dataclass `cls`, naming any bad field by dotted path."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            raise ConfigError(f"{path}: unknown field; accepted fields: {', '.join(known)}")
+        kwargs[key] = _convert(value, hints[key], path, known[key].metadata)
+    for f in known.values():
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in kwargs:
+            raise ConfigError(f"{prefix}.{f.name}: required")
+    return cls(**kwargs)
+
+
+def check(cfg: Config) -> Config:
+    """Cross-field rules that one field alone cannot express."""
+    if cfg.source.kind == "file" and not cfg.source.path:
+        raise ConfigError("source.path: required when source.kind = \"file\"")
+    if cfg.source.kind == "file" and not Path(cfg.source.path).expanduser().exists():
+        raise ConfigError(f"source.path: no such file: {cfg.source.path}")
+    try:
+        pruning.get_pruner(cfg.memory.pruner, **cfg.memory.params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"memory.params: {e}") from None
+    for i, q in enumerate(cfg.questions):
+        if not q.text.strip():
+            raise ConfigError(f"questions[{i}].text: must not be empty")
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+    """Read and validate a TOML config; `overrides` ({"model": {"name": ...}}) win."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return from_dict(_merge(data, overrides or {}))
+
+
+def from_dict(data: dict) -> Config:
+    return check(build(Config, data))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+__all__ = ["Config", "ConfigError", "load_config", "from_dict"]

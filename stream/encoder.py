@@ -1,0 +1,144 @@
+"""The rolling encoder: frame groups -> visual tokens -> the token memory, off the event loop.
+
+Frames are grouped by the model's temporal patch (Qwen: 2 frames). Encoding and `memory.add`
+run on one worker thread. While it works, new groups wait in a short list; the next call takes
+all of them as one batch (the vision tower handles a batch of groups in one pass), so falling
+behind costs bigger batches, not a growing queue. Past `max_pending` the oldest waiting group is
+dropped and counted (live), or the frame reader waits (files).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterable
+
+import cv2
+import numpy as np
+
+from pruning import FrameTokens, TokenMemory
+
+from .types import Frame
+from .vlm.qwen import QwenVL
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncoderStats:
+    groups_encoded: int = 0
+    groups_dropped: int = 0
+    batches: int = 0
+    encode_ms: float = 0.0  # per group, last batch
+    prune_ms: float = 0.0  # per group, last batch
+    backlog: int = 0  # groups waiting now
+    max_backlog: int = 0
+    encode_ms_total: float = 0.0
+    prune_ms_total: float = 0.0
+    newest_pts: float = -1.0  # pts of the newest group added to the memory
+
+
+def thumbnail(image: np.ndarray, width: int) -> np.ndarray:
+    """A small copy of a frame for the memory's contact sheet."""
+    h, w = image.shape[:2]
+    return cv2.resize(image, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
+
+
+class RollingEncoder:
+    """Consumes sampled frames, keeps `memory` fed with encoded groups."""
+
+    def __init__(self, vlm: QwenVL, memory: TokenMemory, max_batch: int = 8, max_pending: int = 16,
+                 drop_when_behind: bool = True, thumb_width: int = 96):
+        self.vlm = vlm
+        self.memory = memory
+        self.group_size = vlm.geometry.temporal_patch_size
+        self.max_batch = max_batch
+        self.max_pending = max_pending
+        self.drop_when_behind = drop_when_behind
+        self.thumb_width = thumb_width
+        self.stats = EncoderStats()
+        self._pending: deque[list[Frame]] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        self._next_group = 0
+
+    async def run(self, frames: AsyncIterable[Frame]) -> None:
+        """Group frames and encode until the frame stream ends; then drain what waits."""
+        wake = asyncio.Event()
+        space = asyncio.Event()
+        space.set()
+        finished = False
+
+        async def collect() -> None:
+            nonlocal finished
+            group: list[Frame] = []
+            try:
+                async for frame in frames:
+                    group.append(frame)
+                    if len(group) == self.group_size:
+                        await self._enqueue(group, space)
+                        group = []
+                        wake.set()
+                if group:
+                    await self._enqueue(group, space)
+            finally:
+                finished = True
+                wake.set()
+
+        collector = asyncio.create_task(collect(), name="encoder-collect")
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                while self._pending:
+                    batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+                    self.stats.backlog = len(self._pending)
+                    space.set()
+                    loop = asyncio.get_running_loop()
+                    await loop.run_in_executor(self._executor, self._encode_batch, batch)
+                if finished:
+                    collector.result()
+                    return
+        finally:
+            if not collector.done():
+                collector.cancel()
+                await asyncio.gather(collector, return_exceptions=True)
+
+    async def _enqueue(self, group: list[Frame], space: asyncio.Event) -> None:
+        if len(self._pending) >= self.max_pending:
+            if self.drop_when_behind:
+                self._pending.popleft()
+                self.stats.groups_dropped += 1
+            else:
+                space.clear()
+                while len(self._pending) >= self.max_pending:
+                    await space.wait()
+                    space.clear()
+        self._pending.append(group)
+        self.stats.backlog = len(self._pending)
+        self.stats.max_backlog = max(self.stats.max_backlog, self.stats.backlog)
+
+    def _encode_batch(self, batch: list[list[Frame]]) -> None:
+        """Worker thread: encode a batch of groups and add them to the memory in order."""
+        t0 = time.perf_counter()
+        grids = self.vlm.encode([[f.image for f in g] for g in batch])
+        enc_ms = (time.perf_counter() - t0) * 1e3 / len(batch)
+        prune_ms = 0.0
+        for frames, grid in zip(batch, grids):
+            tokens = FrameTokens(index=self._next_group, pts=frames[0].pts, tokens=grid)
+            self._next_group += 1
+            res = self.memory.add(tokens, thumbnail=thumbnail(frames[0].image, self.thumb_width))
+            prune_ms += res.prune_ms
+        s = self.stats
+        s.groups_encoded += len(batch)
+        s.batches += 1
+        s.encode_ms = enc_ms
+        s.prune_ms = prune_ms / len(batch)
+        s.encode_ms_total += enc_ms * len(batch)
+        s.prune_ms_total += prune_ms
+        s.newest_pts = batch[-1][0].pts
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
