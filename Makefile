@@ -1,0 +1,35 @@
+# streamprune: `make demo` installs into .venv and runs the offline demo; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Servers the tests start for real: an MQTT broker and a GStreamer RTSP server (Debian packages).
+APT_PKGS := mosquitto mosquitto-clients python3-gi gir1.2-gst-rtsp-server-1.0 \
+	gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly
+
+.PHONY: demo test install system-deps clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0 -c constraints.txt
+	$(PIP) install -q -e '.[test]' -c constraints.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+system-deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:$$missing"; \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+demo: install
+	$(VENV)/bin/streamprune demo
+
+test: system-deps install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,95 @@
+"""The command line as a user meets it: the demo, `run` with a config, and config errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stream.config import Config, ConfigError, from_dict, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "stream.cli"]
+
+
+def _run(args, cwd, model_cache, timeout=240):
+    env = {**os.environ, "STREAMPRUNE_CACHE": str(model_cache)}
+    return subprocess.run(CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_demo_prints_answers_summary_and_pictures(tmp_path, model_cache):
+    out = tmp_path / "out"
+    r = _run(["demo", "--visuals", str(out)], ROOT, model_cache)
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM weights" in r.stdout
+    assert r.stdout.count("Q: ") == 3 and r.stdout.count("A: ") == 3
+    assert "ttft" in r.stdout and "visual tokens" in r.stdout and "covering" in r.stdout
+    summary = [line for line in r.stdout.splitlines() if line.startswith("summary:")]
+    assert len(summary) == 1
+    for field in ("frames in 600", "dropped 0", "groups encoded 60", "tokens kept", "encoder", "prune"):
+        assert field in summary[0]
+    assert (out / "contact_sheet.png").stat().st_size > 1000 and (out / "timeline.png").stat().st_size > 1000
+
+
+def test_run_file_config_writes_jsonl(tmp_path, model_cache):
+    import av
+    import numpy as np
+
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 160, 120, "yuv420p"
+        for i in range(40):
+            img = np.full((120, 160, 3), 40, np.uint8)
+            img[40:80, 4 * i:4 * i + 30] = (250, 30, 30)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    cfg = tmp_path / "file.toml"
+    text = (ROOT / "configs" / "file.toml").read_text().replace('"clip.mp4"', json.dumps(str(clip)))
+    cfg.write_text(text.replace('jsonl = ""', f"jsonl = {json.dumps(str(tmp_path / 'a.jsonl'))}"))
+    r = _run(["run", str(cfg), "--pruner", "recent"], tmp_path, model_cache)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["type"] == "answer" and lines[0]["pruner"] == "recent"
+    assert lines[0]["t_end"] >= 3.0
+
+
+@pytest.mark.parametrize("toml, needle", [
+    ('[memory]\npruner = "nope"\n', "memory.pruner: 'nope' is not accepted; accepted values: echoprune"),
+    ('[sampler]\nfps = "fast"\n', "sampler.fps: expected a number"),
+    ('[sampler]\nfpz = 2\n', "sampler.fpz: unknown field; accepted fields: fps, policy, queue"),
+    ('[memory]\ncapacity = -1\n', "memory.capacity: -1 is out of range"),
+    ('[source]\nkind = "file"\npath = "/no/such.mp4"\n', "source.path: no such file"),
+    ('[memory.params]\nbogus = 1\n', "memory.params: pruner 'echoprune' has no parameter bogus"),
+    ('[[questions]]\ntext = ""\n', "questions[0].text: must not be empty"),
+    ('[query]\ntimestamps = "xml"\n', "query.timestamps: 'xml' is not accepted; accepted values: mrope, text"),
+    ("name = [1\n", "not valid TOML"),
+])
+def test_bad_config_names_the_field_without_traceback(tmp_path, model_cache, toml, needle):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config(cfg)
+    assert needle in str(e.value)
+    if toml.startswith("[memory]\npruner"):
+        r = _run(["run", str(cfg)], tmp_path, model_cache, timeout=60)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path, model_cache):
+    r = _run(["run", str(tmp_path / "missing.toml")], tmp_path, model_cache, timeout=60)
+    assert r.returncode == 2 and "no such config file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shipped_configs_validate():
+    for path in (ROOT / "configs").glob("*.toml"):
+        if path.name == "file.toml":
+            continue  # needs a real clip at source.path
+        assert isinstance(load_config(path), Config)
+    assert from_dict({}) == Config()
