@@ -14,7 +14,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterable
+from typing import AsyncIterable, Callable
 
 import cv2
 import numpy as np
@@ -51,7 +51,8 @@ class RollingEncoder:
     """Consumes sampled frames, keeps `memory` fed with encoded groups."""
 
     def __init__(self, vlm: QwenVL, memory: TokenMemory, max_batch: int = 8, max_pending: int = 16,
-                 drop_when_behind: bool = True, thumb_width: int = 96):
+                 drop_when_behind: bool = True, thumb_width: int = 96,
+                 on_group: Callable[[FrameTokens], None] | None = None):
         self.vlm = vlm
         self.memory = memory
         self.group_size = vlm.geometry.temporal_patch_size
@@ -59,6 +60,7 @@ class RollingEncoder:
         self.max_pending = max_pending
         self.drop_when_behind = drop_when_behind
         self.thumb_width = thumb_width
+        self.on_group = on_group  # called on the worker thread after each group is in memory
         self.stats = EncoderStats()
         self._pending: deque[list[Frame]] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
@@ -131,6 +133,8 @@ class RollingEncoder:
             self._next_group += 1
             res = self.memory.add(tokens, thumbnail=thumbnail(frames[0].image, self.thumb_width))
             prune_ms += res.prune_ms
+            if self.on_group is not None:
+                self.on_group(tokens)
         s = self.stats
         s.groups_encoded += len(batch)
         s.batches += 1

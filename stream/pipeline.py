@@ -8,7 +8,10 @@ import logging
 import time
 from dataclasses import dataclass
 
+import cv2
+
 import pruning
+from pruning.similarity import cos
 
 from .answer import Answer, QueryError
 from .config import Config, SourceConfig
@@ -16,6 +19,7 @@ from .encoder import RollingEncoder
 from .query import QueryHandler, QuerySettings
 from .sampler import Sampler
 from .sources.base import Source
+from .types import Frame
 from .vlm.qwen import QwenVL
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,21 @@ def make_source(cfg: SourceConfig, name: str) -> Source:
 
         return FileSource(cfg.path, realtime=cfg.realtime, loop=cfg.loop, speed=cfg.speed)
     raise ValueError(f"unknown source kind {cfg.kind!r}")
+
+
+class SceneDetector:
+    """A scene change is a group whose mean token has cosine < `threshold` to the previous
+    group's (MoPrune's boundary rule, Sec. 3.3), whatever pruner the memory uses."""
+
+    def __init__(self, threshold: float = 0.8):
+        self.threshold = threshold
+        self._prev = None
+
+    def update(self, tokens) -> bool:
+        mean = tokens.reshape(-1, tokens.shape[-1]).float().mean(0)
+        changed = self._prev is not None and float(cos(mean, self._prev)) < self.threshold
+        self._prev = mean
+        return changed
 
 
 @dataclass
@@ -53,36 +72,65 @@ class CameraPipeline:
         self.memory = pruning.TokenMemory(cfg.memory.capacity, self.pruner, cfg.memory.recent_groups)
         self.source = make_source(cfg.source, cfg.name)
         self.sampler = Sampler(self.source, cfg.sampler.fps, cfg.sampler.policy, cfg.sampler.queue)
-        self.encoder = RollingEncoder(vlm, self.memory, drop_when_behind=self.sampler.policy == "latest")
+        self.encoder = RollingEncoder(vlm, self.memory, drop_when_behind=self.sampler.policy == "latest",
+                                      on_group=self._on_group)
+        self.scenes = SceneDetector()
+        self.latest_frame: Frame | None = None
         q = cfg.query
         self.queries = QueryHandler(vlm, self.memory, QuerySettings(
             llm_budget=q.llm_budget, max_new_tokens=q.max_new_tokens,
             max_question_chars=q.max_question_chars, timestamps=q.timestamps, system_prompt=q.system_prompt,
         ))
         self.emit = emit
-        self.answers: list[Answer] = []
         self.finished = asyncio.Event()
         self._rates = _Rates(time.monotonic(), 0, 0)
         self._started = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def stream_s(self) -> float:
         """Stream time (pts) of the newest group in the memory."""
         return self.encoder.stats.newest_pts
 
+    async def _frames(self):
+        async for frame in self.sampler:
+            self.latest_frame = frame
+            yield frame
+
+    def _on_group(self, group: pruning.FrameTokens) -> None:
+        """Encoder thread: report scene changes to the sinks (on the event loop)."""
+        if self.scenes.update(group.tokens) and self._loop is not None:
+            record = {"type": "scene_change", "camera": self.name, "pts": group.pts, "group": group.index}
+            asyncio.run_coroutine_threadsafe(self._send(record), self._loop)
+
+    def latest_jpeg(self, quality: int = 85) -> bytes | None:
+        """The newest sampled frame as JPEG (for event snapshots), or None before the first."""
+        frame = self.latest_frame
+        if frame is None:
+            return None
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        return buf.tobytes() if ok else None
+
     async def run(self) -> None:
         """Ingest until the source ends, then drain the encoder."""
+        self._loop = asyncio.get_running_loop()
         try:
-            await self.encoder.run(self.sampler)
+            await self.encoder.run(self._frames())
         finally:
             self.finished.set()
 
     async def ask(self, question: str, **kw) -> Answer:
         """Answer now from the memory; ingest keeps running. Sends the answer to the sinks."""
         answer = await self.queries.aask(question, **kw)
-        self.answers.append(answer)
         await self._send(self.answer_record(answer))
         return answer
+
+    async def answer(self, question: str, llm_budget: int | None = None, max_new_tokens: int | None = None,
+                     request_id: str | None = None) -> dict:
+        """The answer record for a request (what MQTT publishes); not sent to the sinks.
+        Raises QueryError for a request that cannot be answered."""
+        answer = await self.queries.aask(question, llm_budget, max_new_tokens)
+        return {**self.answer_record(answer), "id": request_id}
 
     async def ask_or_report(self, question: str, request_id: str | None = None, **kw) -> Answer | None:
         """Like `ask`, but a bad request becomes an error record instead of an exception."""
