@@ -93,3 +93,36 @@ def test_shipped_configs_validate():
             continue  # needs a real clip at source.path
         assert isinstance(load_config(path), Config)
     assert from_dict({}) == Config()
+
+
+def test_run_takes_typed_questions_while_streaming(tmp_path, model_cache):
+    import time
+
+    cfg = tmp_path / "live.toml"
+    cfg.write_text('[source]\nkind = "synthetic"\nduration_s = 12.0\nfps = 6.0\nrealtime = true\nspeed = 2.0\n'
+                   '[output]\nstatus_interval_s = 1.0\n')
+    env = {**os.environ, "STREAMPRUNE_CACHE": str(model_cache)}
+    proc = subprocess.Popen(CLI + ["run", str(cfg), "--interactive"], cwd=tmp_path, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = ""
+        while "Type a question" not in line:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+        time.sleep(2.5)  # let a few seconds of stream reach the memory
+        proc.stdin.write("is anyone at the door?\n")
+        proc.stdin.flush()
+        answer = ""
+        while not answer.startswith("A: "):
+            answer = proc.stdout.readline()
+            assert answer, proc.stderr.read()
+        evidence = proc.stdout.readline()
+        proc.stdin.close()
+        rest = proc.stdout.read()
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "covering" in evidence and "summary:" in rest
+    assert "[camera] t=" in err  # the periodic status line
