@@ -1,0 +1,210 @@
+"""EchoPrune (echoprune.txt Sec. 3, Alg. 1): keep the tokens the previous group cannot echo.
+
+Offline `echoprune_select`, per PRUNERS.md "EchoPrune":
+- relevance `r` (Eq. 4): max cosine to the text tokens, 0 without text;
+- correspondence `corr` (Eq. 5): cosine to the same position in the previous group;
+- `echo` (Eq. 6-9): inner product of a token with its softmax(<.,.>/tau) reconstruction from a
+  (2*radius+1)^2 window of the previous group clipped at the borders (Sec. 3.2), or the whole
+  group for `radius=None` (holistic matching, Sec. 4.3 and App. B.4). The reconstruction is linear and is not
+  re-normalised, so `echo_i = sum_j p_ij <v_i, v_j>`: it is computed from the similarities alone;
+- `S = r - corr - echo` (Eq. 10-11), global Top-K (Eq. 12) after a first-group quota picked by
+  `r` (Sec. 3.3, "the first frame has no reconstruction error").
+
+The streaming `EchoPrune` shares `relevance` and `novelty` with it and departs from it in these
+places, each because a live stream has neither the question nor the clip's end at ingest:
+1. The ingest score is the novelty `-(corr + echo)` alone, bit-identical to the offline one for
+   groups >= 1; `r` against the question's token embeddings is added at query time.
+2. The first group of a stream (and after `reset()` or a change of grid) has no predecessor.
+   Offline gives it `budget // T` tokens by `r`; streaming knows neither T nor the question, so
+   it gets a fixed quota, `first_ratio` of its tokens (at least one if > 0), chosen by intra-group
+   uniqueness `1 - cos(v, mean of the group)`. They are scored as the novelty against a virtual
+   predecessor made only of the group's mean token, for which corr = echo = cos(v, mean), i.e.
+   `-2 cos(v, mean)`, on the same scale as later novelty; the other tokens of the group get that
+   minus 5, below any novelty (>= -2), so beyond its quota the group yields to every later token.
+3. Offline's global Top-K over the clip becomes eviction of the lowest novelty from a bounded
+   store plus a dense recent window spent first at query time (`base.recent_first`), so the
+   held set depends on when a question arrives; the first group's quota is not guaranteed but
+   competes with later novelty.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .base import GroupScore, Pruner, TokenSet
+from .similarity import EPS, normalize, topk_indices
+from .types import FrameTokens
+
+_BELOW_ANY_NOVELTY = 5.0
+_ALIGN = 64
+
+
+def relevance(tokens: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+    """Eq. 4: `r_i = max_j cos(v_i, t_j)` for tokens [..., D] and text [L, D]; 0 without text."""
+    lead = tokens.shape[:-1]
+    if text is None or text.numel() == 0 or tokens.numel() == 0:
+        return torch.zeros(lead)
+    sims = normalize(tokens).reshape(-1, tokens.shape[-1]) @ normalize(text.reshape(-1, text.shape[-1])).T
+    return sims.amax(dim=1).reshape(lead)
+
+
+class Prepared(NamedTuple):
+    """A group in float32 [H, W, D] with its L2 norms [H, W] clamped at eps, as in `normalize`.
+
+    Cosines are taken as dot products divided by both norms rather than on a normalised copy:
+    same quantity, one pass less over the group, which is most of the ingest cost at real sizes.
+    """
+
+    tokens: torch.Tensor
+    norm: torch.Tensor
+
+
+def prepare(tokens: torch.Tensor) -> Prepared:
+    """Float32, contiguous and 64-byte aligned (copied only when it is not): the CPU kernels
+    round differently on misaligned memory, and alignment keeps a group's streaming scores
+    bit-identical to the offline ones whatever tensor it arrives in."""
+    x = tokens.float()
+    if x.data_ptr() % _ALIGN or not x.is_contiguous():
+        x = x.clone(memory_format=torch.contiguous_format)
+    return Prepared(x, x.norm(dim=-1).clamp_min(EPS))
+
+
+def window_cos(cur: Prepared, prev: Prepared, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cos(cur_i, prev_j)` for j in the clipped (2r+1)^2 window around i: ([N, K], valid [N, K]).
+
+    Column k is the offset (dy, dx) in raster order over [-r, r]^2; an offset that leaves the
+    grid is invalid (no padding, no duplicates) and its similarity is 0. Per row offset dy, one
+    batched matmul of each row against row y+dy of prev; the column offsets are its diagonals.
+    This is (2r+1) H W^2 D work, about twice as fast here as one dot product per offset.
+    """
+    h, w, _ = cur.tokens.shape
+    side = 2 * radius + 1
+    sims = torch.zeros(side, side, h, w)
+    valid = torch.zeros(side, side, h, w, dtype=torch.bool)
+    for a, dy in enumerate(range(-radius, radius + 1)):
+        if abs(dy) >= h:
+            continue
+        ys, yp = slice(max(0, -dy), h - max(0, dy)), slice(max(0, dy), h - max(0, -dy))
+        dots = torch.bmm(cur.tokens[ys], prev.tokens[yp].transpose(1, 2))
+        rows = dots / (cur.norm[ys].unsqueeze(2) * prev.norm[yp].unsqueeze(1))
+        for b, dx in enumerate(range(-radius, radius + 1)):
+            if abs(dx) >= w:
+                continue
+            xs = slice(max(0, -dx), w - max(0, dx))
+            sims[a, b, ys, xs] = torch.diagonal(rows, offset=dx, dim1=1, dim2=2)
+            valid[a, b, ys, xs] = True
+    return sims.reshape(side * side, h * w).T, valid.reshape(side * side, h * w).T
+
+
+def corr_echo(cur: Prepared, prev: Prepared, tau: float, radius: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 5 and Eq. 6-9 of group cur against its predecessor prev: (corr [N], echo [N])."""
+    h, w, d = cur.tokens.shape
+    if radius is None:
+        dots = cur.tokens.reshape(h * w, d) @ prev.tokens.reshape(h * w, d).T
+        sims = dots / (cur.norm.reshape(h * w, 1) * prev.norm.reshape(1, h * w))
+        weights = torch.softmax(sims / tau, dim=1)
+        return sims.diagonal().clone(), (weights * sims).sum(dim=1)
+    sims, valid = window_cos(cur, prev, radius)
+    weights = torch.softmax((sims / tau).masked_fill(~valid, float("-inf")), dim=1)
+    center = (2 * radius + 1) ** 2 // 2
+    return sims[:, center].clone(), (weights * sims).sum(dim=1)
+
+
+def novelty(cur: Prepared, prev: Prepared, tau: float, radius: int | None) -> torch.Tensor:
+    """`-(corr + echo)` [N] of group cur against its predecessor prev (Eq. 10)."""
+    corr, echo = corr_echo(cur, prev, tau, radius)
+    return -(corr + echo)
+
+
+def echoprune_scores(
+    video: torch.Tensor, text: torch.Tensor | None = None, tau: float = 0.1, radius: int | None = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, novelty), each [T, N]; novelty of group 0 is 0 (corr = echo = 0). `S = r + novelty`."""
+    _check(video, tau, radius)
+    t, h, w, d = video.shape
+    groups = [prepare(video[k]) for k in range(t)]
+    nov = torch.zeros(t, h * w)
+    for k in range(1, t):
+        nov[k] = novelty(groups[k], groups[k - 1], tau, radius)
+    return relevance(video.reshape(t, h * w, d), text), nov
+
+
+def echoprune_select(
+    video: torch.Tensor, text: torch.Tensor | None, budget: int, tau: float = 0.1, radius: int | None = 1
+) -> torch.Tensor:
+    """Alg. 1: ascending flat indices into T*H*W of the `budget` tokens EchoPrune keeps."""
+    _check(video, tau, radius)
+    t, h, w, _ = video.shape
+    n = h * w
+    budget = int(budget)
+    if budget >= t * n:
+        return torch.arange(t * n)
+    if budget <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    r, nov = echoprune_scores(video, text, tau, radius)
+    if t == 1:
+        return topk_indices(r[0], budget)
+    quota = min(n, budget, max(1, budget // t))
+    first = topk_indices(r[0], quota)
+    rest = topk_indices((r[1:] + nov[1:]).flatten(), budget - quota) + n
+    return torch.cat([first, rest])
+
+
+def first_group_score(tokens: torch.Tensor, quota: int) -> torch.Tensor:
+    """Ingest score [N] of a group [H, W, D] with no predecessor (module docstring, point 2)."""
+    h, w, d = tokens.shape
+    flat = tokens.reshape(h * w, d).float()
+    score = -2.0 * (normalize(flat) @ normalize(flat.mean(dim=0)))
+    quota_rows = topk_indices(score, quota)
+    below = score - _BELOW_ANY_NOVELTY
+    below[quota_rows] = score[quota_rows]
+    return below
+
+
+class EchoPrune(Pruner):
+    """Streaming EchoPrune: novelty at ingest, `r + novelty` at query time (Qwen defaults)."""
+
+    name = "echoprune"
+
+    def __init__(self, *, tau: float = 0.5, radius: int | None = None, first_ratio: float = 0.25):
+        _check_params(tau, radius)
+        if not 0.0 <= first_ratio <= 1.0:
+            raise ValueError(f"first_ratio must be in [0, 1], got {first_ratio}")
+        self.tau = float(tau)
+        self.radius = radius
+        self.first_ratio = float(first_ratio)
+        self._prev: Prepared | None = None
+
+    def reset(self) -> None:
+        self._prev = None
+
+    def score(self, group: FrameTokens) -> GroupScore:
+        cur = prepare(group.tokens)
+        if self._prev is None or self._prev.tokens.shape != cur.tokens.shape:
+            h, w = group.grid
+            quota = min(h * w, max(1, int(self.first_ratio * h * w))) if self.first_ratio > 0 else 0
+            score = first_group_score(group.tokens, quota)
+        else:
+            score = novelty(cur, self._prev, self.tau, self.radius)
+        self._prev = cur
+        return GroupScore(score=score)
+
+    def query_score(self, snap: TokenSet, query_embeds: torch.Tensor | None) -> torch.Tensor:
+        """`S = r - corr - echo`: relevance to the question tokens plus the stored novelty."""
+        if query_embeds is None or len(snap) == 0:
+            return snap.score
+        return relevance(snap.tokens, query_embeds) + snap.score
+
+
+def _check_params(tau: float, radius: int | None) -> None:
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if radius is not None and (isinstance(radius, bool) or not isinstance(radius, int) or radius < 0):
+        raise ValueError(f"radius must be None or an int >= 0, got {radius!r}")
+
+
+def _check(video: torch.Tensor, tau: float, radius: int | None) -> None:
+    if video.ndim != 4:
+        raise ValueError(f"video must be [T, H, W, D], got {tuple(video.shape)}")
+    _check_params(tau, radius)
