@@ -38,12 +38,43 @@ class GroupScore:
     meta: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
+class RowView:
+    """Rows `idx` of a buffer, gathered only when indexed.
+
+    The long-term store hands `evict` its tokens (and extras) this way: eviction decides from
+    scores and metadata, and copying every held vector for every added group would cost more
+    than the pruning itself. `view[i]` returns real rows; `materialize()` all of them.
+    """
+
+    def __init__(self, buf: torch.Tensor, idx: torch.Tensor):
+        self.buf = buf
+        self.idx = idx
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((int(self.idx.numel()), *self.buf.shape[1:]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.buf.dtype
+
+    def __len__(self) -> int:
+        return int(self.idx.numel())
+
+    def __getitem__(self, i) -> torch.Tensor:
+        return self.buf[self.idx[i]]
+
+    def materialize(self) -> torch.Tensor:
+        return self.buf.index_select(0, self.idx)
+
+
 @dataclass(frozen=True)
 class TokenSet:
     """Tokens with per-token metadata, sorted by (group, row, col).
 
-    Used both as the long-term store handed to `evict` (read-only views) and as the immutable
-    snapshot a query runs on. `recent` marks tokens of the dense recent window.
+    Used both as the long-term store handed to `evict` (read-only; there `tokens` and `extras`
+    are `RowView`s: index them to read rows) and as the immutable snapshot a query runs on
+    (plain tensors). `recent` marks tokens of the dense recent window.
     """
 
     tokens: torch.Tensor  # [n, D]

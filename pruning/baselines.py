@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .base import GroupScore, Pruner, TokenSet
-from .similarity import cos
+from .similarity import normalize
 from .types import FrameTokens
 
 _ORIGIN_LEVEL = 63
@@ -77,11 +77,11 @@ class DTD(Pruner):
 
     def score(self, group: FrameTokens) -> GroupScore:
         h, w = group.grid
-        cur = group.tokens.reshape(h * w, -1)
+        cur = normalize(group.tokens.reshape(h * w, -1))  # kept normalised: one pass per group
         if self._prev is None or self._prev.shape != cur.shape:
             keep = torch.ones(h * w, dtype=torch.bool)
         else:
-            keep = cos(cur, self._prev) <= self.threshold
+            keep = (cur * self._prev).sum(-1) <= self.threshold
         self._prev = cur
         return GroupScore(score=torch.full((h * w,), float(group.index)), keep=keep)
 

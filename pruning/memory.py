@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .base import GroupScore, Pruner, TokenSet
+from .base import GroupScore, Pruner, RowView, TokenSet
 from .types import FrameTokens
 
 
@@ -46,12 +46,18 @@ def per_token_extras(extras: Mapping[str, torch.Tensor], h: int, w: int) -> dict
 
 
 class _Store:
-    """Preallocated rows of the long-term store: `n` used, `size` allocated."""
+    """The long-term store. Small per-row columns (group, pts, row, col, score, weight, meta,
+    slot) are kept compact and sorted; the big vectors (tokens, extras) live in preallocated
+    slots that never move: eviction compacts the small columns and frees slots, so its cost
+    does not include copying every held vector."""
 
     def __init__(self, size: int, d: int, dtype: torch.dtype):
         self.size = size
         self.n = 0
         self.tokens = torch.zeros(size, d, dtype=dtype)
+        self.extras: dict[str, torch.Tensor] = {}
+        self.free = torch.arange(size)
+        self.slot = torch.zeros(size, dtype=torch.long)
         self.group = torch.zeros(size, dtype=torch.long)
         self.pts = torch.zeros(size, dtype=torch.float64)
         self.row = torch.zeros(size, dtype=torch.long)
@@ -59,36 +65,54 @@ class _Store:
         self.score = torch.zeros(size, dtype=torch.float32)
         self.weight = torch.zeros(size, dtype=torch.float32)
         self.meta: dict[str, torch.Tensor] = {}
-        self.extras: dict[str, torch.Tensor] = {}
 
-    def columns(self) -> dict[str, torch.Tensor]:
-        cols = {
-            "tokens": self.tokens, "group": self.group, "pts": self.pts, "row": self.row,
-            "col": self.col, "score": self.score, "weight": self.weight,
-        }
-        cols.update({f"meta.{k}": v for k, v in self.meta.items()})
-        cols.update({f"extras.{k}": v for k, v in self.extras.items()})
-        return cols
+    def small_columns(self) -> list[torch.Tensor]:
+        return [self.slot, self.group, self.pts, self.row, self.col, self.score, self.weight, *self.meta.values()]
 
-    def ensure(self, name: str, table: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        if name not in table:
-            table[name] = torch.zeros(self.size, *like.shape[1:], dtype=like.dtype)
-            table[name][: self.n] = torch.zeros((), dtype=like.dtype)
-        return table[name]
+    def ensure_meta(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        if name not in self.meta:
+            self.meta[name] = torch.zeros(self.size, *like.shape[1:], dtype=like.dtype)
+        return self.meta[name]
+
+    def ensure_extra(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        if name not in self.extras:
+            self.extras[name] = torch.zeros(self.size, *like.shape[1:], dtype=self.tokens.dtype)
+        return self.extras[name]
+
+    def take_slots(self, k: int) -> torch.Tensor:
+        slots, self.free = self.free[:k], self.free[k:]
+        return slots
 
     def view(self, grid: tuple[int, int]) -> TokenSet:
         n = self.n
+        slots = self.slot[:n]
         return TokenSet(
-            tokens=self.tokens[:n], group=self.group[:n], pts=self.pts[:n], row=self.row[:n],
-            col=self.col[:n], score=self.score[:n], recent=torch.zeros(n, dtype=torch.bool),
-            grid=grid, meta={k: v[:n] for k, v in self.meta.items()},
-            extras={k: v[:n] for k, v in self.extras.items()},
+            tokens=RowView(self.tokens, slots), group=self.group[:n], pts=self.pts[:n],
+            row=self.row[:n], col=self.col[:n], score=self.score[:n],
+            recent=torch.zeros(n, dtype=torch.bool), grid=grid,
+            meta={k: v[:n] for k, v in self.meta.items()},
+            extras={k: RowView(v, slots) for k, v in self.extras.items()},
+        )
+
+    def copy(self, grid: tuple[int, int]) -> TokenSet:
+        """The store's rows as plain tensors (a snapshot part)."""
+        n = self.n
+        slots = self.slot[:n]
+        return TokenSet(
+            tokens=self.tokens.index_select(0, slots), group=self.group[:n].clone(),
+            pts=self.pts[:n].clone(), row=self.row[:n].clone(), col=self.col[:n].clone(),
+            score=self.score[:n].clone(), recent=torch.zeros(n, dtype=torch.bool), grid=grid,
+            meta={k: v[:n].clone() for k, v in self.meta.items()},
+            extras={k: v.index_select(0, slots) for k, v in self.extras.items()},
         )
 
     def keep_rows(self, keep: torch.Tensor) -> None:
+        mask = torch.ones(self.n, dtype=torch.bool)
+        mask[keep] = False
+        self.free = torch.cat([self.free, self.slot[: self.n][mask]])
         k = int(keep.numel())
-        for buf in self.columns().values():
-            buf[:k] = buf[keep]
+        for col in self.small_columns():
+            col[:k] = col[keep]
         self.n = k
 
 
@@ -167,7 +191,9 @@ class TokenMemory:
         if st.n + k > st.size:
             raise RuntimeError("store overflow: eviction did not bring the store to capacity")
         sl = slice(st.n, st.n + k)
-        st.tokens[sl] = tokens[rows].to(st.tokens.dtype)
+        slots = st.take_slots(k)
+        st.slot[sl] = slots
+        st.tokens[slots] = tokens[rows].to(st.tokens.dtype)
         st.group[sl] = group.index
         st.pts[sl] = group.pts
         st.row[sl] = rows // w
@@ -175,33 +201,41 @@ class TokenMemory:
         st.score[sl] = scored.score[rows].float()
         st.weight[sl] = 1.0
         for name, v in scored.meta.items():
-            st.ensure(name, st.meta, v)[sl] = v[rows]
+            st.ensure_meta(name, v)[sl] = v[rows]
         for name, v in extras.items():
-            st.ensure(name, st.extras, v)[sl] = v[rows].to(st.tokens.dtype)
+            st.ensure_extra(name, v)[slots] = v[rows].to(st.tokens.dtype)
         st.n += k
         if st.n <= self.capacity:
             return dropped
         before = st.n
-        keep_rows = self.pruner.evict(st.view(self._grid), self.capacity) if self.capacity else torch.zeros(0, dtype=torch.long)
-        keep_rows = keep_rows.to(torch.long)
+        keep_rows = self.pruner.evict(st.view(self._grid), self.capacity).to(torch.long)
         if keep_rows.numel() > self.capacity or (keep_rows.numel() > 1 and bool((keep_rows[1:] <= keep_rows[:-1]).any())):
             raise RuntimeError(f"{self.pruner.name}.evict must return at most {self.capacity} ascending rows")
         st.keep_rows(keep_rows)
         return dropped + before - st.n
 
     def _alloc(self, n_tok: int, tokens: torch.Tensor) -> _Store:
+        """The store, reallocated (live rows carried over) if a group no longer fits."""
         st = self._store
-        if st is None or st.size < self.capacity + n_tok or st.tokens.shape[1] != tokens.shape[1]:
-            new = _Store(self.capacity + n_tok, tokens.shape[1], tokens.dtype)
-            if st is not None and st.tokens.shape[1] == tokens.shape[1]:
-                for name, buf in st.columns().items():
-                    table, key = (new.meta, name[5:]) if name.startswith("meta.") else (
-                        (new.extras, name[7:]) if name.startswith("extras.") else (None, name))
-                    dst = new.ensure(key, table, buf) if table is not None else getattr(new, key)
-                    dst[: st.n] = buf[: st.n]
-                new.n = st.n
-            self._store = st = new
-        return st
+        if st is not None and st.size >= self.capacity + n_tok and st.tokens.shape[1] == tokens.shape[1]:
+            return st
+        new = _Store(self.capacity + n_tok, tokens.shape[1], tokens.dtype)
+        if st is not None and st.n and st.tokens.shape[1] == tokens.shape[1]:
+            n = st.n
+            old = st.copy(self._grid)
+            slots = new.take_slots(n)
+            new.slot[:n] = slots
+            new.tokens[slots] = old.tokens
+            for col_new, col_old in zip([new.group, new.pts, new.row, new.col, new.score, new.weight],
+                                        [st.group, st.pts, st.row, st.col, st.score, st.weight]):
+                col_new[:n] = col_old[:n]
+            for name, v in st.meta.items():
+                new.ensure_meta(name, v)[:n] = v[:n]
+            for name, v in old.extras.items():
+                new.ensure_extra(name, v)[slots] = v
+            new.n = n
+        self._store = new
+        return new
 
     @staticmethod
     def _merge(st: _Store, merge_into: torch.Tensor, merging: torch.Tensor, tokens: torch.Tensor,
@@ -217,13 +251,14 @@ class TokenMemory:
         pos = torch.searchsorted(key_store, key_new).clamp_max(st.n - 1)
         found = key_store[pos] == key_new
         heads, src = pos[found], rows[found]
+        slots = st.slot[heads]
         wt = st.weight[heads].unsqueeze(1)
-        st.tokens[heads] = ((st.tokens[heads].float() * wt + tokens[src].float()) / (wt + 1)).to(st.tokens.dtype)
+        st.tokens[slots] = ((st.tokens[slots].float() * wt + tokens[src].float()) / (wt + 1)).to(st.tokens.dtype)
         for name, v in extras.items():
             buf = st.extras.get(name)
             if buf is not None:
                 wv = st.weight[heads].view(-1, *([1] * (buf.ndim - 1)))
-                buf[heads] = ((buf[heads].float() * wv + v[src].float()) / (wv + 1)).to(buf.dtype)
+                buf[slots] = ((buf[slots].float() * wv + v[src].float()) / (wv + 1)).to(buf.dtype)
         st.weight[heads] += 1
         return int(rows.numel())
 
@@ -250,7 +285,7 @@ class TokenMemory:
         with self._lock:
             parts: list[TokenSet] = []
             if self._store is not None and self._store.n:
-                parts.append(self._store.view(self._grid))
+                parts.append(self._store.copy(self._grid))
             for g, scored, extras in self._recent:
                 parts.append(self._group_set(g, scored, extras))
             if not parts:
