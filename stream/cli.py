@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -54,6 +55,41 @@ def _summary_line(s: dict) -> str:
     )
 
 
+def _start_mqtt(cfg: Config, pipeline, fan):
+    """With `[mqtt] enabled`: the camera served over MQTT (also a sink of the pipeline's records),
+    its task, and an event SIGTERM/SIGINT set for a clean stop. (None, None, None) otherwise."""
+    if not cfg.mqtt.enabled:
+        return None, None, None
+    from sinks.base import FanOut
+    from sinks.mqtt import MqttService
+
+    service = MqttService(cfg.mqtt, {pipeline.name: pipeline}, cfg.watches, on_record=FanOut(list(fan.sinks)).emit)
+    fan.sinks.append(service)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    m = cfg.mqtt
+    print(f"MQTT: serving camera {cfg.name} on {m.host}:{m.port}, topics {m.prefix}/{cfg.name}/...", flush=True)
+    return service, asyncio.create_task(service.run()), stop
+
+
+async def _until(work, stop: asyncio.Event | None) -> None:
+    """Await `work`; when `stop` is set first, cancel it."""
+    if stop is None:
+        await work
+        return
+    task, stopped = asyncio.create_task(work), asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        stopped.cancel()
+        await asyncio.gather(task, stopped, return_exceptions=True)
+    if not task.cancelled() and task.exception() is not None:
+        raise task.exception()
+
+
 async def run_pipeline(cfg: Config, interactive: bool) -> int:
     """Load the model, run one camera to the end of its stream, answer, summarise."""
     from sinks.base import FanOut
@@ -78,7 +114,9 @@ async def run_pipeline(cfg: Config, interactive: bool) -> int:
     tasks = [asyncio.create_task(pipeline.report_status(cfg.output.status_interval_s)),
              asyncio.create_task(pipeline.scripted_questions())]
     prompt = asyncio.create_task(_interactive(pipeline)) if interactive else None
-    try:
+    service, serving, stop = _start_mqtt(cfg, pipeline, fan)
+
+    async def stream() -> None:
         await pipeline.run()
         await tasks[1]
         print(_summary_line(pipeline.summary()), flush=True)
@@ -90,12 +128,21 @@ async def run_pipeline(cfg: Config, interactive: bool) -> int:
         if prompt is not None:
             print("stream ended; the memory still answers questions.", flush=True)
             await prompt
+        if service is not None:
+            print("stream ended; still answering over MQTT until SIGTERM or Ctrl-C.", flush=True)
+            await asyncio.Event().wait()
+
+    try:
+        await _until(stream(), stop)
     finally:
         for t in tasks + ([prompt] if prompt else []):
             t.cancel()
         await asyncio.gather(*tasks, *( [prompt] if prompt else []), return_exceptions=True)
         pipeline.close()
         await fan.close()
+        if serving is not None:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
     return 0
 
 

@@ -1,0 +1,130 @@
+"""`streamprune run` with `[mqtt]` as a user runs it, against a real mosquitto: the will when the
+process is killed, a clean stop, and config validation of `[mqtt]` and `[[watches]]`."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mqtt_broker import Listener, broker, mqtt_broker, retained, unique_prefix  # noqa: F401
+from stream.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+ANSWER_FIELDS = {"id", "camera", "question", "answer", "t_start", "t_end", "groups", "tokens_used", "ttft_s",
+                 "total_s", "model", "pruner", "timestamp"}
+
+
+def _config(tmp_path, broker, prefix, *, duration_s: float, realtime: bool) -> Path:
+    """configs/mqtt.toml pointed at the test broker, with a small fast synthetic camera."""
+    text = (ROOT / "configs" / "mqtt.toml").read_text()
+    for old, new in (('name = "garage"', 'name = "cam"'), ("duration_s = 3600.0", f"duration_s = {duration_s}"),
+                     ("realtime = true", f"realtime = {str(realtime).lower()}"), ("fps = 10.0", "fps = 4.0"),
+                     ("fps = 1.0", "fps = 2.0"), ('host = "localhost"', f'host = "{broker.host}"'),
+                     ("port = 1883", f"port = {broker.port}"), ('prefix = "streamprune"', f'prefix = "{prefix}"'),
+                     ("max_new_tokens = 32", "max_new_tokens = 4"),
+                     ("status_interval_s = 5.0", "status_interval_s = 1.0"),
+                     ('jsonl = "out/mqtt/answers.jsonl"', f"jsonl = {json.dumps(str(tmp_path / 'a.jsonl'))}")):
+        assert old in text, old
+        text = text.replace(old, new)
+    cfg = tmp_path / "mqtt.toml"
+    cfg.write_text(text.replace("[source]\n", "[source]\nwidth = 160\nheight = 120\n"))
+    return cfg
+
+
+def _start(cfg: Path, model_cache) -> subprocess.Popen:
+    env = {**os.environ, "STREAMPRUNE_CACHE": str(model_cache)}
+    return subprocess.Popen([sys.executable, "-m", "stream.cli", "run", str(cfg)], cwd=cfg.parent, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+async def _ask(L: Listener, prefix: str, rid: str) -> dict:
+    await L.publish(f"{prefix}/cam/ask", json.dumps({"id": rid, "question": "What do you see?"}))
+    answer = await L.until(lambda: [m.json() for m in L.on(f"{prefix}/cam/answer") if m.json()["id"] == rid],
+                           timeout=60, what="the answer")
+    return answer[0]
+
+
+async def test_killed_service_goes_offline_by_its_will(tmp_path, broker, model_cache):
+    prefix = unique_prefix()
+    proc = _start(_config(tmp_path, broker, prefix, duration_s=600.0, realtime=True), model_cache)
+    try:
+        async with Listener(broker, f"{prefix}/#") as L:
+            await L.until(lambda: [m for m in L.on(f"{prefix}/status") if m.text == "online"], timeout=60,
+                          what="online")
+            await L.until(lambda: any(m.json().get("groups_encoded", 0) > 0 for m in L.on(f"{prefix}/cam/status")),
+                          timeout=60, what="frames in the memory")
+            a = await _ask(L, prefix, "k1")
+            assert ANSWER_FIELDS <= set(a) and a["model"] == "tiny-random" and a["t_end"] >= a["t_start"] >= 0
+            proc.send_signal(signal.SIGKILL)
+            await L.until(lambda: [m for m in L.on(f"{prefix}/status") if m.text == "offline"], timeout=10,
+                          what="offline")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (await retained(broker, f"{prefix}/status")).text == "offline"
+    assert proc.returncode == -signal.SIGKILL
+
+
+async def test_finite_source_keeps_serving_until_sigterm_then_stops_clean(tmp_path, broker, model_cache):
+    prefix = unique_prefix()
+    proc = _start(_config(tmp_path, broker, prefix, duration_s=3.0, realtime=False), model_cache)
+    try:
+        async with Listener(broker, f"{prefix}/#") as L:
+            line = await asyncio.to_thread(proc.stdout.readline)
+            while line and "still answering over MQTT" not in line:
+                line = await asyncio.to_thread(proc.stdout.readline)
+            assert line, proc.stderr.read()
+            a = await _ask(L, prefix, "s1")  # after the stream ended: the memory still answers
+            assert a["camera"] == "cam" and ANSWER_FIELDS <= set(a) and a["t_end"] >= 2.0
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0, proc.stderr.read()
+            await L.until(lambda: [m for m in L.on(f"{prefix}/status") if m.text == "offline"], what="offline")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (await retained(broker, f"{prefix}/status")).text == "offline"
+    lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert "s1" in {r.get("id") for r in lines if r["type"] == "answer"}  # MQTT answers reach the other sinks
+
+
+def test_shipped_mqtt_config_validates():
+    cfg = load_config(ROOT / "configs" / "mqtt.toml")
+    assert cfg.mqtt.enabled and cfg.mqtt.prefix == "streamprune" and len(cfg.watches) == 2
+    assert load_config(ROOT / "configs" / "demo.toml").mqtt.enabled is False
+
+
+@pytest.mark.parametrize("toml, needle", [
+    ("[mqtt]\nport = 0\n", "mqtt.port: 0 is out of range"),
+    ("[mqtt]\nhots = \"x\"\n", "mqtt.hots: unknown field; accepted fields: enabled, host, port"),
+    ("[mqtt]\nkeepalive = \"soon\"\n", "mqtt.keepalive: expected an integer"),
+    ("[mqtt]\nprefix = \"a/+/b\"\n", "mqtt.prefix: 'a/+/b' is not a topic prefix"),
+    ("[mqtt]\ntls = true\nca_file = \"/no/ca.pem\"\n", "mqtt.ca_file: no such file: /no/ca.pem"),
+    ("[mqtt]\nca_file = \"/etc/hostname\"\n", "mqtt.ca_file: set only with tls = true"),
+    ("[mqtt]\nreconnect_min_s = 5.0\nreconnect_max_s = 1.0\n", "mqtt.reconnect_max_s: must be >= reconnect_min_s"),
+    ("name = \"a/b\"\n[mqtt]\nenabled = true\n", "name: 'a/b' must not contain '/'"),
+    ("[[watches]]\nname = \"w\"\nquestion = \"q\"\nevery_s = 5.0\n", "watches: standing questions run in the MQTT"),
+    ("[mqtt]\nenabled = true\n[[watches]]\nname = \"w\"\nquestion = \"q\"\n",
+     "watches[0].every_s: the watch has no schedule"),
+    ("[mqtt]\nenabled = true\n[[watches]]\nname = \"w\"\nquestion = \"q\"\nevery_s = \"often\"\n",
+     "watches[0].every_s: expected a number"),
+    ("[mqtt]\nenabled = true\n[[watches]]\nname = \"w\"\nquestion = \"q\"\nevery_s = 5\ntrigger = \"maybe\"\n",
+     "watches[0].trigger: 'maybe' is not accepted; accepted values: yes, no"),
+    ("[mqtt]\nenabled = true\n[[watches]]\nname = \"w\"\nquestion = \"\"\nevery_s = 5\n",
+     "watches[0].question: must not be empty"),
+    ("[mqtt]\nenabled = true\n[[watches]]\nname = \"w\"\nquestion = \"q\"\nevery_s = 5\ncamera = \"x\"\n",
+     "watches[0].camera: no camera named 'x'"),
+    ("[mqtt]\nenabled = true\n[[watches]]\nname = \"w\"\nquestion = \"q\"\nevery_s = 5\n"
+     "[[watches]]\nname = \"w\"\nquestion = \"q2\"\non_scene_change = true\n", "watches[1].name: 'w' is used twice"),
+])
+def test_bad_mqtt_config_names_the_field(tmp_path, toml, needle):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert needle in str(e.value)
