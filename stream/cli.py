@@ -37,14 +37,20 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
     loop.call_soon_threadsafe(queue.put_nowait, None)
 
 
-async def _interactive(pipeline) -> None:
-    """Questions typed at the terminal, answered while the stream keeps flowing."""
+async def _interactive(pipelines: dict) -> None:
+    """Questions typed at the terminal, answered while the streams keep flowing. With several
+    cameras, `name: question` asks one of them; a plain question asks every camera."""
     queue: asyncio.Queue = asyncio.Queue()
     threading.Thread(target=_stdin_lines, args=(asyncio.get_running_loop(), queue), daemon=True).start()
-    print("Type a question and press Enter (Ctrl-D to quit).", flush=True)
+    hint = f" Prefix a camera name to ask one camera ({', '.join(pipelines)})." if len(pipelines) > 1 else ""
+    print(f"Type a question and press Enter (Ctrl-D to quit).{hint}", flush=True)
     while (line := await queue.get()) is not None:
-        if line.strip():
-            await pipeline.ask_or_report(line)
+        name, _, rest = line.partition(":")
+        targets = [pipelines[name.strip()]] if rest.strip() and name.strip() in pipelines else list(pipelines.values())
+        question = rest if len(targets) == 1 and name.strip() in pipelines else line
+        if question.strip():
+            for pipeline in targets:
+                await pipeline.ask_or_report(question)
 
 
 def _summary_line(s: dict) -> str:
@@ -55,22 +61,22 @@ def _summary_line(s: dict) -> str:
     )
 
 
-def _start_mqtt(cfg: Config, pipeline, fan):
-    """With `[mqtt] enabled`: the camera served over MQTT (also a sink of the pipeline's records),
+def _start_mqtt(cfg: Config, pipelines: dict, fan):
+    """With `[mqtt] enabled`: the cameras served over MQTT (also a sink of the pipelines' records),
     its task, and an event SIGTERM/SIGINT set for a clean stop. (None, None, None) otherwise."""
     if not cfg.mqtt.enabled:
         return None, None, None
     from sinks.base import FanOut
     from sinks.mqtt import MqttService
 
-    service = MqttService(cfg.mqtt, {pipeline.name: pipeline}, cfg.watches, on_record=FanOut(list(fan.sinks)).emit)
+    service = MqttService(cfg.mqtt, pipelines, cfg.watches, on_record=FanOut(list(fan.sinks)).emit)
     fan.sinks.append(service)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     m = cfg.mqtt
-    print(f"MQTT: serving camera {cfg.name} on {m.host}:{m.port}, topics {m.prefix}/{cfg.name}/...", flush=True)
+    print(f"MQTT: serving {', '.join(pipelines)} on {m.host}:{m.port}, topics {m.prefix}/<camera>/...", flush=True)
     return service, asyncio.create_task(service.run()), stop
 
 
@@ -90,8 +96,28 @@ async def _until(work, stop: asyncio.Event | None) -> None:
         raise task.exception()
 
 
+async def _camera(pipeline, named: bool) -> None:
+    """One camera to the end of its stream: scripted questions, summary, pictures."""
+    cfg = pipeline.cfg
+    status = asyncio.create_task(pipeline.report_status(cfg.output.status_interval_s))
+    scripted = asyncio.create_task(pipeline.scripted_questions())
+    try:
+        await pipeline.run()
+        await scripted
+    finally:
+        for t in (status, scripted):
+            t.cancel()
+        await asyncio.gather(status, scripted, return_exceptions=True)
+    print(f"[{pipeline.name}] " * named + _summary_line(pipeline.summary()), flush=True)
+    if cfg.output.visuals_dir:
+        from .visuals import write_visuals
+
+        for path in write_visuals(pipeline.memory, Path(cfg.output.visuals_dir)):
+            print(f"wrote {path}", flush=True)
+
+
 async def run_pipeline(cfg: Config, interactive: bool) -> int:
-    """Load the model, run one camera to the end of its stream, answer, summarise."""
+    """Load the model once, run every camera to the end of its stream, answer, summarise."""
     from sinks.base import FanOut
     from sinks.console import ConsoleSink
     from sinks.jsonl import JsonlSink
@@ -105,40 +131,38 @@ async def run_pipeline(cfg: Config, interactive: bool) -> int:
     if vlm.random_weights:
         print(f"NOTE: {m.name} has RANDOM weights: its answers are noise. It shows the pipeline works; "
               "for real answers use --model Qwen/Qwen2.5-VL-3B-Instruct or a local checkpoint path.", flush=True)
-    sinks = [ConsoleSink()] + ([JsonlSink(cfg.output.jsonl)] if cfg.output.jsonl else [])
-    fan = FanOut(sinks)
-    pipeline = CameraPipeline(cfg, vlm, emit=fan.emit)
-    print(f"camera {cfg.name}: {cfg.source.kind} source, sampled at {cfg.sampler.fps:g} fps, "
-          f"pruner {cfg.memory.pruner}, capacity {cfg.memory.capacity} tokens + {cfg.memory.recent_groups} recent groups",
-          flush=True)
-    tasks = [asyncio.create_task(pipeline.report_status(cfg.output.status_interval_s)),
-             asyncio.create_task(pipeline.scripted_questions())]
-    prompt = asyncio.create_task(_interactive(pipeline)) if interactive else None
-    service, serving, stop = _start_mqtt(cfg, pipeline, fan)
+    fan = FanOut([ConsoleSink()] + ([JsonlSink(cfg.output.jsonl)] if cfg.output.jsonl else []))
+    pipelines = {c.name: CameraPipeline(c, vlm, emit=fan.emit) for c in cfg.camera_configs()}
+    for c in cfg.camera_configs():
+        print(f"camera {c.name}: {c.source.kind} source, sampled at {c.sampler.fps:g} fps, pruner {c.memory.pruner}, "
+              f"capacity {c.memory.capacity} tokens + {c.memory.recent_groups} recent groups", flush=True)
+    prompt = asyncio.create_task(_interactive(pipelines)) if interactive else None
+    service, serving, stop = _start_mqtt(cfg, pipelines, fan)
 
     async def stream() -> None:
-        await pipeline.run()
-        await tasks[1]
-        print(_summary_line(pipeline.summary()), flush=True)
-        if cfg.output.visuals_dir:
-            from .visuals import write_visuals
-
-            for path in write_visuals(pipeline.memory, Path(cfg.output.visuals_dir)):
-                print(f"wrote {path}", flush=True)
+        results = await asyncio.gather(*(_camera(p, len(pipelines) > 1) for p in pipelines.values()),
+                                       return_exceptions=True)
+        for name, r in zip(pipelines, results):
+            if isinstance(r, Exception):
+                log.error("camera %s stopped: %s", name, r, exc_info=r)
+                print(f"camera {name} stopped: {r}", file=sys.stderr, flush=True)
         if prompt is not None:
             print("stream ended; the memory still answers questions.", flush=True)
             await prompt
         if service is not None:
             print("stream ended; still answering over MQTT until SIGTERM or Ctrl-C.", flush=True)
             await asyncio.Event().wait()
+        if len(results) == 1 and isinstance(results[0], Exception):
+            raise results[0]
 
     try:
         await _until(stream(), stop)
     finally:
-        for t in tasks + ([prompt] if prompt else []):
-            t.cancel()
-        await asyncio.gather(*tasks, *( [prompt] if prompt else []), return_exceptions=True)
-        pipeline.close()
+        if prompt is not None:
+            prompt.cancel()
+            await asyncio.gather(prompt, return_exceptions=True)
+        for pipeline in pipelines.values():
+            pipeline.close()
         await fan.close()
         if serving is not None:
             serving.cancel()

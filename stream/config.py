@@ -7,7 +7,7 @@ with what is accepted, as a `ConfigError` the CLI prints without a traceback.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pruning
@@ -81,6 +81,19 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class CameraConfig:
+    """One of several cameras in one process; unset fields take the top-level values."""
+
+    name: str = ""
+    source: SourceConfig = field(default_factory=SourceConfig)
+    fps: float = bounded(0.0, 0.0, 60)  # sampler fps; 0 = sampler.fps
+    pruner: str = ""  # "" = memory.pruner (with memory.params)
+    params: dict = field(default_factory=dict)  # the pruner's parameters when `pruner` is set
+    capacity: int = bounded(-1, -1, 10_000_000)  # -1 = memory.capacity
+    recent_groups: int = bounded(-1, -1, 1024)  # -1 = memory.recent_groups
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "camera"
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -92,23 +105,61 @@ class Config:
     questions: list[QuestionConfig] = field(default_factory=list)
     mqtt: MqttSettings = field(default_factory=MqttSettings)  # the MQTT service (off by default)
     watches: list[WatchSpec] = field(default_factory=list)  # standing questions, served over MQTT
+    cameras: list[CameraConfig] = field(default_factory=list)  # several cameras; empty = this one
+
+    def camera_configs(self) -> list["Config"]:
+        """One complete config per camera (the top level itself when `cameras` is empty)."""
+        if not self.cameras:
+            return [self]
+        out = []
+        for cam in self.cameras:
+            memory = replace(
+                self.memory,
+                pruner=cam.pruner or self.memory.pruner,
+                params=cam.params if cam.pruner else self.memory.params,
+                capacity=self.memory.capacity if cam.capacity < 0 else cam.capacity,
+                recent_groups=self.memory.recent_groups if cam.recent_groups < 0 else cam.recent_groups,
+            )
+            visuals = str(Path(self.output.visuals_dir) / cam.name) if self.output.visuals_dir else ""
+            out.append(replace(
+                self, name=cam.name, source=cam.source, memory=memory, cameras=[],
+                sampler=replace(self.sampler, fps=cam.fps or self.sampler.fps),
+                output=replace(self.output, visuals_dir=visuals),
+            ))
+        return out
+
+
+def _check_camera(cfg: Config, where: str) -> None:
+    """One camera's source and pruner; `where` is the dotted path of its table ("" or "cameras[1].")."""
+    src = f"{where}source"
+    if cfg.source.kind == "file" and not cfg.source.path:
+        raise ConfigError(f"{src}.path: required when source.kind = \"file\"")
+    if cfg.source.kind == "file" and not Path(cfg.source.path).expanduser().exists():
+        raise ConfigError(f"{src}.path: no such file: {cfg.source.path}")
+    if where and cfg.memory.pruner not in pruning.PRUNERS:
+        raise ConfigError(f"{where}pruner: {cfg.memory.pruner!r} is not accepted; accepted values: {', '.join(pruning.PRUNERS)}")
+    try:
+        pruning.get_pruner(cfg.memory.pruner, **cfg.memory.params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where + 'params' if where else 'memory.params'}: {e}") from None
 
 
 def check(cfg: Config) -> Config:
     """Cross-field rules that one field alone cannot express."""
-    if cfg.source.kind == "file" and not cfg.source.path:
-        raise ConfigError("source.path: required when source.kind = \"file\"")
-    if cfg.source.kind == "file" and not Path(cfg.source.path).expanduser().exists():
-        raise ConfigError(f"source.path: no such file: {cfg.source.path}")
-    try:
-        pruning.get_pruner(cfg.memory.pruner, **cfg.memory.params)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"memory.params: {e}") from None
+    cameras = cfg.camera_configs()
+    names = [c.name for c in cameras]
+    for i, cam in enumerate(cameras):
+        where = f"cameras[{i}]." if cfg.cameras else ""
+        if not cam.name.strip():
+            raise ConfigError(f"{where}name: must not be empty")
+        if names.index(cam.name) != i:
+            raise ConfigError(f"{where}name: {cam.name!r} is used by two cameras")
+        _check_camera(cam, where)
     for i, q in enumerate(cfg.questions):
         if not q.text.strip():
             raise ConfigError(f"questions[{i}].text: must not be empty")
     try:
-        check_service(cfg.mqtt, cfg.watches, [cfg.name])
+        check_service(cfg.mqtt, cfg.watches, names)
     except SettingsError as e:
         raise ConfigError(str(e)) from None
     return cfg

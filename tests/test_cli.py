@@ -126,3 +126,33 @@ def test_run_takes_typed_questions_while_streaming(tmp_path, model_cache):
     assert proc.returncode == 0, err
     assert "covering" in evidence and "summary:" in rest
     assert "[camera] t=" in err  # the periodic status line
+
+
+def test_two_cameras_in_one_process_one_failing(tmp_path, model_cache):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"this is not a video" * 100)
+    cfg = tmp_path / "two.toml"
+    cfg.write_text(
+        '[memory]\ncapacity = 300\n[output]\nstatus_interval_s = 0.0\n'
+        '[[questions]]\nat_s = 1e9\ntext = "what happened?"\n'
+        '[[cameras]]\nname = "yard"\npruner = "recent"\n[cameras.source]\nkind = "synthetic"\nduration_s = 6.0\nfps = 4.0\n'
+        f'[[cameras]]\nname = "broken"\n[cameras.source]\nkind = "file"\npath = {json.dumps(str(junk))}\n'
+    )
+    r = _run(["run", str(cfg)], tmp_path, model_cache)
+    assert r.returncode == 0, r.stderr
+    assert "camera broken stopped" in r.stderr
+    assert "[yard] summary: frames in 24" in r.stdout and "groups encoded 6" in r.stdout
+    assert r.stdout.count("A: ") == 1
+
+
+def test_camera_tables_are_validated(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[cameras]]\nname = "a"\npruner = "nope"\n[[cameras]]\nname = "a"\n')
+    with pytest.raises(ConfigError, match=r"cameras\[0\]\.pruner: 'nope' is not accepted"):
+        load_config(cfg)
+    cfg.write_text('[[cameras]]\nname = "a"\n[[cameras]]\nname = "a"\n')
+    with pytest.raises(ConfigError, match=r"cameras\[1\]\.name: 'a' is used by two cameras"):
+        load_config(cfg)
+    cfg.write_text('[memory]\ncapacity = 100\n[[cameras]]\nname = "a"\ncapacity = 7\nfps = 1.0\n[[cameras]]\nname = "b"\n')
+    a, b = load_config(cfg).camera_configs()
+    assert (a.memory.capacity, a.sampler.fps, b.memory.capacity, b.sampler.fps) == (7, 1.0, 100, 2.0)
