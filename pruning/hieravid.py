@@ -1,0 +1,384 @@
+"""HieraVid (hieravid.txt Sec. 3): segments, static-token merging, segment budgets, DPP.
+
+Offline `hieravid_select`, per PRUNERS.md "HieraVid" steps 1-4 (step 5, layer-level balancing
+inside the LLM, Sec. 3.3, belongs to the query handler):
+1. segmentation (Sec. 3.1.1, Eq. 1-2, `segment_ids`): `S_t` = cos of each position to the same
+   position in group t-1, `O_t` = fraction of positions with `S_t > sim_threshold`, a segment
+   opens at t when `O_t < beta`;
+2. static merging (Sec. 3.1.1, Eq. 3, `static_flags`, `merge_runs`): the top
+   `floor(merge_ratio T N)` values of S inside segments (a segment's first group has no
+   predecessor in it, so it is never a candidate) are flagged; a flagged token joins the run
+   of the token before it at its position, and a run becomes its mean at its first group;
+3. segment budgets (Sec. 3.1.2, Eq. 4-5, `budget_scores`, `keep_ratios`): `g_m` = mean raw
+   token of segment m; `b_m = lam cos(g_m, mean of later g) + (1 - lam)(1 - cos(g_m, mean of
+   earlier g))` (the mean of the other segments' g, as the authors' code), a missing side's
+   term being 0; z-scored with the population std + 1e-8 as in the authors' code;
+   `keep_m = clamp(ratio + r_var z_m, 0.05, 0.95)`. Segment m keeps
+   `min(n_m, floor(keep_m T_m N))` of its n_m merged tokens: `ratio` is the fraction of the
+   clip's T N tokens kept (the paper's "relative token budget"), as for the other pruners;
+4. frame-level DPP (Sec. 3.2, Eq. 8-10): `r = minmax(softmax(H h_q / sqrt(D)))` over all
+   merged tokens, h_q the last question token (r = 1 without a query); greedy MAP
+   (`dpp.greedy_map`) of `diag(r) C diag(r)` in each segment, C the cosine matrix. We keep the
+   paper's sign (instruction-relevant tokens); the authors' code negates r.
+
+The streaming `HieraVid` shares every step's code and departs from the offline version here:
+1. Segments open causally with the same test (it needs only the previous group); `reset()`
+   or a change of grid opens a new one.
+2. Offline's top-K over the clip becomes a running quantile: a token merges when its
+   same-position cos is in the top `merge_ratio` fraction of the within-segment values seen so
+   far (a 2048-bin histogram over [-1, 1]: bounded memory, 1e-3 resolution). Offline's K is
+   the fraction `merge_ratio T / (T - #segments)` of its candidates, so offline merges a little
+   more. TokenMemory folds the token into its run head by running mean when it leaves the
+   recent window (`GroupScore.merge_into`); if the head was evicted the token is dropped.
+3. Step 3 runs at each eviction over the segments the store holds. The store has no `T N`,
+   so `ratio = capacity / (N * groups held)` and segment m's share is `keep_m * G_m` (G_m its
+   groups held), apportioned exactly to capacity (`moprune.quota_select`). `g_m` is the
+   running mean of all the segment's raw tokens (ingest state, as offline).
+4. Step 4's exact DPP over a segment costs `n k^2` greedy flops plus `n^2 D` for its kernel,
+   n and k up to the capacity: ~1e11 per group at 8192 tokens, far over a 10 ms budget. So
+   each group runs greedy MAP (r = 1) over its own non-merged tokens only, conditioned on the
+   span of the first `dpp_picks` picks of the group before it in its segment
+   (`dpp.block_scores`); those picks score their gain, the others their residual gain, and
+   eviction keeps each segment's best scores. Greedy picks in order of falling gain, so this
+   is the segment DPP's greedy order with cross-group redundancy seen through the previous
+   group only (and through merging, which removes static tokens). Per group it costs one
+   [n, n] kernel (n <= N), an [n, dpp_picks] projection and `dpp_picks` greedy steps,
+   independent of capacity and stream length; eviction reads only per-row scalars (one
+   integer sort and O(n) selection).
+5. At query time the recent window is spent first (as `base.recent_first`); the rest of the
+   budget goes through step 3 over the store's segments, with `g_m` the mean of the
+   segment's held tokens (a query must not read ingest state), and the same blocked DPP
+   rerun with the question's relevance (softmax over all snapshot rows), blocks being runs of
+   at most N consecutive store rows of one segment: one [N, N] kernel per N held rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import GroupScore, Pruner, TokenSet, recent_first
+from .dpp import Span, block_scores, greedy_map, span_of, unit_kernel
+from .moprune import quota_select
+from .similarity import EPS, cos, minmax, normalize, topk_indices
+from .types import FrameTokens
+
+HIST_BINS = 2048
+
+
+def overlap_ratio(sim: torch.Tensor, sim_threshold: float) -> torch.Tensor:
+    """Eq. 2: fraction of positions whose same-position cos exceeds `sim_threshold` (last dim).
+
+    Float64, so the comparison with beta is exact (float32 would flush a tiny beta to 0)."""
+    return (sim > sim_threshold).to(torch.float64).mean(-1)
+
+
+def _segments(sim: torch.Tensor, beta: float, sim_threshold: float) -> torch.Tensor:
+    """Segment id per group from `sim` [T, N] (row 0 unused): a segment opens when O_t < beta."""
+    seg = torch.zeros(sim.shape[0], dtype=torch.long)
+    seg[1:] = torch.cumsum((overlap_ratio(sim[1:], sim_threshold) < beta).long(), 0)
+    return seg
+
+
+def _same_position_cos(x: torch.Tensor) -> torch.Tensor:
+    """[T, N]: cos of each token to the same position in the group before (row 0 is 0)."""
+    sim = torch.zeros(x.shape[0], x.shape[1])
+    sim[1:] = cos(x[1:], x[:-1])
+    return sim
+
+
+def segment_ids(video: torch.Tensor, beta: float = 0.4, sim_threshold: float = 0.6) -> torch.Tensor:
+    """Segment id of each group of `video` [T, H, W, D] (Sec. 3.1.1), a LongTensor [T]."""
+    t_len, h, w, d = video.shape
+    return _segments(_same_position_cos(video.reshape(t_len, h * w, d)), beta, sim_threshold)
+
+
+def static_flags(sim: torch.Tensor, seg: torch.Tensor, merge_ratio: float) -> torch.Tensor:
+    """[T, N] bool: the top `floor(merge_ratio T N)` same-position cos inside segments."""
+    t_len, n = sim.shape
+    cand = torch.zeros(t_len, n, dtype=torch.bool)
+    cand[1:] = (seg[1:] == seg[:-1])[:, None]
+    k = min(math.floor(merge_ratio * t_len * n), int(cand.sum()))
+    flags = torch.zeros(t_len * n, dtype=torch.bool)
+    flags[topk_indices(torch.where(cand, sim, -math.inf).flatten(), k)] = True
+    return flags.reshape(t_len, n)
+
+
+def merge_runs(x: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold each flagged token of `x` [T, N, D] into its run's first token (Eq. 3).
+
+    Returns the run heads' flat indices (ascending) and their features, the runs' means [h, D].
+    """
+    t_len, n, d = x.shape
+    t_idx = torch.arange(t_len)[:, None].expand(t_len, n)
+    head = torch.cummax(torch.where(flags, -1, t_idx), dim=0).values * n + torch.arange(n)
+    head = head.flatten()
+    sums = torch.zeros(t_len * n, d).index_add_(0, head, x.reshape(t_len * n, d).float())
+    counts = torch.bincount(head, minlength=t_len * n)
+    heads = torch.nonzero(~flags.flatten()).flatten()
+    return heads, sums[heads] / counts[heads, None]
+
+
+def budget_scores(means: torch.Tensor, lam: float) -> torch.Tensor:
+    """Eq. 4 for segment means `means` [M, D]: b [M] float64; a missing side's term is 0."""
+    g = means.to(torch.float64)
+    return gram_budget_scores(g @ g.T, lam)
+
+
+def gram_budget_scores(gram: torch.Tensor, lam: float) -> torch.Tensor:
+    """Eq. 4 from the Gram matrix [M, M] (float64) of the segment means.
+
+    Each cos in Eq. 4 is a ratio of sums of Gram entries (`g_m . sum_{j<m} g_j`,
+    `|sum_{j<m} g_j|^2`, ...), so b costs O(M^2) instead of O(M D); cos of a sum equals cos of
+    the mean. Norms are clamped at 1e-6 as in `similarity.normalize`.
+    """
+    m = gram.shape[0]
+    idx = torch.arange(m)
+    prefix = gram.cumsum(0).cumsum(1)
+    upto = gram.cumsum(1).diagonal()
+    own = gram.diagonal()
+    norm = own.clamp_min(0).sqrt().clamp_min(EPS)
+    sq_earlier = torch.cat([torch.zeros(1, dtype=gram.dtype), prefix.diagonal()[:-1]])
+    sq_later = prefix[-1, -1] - 2 * prefix[:, -1] + prefix.diagonal()
+    cos_earlier = (upto - own) / (norm * sq_earlier.clamp_min(0).sqrt().clamp_min(EPS))
+    cos_later = (gram.sum(1) - upto) / (norm * sq_later.clamp_min(0).sqrt().clamp_min(EPS))
+    return lam * cos_later * (idx < m - 1) + (1 - lam) * (1 - cos_earlier) * (idx > 0)
+
+
+def keep_ratios(b: torch.Tensor, ratio: float, r_var: float) -> torch.Tensor:
+    """Eq. 5: `clamp(ratio + r_var z(b), 0.05, 0.95)`, z with the population std + 1e-8."""
+    z = (b - b.mean()) / (b.std(correction=0) + 1e-8)
+    return (ratio + r_var * z).clamp(0.05, 0.95)
+
+
+def relevance(tokens: torch.Tensor, query: torch.Tensor | None) -> torch.Tensor | None:
+    """Eq. 8: `minmax(softmax(H h_q / sqrt(D)))`, h_q the last row of `query` [L, D] or [D]."""
+    if query is None or query.numel() == 0 or tokens.shape[0] == 0:
+        return None
+    h_q = query.reshape(-1, query.shape[-1])[-1].float()
+    return minmax(torch.softmax(tokens.float() @ h_q / math.sqrt(h_q.shape[0]), 0))
+
+
+def dpp_kernel(feats: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+    """Eq. 9: `diag(r) C diag(r)`, C the cosine matrix of `feats` [n, D] (r = 1 when None)."""
+    c = unit_kernel(normalize(feats))
+    return c if r is None else r[:, None] * c * r[None, :]
+
+
+def allocate(
+    score: torch.Tensor, seg: torch.Tensor, group: torch.Tensor, b: torch.Tensor,
+    total: int, n: int, r_var: float,
+) -> torch.Tensor:
+    """Step 3 over held rows sorted by group: `total` rows, best `score` first per segment.
+
+    `seg` [rows] ids 0..M-1, `b` [M] Eq. 4's scores; `n` tokens per full group. Segment m's
+    share is `keep_m * G_m`, G_m the groups it holds, with `ratio = total / (n * groups held)`.
+    """
+    first = torch.ones(group.shape[0], dtype=torch.bool)
+    first[1:] = group[1:] != group[:-1]
+    held = torch.bincount(seg[first], minlength=b.shape[0]).to(torch.float64)
+    keep = keep_ratios(b, total / (n * float(held.sum())), r_var)
+    return quota_select(score, seg, keep * held, total)
+
+
+def hieravid_select(
+    video: torch.Tensor, ratio: float, query: torch.Tensor | None = None, beta: float = 0.4,
+    sim_threshold: float = 0.6, merge_ratio: float = 0.5, lam: float = 0.5, r_var: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offline HieraVid on `video` [T, H, W, D]: (kept flat indices ascending, their merged features).
+
+    `query` [L, D] (or [D]) holds the question's LLM input embeddings; its last row is h_q.
+    """
+    if ratio < 0:
+        raise ValueError(f"ratio must be >= 0, got {ratio}")
+    t_len, h, w, d = video.shape
+    n = h * w
+    x = video.reshape(t_len, n, d).float()
+    sim = _same_position_cos(x)
+    seg = _segments(sim, beta, sim_threshold)
+    heads, feats = merge_runs(x, static_flags(sim, seg, merge_ratio))
+    head_seg = seg[heads // n]
+    n_seg = int(seg[-1]) + 1
+    groups = torch.bincount(seg, minlength=n_seg)
+    means = torch.zeros(n_seg, d).index_add_(0, seg, x.sum(1)) / (groups[:, None] * n)
+    keep = keep_ratios(budget_scores(means, lam), ratio, r_var)
+    r = relevance(feats, query)
+    kept = []
+    for m in range(n_seg):
+        rows = torch.nonzero(head_seg == m).flatten()
+        k = min(rows.numel(), math.floor(float(keep[m]) * int(groups[m]) * n))
+        kept.append(rows[greedy_map(dpp_kernel(feats[rows], None if r is None else r[rows]), k)])
+    kept = torch.sort(torch.cat(kept)).values
+    return heads[kept], feats[kept].to(video.dtype)
+
+
+class _SegmentMeans:
+    """Running mean token of each segment, from the oldest the store may hold to the current
+    one, and their Gram matrix, which is all Eq. 4 needs. Closed segments never change, so a
+    group costs one [M, D] matrix-vector product (the current segment's Gram row) and an
+    eviction O(M^2), not O(M D). Rows [start, start + size) of float64 buffers that double
+    when full; dropping old segments moves `start`, and rows are compacted only on growth."""
+
+    def __init__(self) -> None:
+        self.first = 0
+        self.start = 0
+        self.size = 0
+        self.means = torch.zeros(0, 0, dtype=torch.float64)
+        self.gram = torch.zeros(0, 0, dtype=torch.float64)
+        self._sum = torch.zeros(0, dtype=torch.float64)
+        self._count = 0
+
+    def open(self, segment: int, d: int) -> None:
+        if self.size == 0 or self.means.shape[1] != d:
+            self.first, self.start, self.size = segment, 0, 0
+            self.means = torch.zeros(max(8, self.means.shape[0]), d, dtype=torch.float64)
+            self.gram = torch.zeros(self.means.shape[0], self.means.shape[0], dtype=torch.float64)
+        if self.start + self.size == self.means.shape[0]:
+            rows = slice(self.start, self.start + self.size)
+            cap = max(8, 2 * self.size + 1)
+            means = torch.zeros(cap, d, dtype=torch.float64)
+            gram = torch.zeros(cap, cap, dtype=torch.float64)
+            means[: self.size] = self.means[rows]
+            gram[: self.size, : self.size] = self.gram[rows, rows]
+            self.means, self.gram, self.start = means, gram, 0
+        self.size += 1
+        self._sum = torch.zeros(d, dtype=torch.float64)
+        self._count = 0
+
+    def add(self, mean: torch.Tensor, n: int) -> None:
+        """Fold a group's mean token (n tokens) into the current segment."""
+        self._sum += mean.to(torch.float64) * n
+        self._count += n
+        last = self.start + self.size - 1
+        self.means[last] = self._sum / self._count
+        rows = slice(self.start, last + 1)
+        row = self.means[rows] @ self.means[last]
+        self.gram[last, rows] = row
+        self.gram[rows, last] = row
+
+    def drop_before(self, segment: int) -> None:
+        k = min(max(0, segment - self.first), self.size - 1)
+        self.first, self.start, self.size = self.first + k, self.start + k, self.size - k
+
+    def gram_of(self, ids: torch.Tensor) -> torch.Tensor:
+        idx = ids - self.first + self.start
+        return self.gram[idx][:, idx]
+
+
+class HieraVid(Pruner):
+    """Streaming HieraVid: causal segments and static runs, blocked DPP, budgets per segment."""
+
+    name = "hieravid"
+
+    def __init__(
+        self, beta: float = 0.4, sim_threshold: float = 0.6, merge_ratio: float = 0.5,
+        lam: float = 0.5, r_var: float = 0.1, dpp_picks: int = 32,
+    ):
+        self.beta = float(beta)
+        self.sim_threshold = float(sim_threshold)
+        self.merge_ratio = float(merge_ratio)
+        self.lam = float(lam)
+        self.r_var = float(r_var)
+        self.dpp_picks = int(dpp_picks)
+        self._segment = -1
+        self._hist = torch.zeros(HIST_BINS, dtype=torch.float64)
+        self._means = _SegmentMeans()
+        self.reset()
+
+    def reset(self) -> None:
+        self._prev: torch.Tensor | None = None
+        self._head: torch.Tensor | None = None
+        self._given: Span | None = None
+
+    def _merging(self, sim: torch.Tensor) -> torch.Tensor:
+        """Tokens whose cos is in the running top `merge_ratio` (this group counted)."""
+        bins = ((sim.clamp(-1.0, 1.0) + 1.0) * (HIST_BINS / 2)).long().clamp_max(HIST_BINS - 1)
+        self._hist += torch.bincount(bins, minlength=HIST_BINS)
+        at_or_above = torch.flip(torch.cumsum(torch.flip(self._hist, [0]), 0), [0])
+        lowest = HIST_BINS - int((at_or_above <= self.merge_ratio * float(self._hist.sum())).sum())
+        return bins >= lowest
+
+    def score(self, group: FrameTokens) -> GroupScore:
+        h, w = group.grid
+        n = h * w
+        x = group.tokens.reshape(n, -1).float()
+        unit = normalize(x)
+        prev = self._prev
+        sim = (unit * prev).sum(-1) if prev is not None and prev.shape == unit.shape else None
+        if sim is None or float(overlap_ratio(sim, self.sim_threshold)) < self.beta:
+            self._segment += 1
+            self._means.open(self._segment, x.shape[1])
+            merging = torch.zeros(n, dtype=torch.bool)
+            self._head = torch.full((n,), group.index, dtype=torch.long)
+            self._given = None
+        else:
+            merging = self._merging(sim)
+            self._head = torch.where(merging, self._head, group.index)
+        self._means.add(x.mean(0), n)
+        cand = torch.nonzero(~merging).flatten()
+        scores = torch.zeros(n)
+        block, picked = block_scores(unit[cand], self._given, None, self.dpp_picks)
+        scores[cand] = block.float()
+        self._given = span_of(unit[cand[picked]])
+        self._prev = unit
+        return GroupScore(
+            score=scores,
+            merge_into=torch.where(merging, self._head, -1),
+            meta={"segment": torch.full((n,), self._segment, dtype=torch.long)},
+        )
+
+    def evict(self, store: TokenSet, capacity: int) -> torch.Tensor:
+        ids, seg = torch.unique_consecutive(store.meta["segment"], return_inverse=True)
+        self._means.drop_before(int(ids[0]))
+        b = gram_budget_scores(self._means.gram_of(ids), self.lam)
+        h, w = store.grid
+        return allocate(store.score, seg, store.group, b, capacity, h * w, self.r_var)
+
+    def _dpp_scores(
+        self, snap: TokenSet, rows: torch.Tensor, r: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocked DPP scores of `rows` (sorted by group), blocks being runs of <= N
+        consecutive rows of one segment, and the mean token of each segment's rows [M, D]."""
+        h, w = snap.grid
+        seg = snap.meta["segment"][rows]
+        cuts = (torch.nonzero(seg[1:] != seg[:-1]).flatten() + 1).tolist()
+        out = torch.zeros(rows.numel(), dtype=torch.float64)
+        means = []
+        for a, b in zip([0, *cuts], [*cuts, rows.numel()]):
+            given = None
+            total = torch.zeros(snap.tokens.shape[1], dtype=torch.float64)
+            for s in range(a, b, h * w):
+                idx = rows[s:min(s + h * w, b)]
+                x = snap.tokens[idx].float()
+                total += x.sum(0)
+                unit = normalize(x)
+                block, picked = block_scores(unit, given, None if r is None else r[idx], self.dpp_picks)
+                out[s:s + idx.numel()] = block
+                given = span_of(unit[picked])
+            means.append(total / (b - a))
+        return out, torch.stack(means).float()
+
+    def query_score(self, snap: TokenSet, query_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Blocked DPP scores with the question's relevance (Eq. 8-9), the store's rows and the
+        recent window's in separate blocks, as `rank_for_query` ranks them."""
+        r = relevance(snap.tokens, query_embeds)
+        out = torch.zeros(len(snap), dtype=torch.float64)
+        for rows in (torch.nonzero(~snap.recent).flatten(), torch.nonzero(snap.recent).flatten()):
+            if rows.numel():
+                out[rows] = self._dpp_scores(snap, rows, r)[0]
+        return out
+
+    def rank_for_query(self, snap: TokenSet, query_embeds: torch.Tensor | None, budget: int) -> torch.Tensor:
+        """The recent window first, then step 3's segment shares of the store by query-time DPP."""
+        budget = max(0, min(int(budget), len(snap)))
+        recent = torch.nonzero(snap.recent).flatten()
+        if budget == len(snap) or recent.numel() >= budget:
+            return recent_first(snap, snap.score, budget)
+        rest = torch.nonzero(~snap.recent).flatten()
+        scores, means = self._dpp_scores(snap, rest, relevance(snap.tokens, query_embeds))
+        seg = torch.unique_consecutive(snap.meta["segment"][rest], return_inverse=True)[1]
+        h, w = snap.grid
+        b = budget_scores(means, self.lam)
+        share = budget - recent.numel()
+        picked = rest[allocate(scores, seg, snap.group[rest], b, share, h * w, self.r_var)]
+        return torch.sort(torch.cat([recent, picked])).values

@@ -1,0 +1,195 @@
+"""MoPrune (moprune.txt Sec. 3.3-3.4): scene-guided, motion-aware token pruning.
+
+Offline `moprune_select`, per PRUNERS.md "MoPrune":
+1. scenes (Eq. 1-2): `g_t` = mean token of group t; a boundary falls between t and t+1 when
+   `cos(g_t, g_{t+1}) < scene_threshold` (`scene_starts`);
+2. frame budgets (Eq. 3-6): scene centroid `c_k` (Eq. 3), `s_scene = cos(x, c_k)` (Eq. 4),
+   `u_t = mean(-s_scene)`, softmax weight `sigma_t` over the scene with temperature `alpha`
+   (Eq. 5, `frame_weights`), `gamma_t = ratio (1 + sigma_t - 1/T_k)` (Eq. 6 with
+   `gamma_base = B_k / T_k = ratio`), `k_t = floor(min(gamma_t, 1) N)`;
+3. token score (Eq. 7-11, `group_scores`): `u = -cos(x, c_k) - cos(x, g_t)`, motion
+   `m = ||x_t - x_{t-1}||` (0 in a scene's first group), both min-max normalised in the group,
+   `s = exp((1-eta) log(u_n + 1e-6) + eta log(m_n + 1e-6))`;
+4. the top `k_t` tokens of each group by `s`.
+
+The streaming `MoPrune` uses the same `scene_starts` test, `group_scores` and `frame_weights`,
+and departs from the offline version where the clip's future is unknown:
+1. The scene centroid is the running mean of the scene so far, current group included, not
+   the whole scene's mean; `u_t` and `s` are computed with it once, at ingest, and stored
+   (meta "scene" and "u").
+2. Budgets are re-allocated at each eviction over what the store holds instead of once over
+   the clip: every held group gets the same base share (scene budgets in proportion to the
+   groups each holds), scaled by `1 + sigma_t - 1/G_k` with sigma over the `G_k` groups the
+   scene still holds (Eq. 5-6 on the stored `u_t`). `floor(min(gamma_t, 1) N)` becomes a
+   divisor (Jefferson) apportionment, `quota_select`: it fills the store exactly to capacity,
+   and a group that holds fewer tokens than its share passes the rest on, in proportion.
+3. `reset()` (a reconnect) or a change of grid opens a new scene at the next group: it has
+   no predecessor.
+Ingest costs a few passes over the group's [N, D] tokens; eviction reads only per-row scalars
+(one integer sort and an O(n) selection), never the store's features.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import GroupScore, Pruner, TokenSet
+from .similarity import EPS, cos, minmax, normalize, topk_indices
+from .types import FrameTokens
+
+
+def scene_starts(means: torch.Tensor, scene_threshold: float) -> torch.Tensor:
+    """[T] bool: group t opens a scene (Eq. 2); group 0 always does."""
+    starts = torch.ones(means.shape[0], dtype=torch.bool)
+    if means.shape[0] > 1:
+        starts[1:] = cos(means[:-1], means[1:]) < scene_threshold
+    return starts
+
+
+def group_scores(
+    x: torch.Tensor, mean: torch.Tensor, centroid: torch.Tensor, prev: torch.Tensor | None, eta: float
+) -> tuple[torch.Tensor, float]:
+    """Token scores `s` [N] (Eq. 7-11) and frame uniqueness `u_t` (Sec. 3.3) of one group.
+
+    `x` [N, D] float32 tokens, `mean` [D] their mean `g_t`, `centroid` [D] the scene centroid,
+    `prev` [N, D] the previous group of the same scene, or None in a scene's first group
+    (motion 0). The cosines are matrix-vector products over the token norms, which is the
+    same cos on L2-normalised vectors without a normalised copy of the group.
+    """
+    norms = x.norm(dim=-1).clamp_min(EPS)
+    s_scene = torch.mv(x, normalize(centroid)) / norms
+    s_frame = torch.mv(x, normalize(mean)) / norms
+    u = minmax(-s_scene - s_frame)
+    m = minmax((x - prev).norm(dim=-1)) if prev is not None else torch.zeros_like(u)
+    s = torch.exp((1 - eta) * torch.log(u + EPS) + eta * torch.log(m + EPS))
+    return s, float(-s_scene.mean())
+
+
+def frame_weights(u: torch.Tensor, alpha: float, scene: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 5 per scene: `sigma_t = exp(u~_t) / (sum_j exp(u~_j) + 1e-6)`, `u~ = (u - max u) / alpha`.
+
+    `u` [G] frame uniqueness; `scene` [G] ids 0..K-1 (None: one scene). Float64.
+    """
+    u = u.to(torch.float64)
+    scene = torch.zeros(u.shape[0], dtype=torch.long) if scene is None else scene
+    k = int(scene.max()) + 1 if scene.numel() else 0
+    top = torch.full((k,), -math.inf, dtype=torch.float64).scatter_reduce(0, scene, u, "amax")
+    e = torch.exp((u - top[scene]) / alpha)
+    return e / (torch.zeros(k, dtype=torch.float64).index_add(0, scene, e) + EPS)[scene]
+
+
+def _descending_key(score: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [1, 2^32] whose ascending order is float32 `score` descending.
+
+    Integers sort by radix, several times faster than floats; the IEEE bits of a float order
+    like the float once the negative ones have their magnitude bits flipped (-0.0 -> +0.0).
+    """
+    bits = (score.float() + 0.0).view(torch.int32).long()
+    return (1 << 31) - torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def smallest_rows(key: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows of the k smallest `key`s, ties toward the lower row, ascending; O(n), no sort."""
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    tau = torch.kthvalue(key, k).values
+    below = key < tau
+    tied = key == tau
+    return torch.nonzero(below | (tied & (torch.cumsum(tied, 0) <= k - int(below.sum())))).flatten()
+
+
+def quota_select(score: torch.Tensor, bucket: torch.Tensor, weight: torch.Tensor, total: int) -> torch.Tensor:
+    """`total` rows split over buckets in proportion to `weight`, best `score` first in each.
+
+    Divisor (Jefferson) apportionment: the row of rank r (0 = best, ties toward the lower row)
+    in bucket b has key `(r + 1) / weight[b]` and the `total` smallest keys are kept, so bucket
+    b keeps `min(held_b, floor(lam * weight[b]))` rows for the one `lam` that sums to `total`.
+    `bucket` [n] holds ids 0..B-1 (< 2^30), `weight` [B] > 0. Returns ascending rows.
+    """
+    n = int(score.numel())
+    if total >= n:
+        return torch.arange(n)
+    order = torch.sort(bucket * (1 << 33) + _descending_key(score), stable=True).indices
+    counts = torch.bincount(bucket, minlength=int(weight.numel()))
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n) - starts[bucket[order]]
+    return smallest_rows((rank + 1).to(torch.float64) / weight.to(torch.float64)[bucket], total)
+
+
+def moprune_select(
+    video: torch.Tensor, ratio: float, scene_threshold: float = 0.8, alpha: float = 0.01, eta: float = 0.5
+) -> torch.Tensor:
+    """Offline MoPrune on `video` [T, H, W, D]: kept flat indices into T*H*W, ascending."""
+    if ratio < 0:
+        raise ValueError(f"ratio must be >= 0, got {ratio}")
+    t_len, h, w, d = video.shape
+    n = h * w
+    x = video.reshape(t_len, n, d).float()
+    means = x.mean(1)
+    starts = scene_starts(means, scene_threshold)
+    bounds = torch.nonzero(starts).flatten().tolist() + [t_len]
+    kept = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        centroid = x[a:b].reshape(-1, d).mean(0)
+        scored = [
+            group_scores(x[t], means[t], centroid, x[t - 1] if t > a else None, eta) for t in range(a, b)
+        ]
+        sigma = frame_weights(torch.tensor([u for _, u in scored]), alpha)
+        gamma = ratio * (1 + sigma - 1 / (b - a))
+        for t, (s, _), g in zip(range(a, b), scored, gamma.tolist()):
+            kept.append(t * n + topk_indices(s, math.floor(min(g, 1.0) * n)))
+    return torch.sort(torch.cat(kept)).values
+
+
+class MoPrune(Pruner):
+    """Streaming MoPrune: causal scenes and motion, budgets re-allocated over the store."""
+
+    name = "moprune"
+
+    def __init__(self, scene_threshold: float = 0.8, alpha: float = 0.01, eta: float = 0.5):
+        self.scene_threshold = float(scene_threshold)
+        self.alpha = float(alpha)
+        self.eta = float(eta)
+        self._scene = -1
+        self.reset()
+
+    def reset(self) -> None:
+        self._prev: torch.Tensor | None = None
+        self._prev_mean: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+
+    def score(self, group: FrameTokens) -> GroupScore:
+        h, w = group.grid
+        n = h * w
+        x = group.tokens.reshape(n, -1).float()
+        mean = x.mean(0)
+        prev = self._prev
+        same_scene = (
+            prev is not None and prev.shape == x.shape
+            and not bool(scene_starts(torch.stack([self._prev_mean, mean]), self.scene_threshold)[1])
+        )
+        if not same_scene:
+            self._scene += 1
+            self._sum = torch.zeros(x.shape[1], dtype=torch.float64)
+            self._count = 0
+        self._sum += mean.to(torch.float64) * n
+        self._count += n
+        s, u = group_scores(x, mean, (self._sum / self._count).float(), prev if same_scene else None, self.eta)
+        self._prev, self._prev_mean = x, mean
+        meta = {"scene": torch.full((n,), self._scene, dtype=torch.long), "u": torch.full((n,), u)}
+        return GroupScore(score=s, meta=meta)
+
+    def evict(self, store: TokenSet, capacity: int) -> torch.Tensor:
+        first = torch.ones(len(store), dtype=torch.bool)
+        first[1:] = store.group[1:] != store.group[:-1]
+        group_of_row = torch.cumsum(first.long(), 0) - 1
+        scene = store.meta["scene"][first]
+        u = store.meta["u"][first]
+        scene_of_group = torch.unique_consecutive(scene, return_inverse=True)[1]
+        held = torch.bincount(scene_of_group).to(torch.float64)
+        sigma = frame_weights(u, self.alpha, scene_of_group)
+        weight = 1 + sigma - 1 / held[scene_of_group]
+        return quota_select(store.score, group_of_row, weight, capacity)

@@ -1,0 +1,134 @@
+"""Greedy DPP MAP (PRUNERS.md HieraVid step 4) against brute-force greedy log-det."""
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pruning.dpp import block_scores, greedy_map, greedy_map_gains, span_of, unit_kernel
+from pruning.similarity import normalize
+
+
+def brute_greedy(kernel: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
+    """Greedy log-det written out: each step adds the item maximising det(L_{S+j}) (ties to
+    the lower index); once the best ratio det(L_{S+j}) / det(L_S) is <= 1e-10, the rest is
+    filled by descending diagonal."""
+    lk = kernel.double()
+    n = lk.shape[0]
+    picked: list[int] = []
+    gains: list[float] = []
+    prev_det = 1.0
+    while len(picked) < k:
+        best_j, best_det = -1, -float("inf")
+        for j in range(n):
+            if j in picked:
+                continue
+            s = picked + [j]
+            det = float(torch.linalg.det(lk[s][:, s]))
+            if det > best_det:
+                best_j, best_det = j, det
+        if best_det / prev_det <= 1e-10:
+            break
+        picked.append(best_j)
+        gains.append(best_det / prev_det)
+        prev_det = best_det
+    rest = sorted((j for j in range(n) if j not in picked), key=lambda j: (-float(lk[j, j]), j))
+    fill = rest[: k - len(picked)]
+    return picked + fill, gains + [0.0] * len(fill)
+
+
+def psd(seed: int, n: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(n, rank, generator=g, dtype=torch.float64)
+    scale = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    return scale[:, None] * (b @ b.T) * scale[None, :]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 7), k=st.integers(0, 8))
+def test_greedy_map_matches_brute_force_on_full_rank_kernels(seed, n, k):
+    kernel = psd(seed, n, n + 2)
+    order, gains = greedy_map_gains(kernel, k)
+    want, want_gains = brute_greedy(kernel, min(k, n))
+    assert order.tolist() == want
+    assert torch.allclose(gains, torch.tensor(want_gains, dtype=torch.float64), rtol=1e-6, atol=1e-9)
+    assert torch.equal(greedy_map(kernel, k), order)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 9), rank=st.integers(0, 3), dup=st.booleans())
+def test_singular_kernels_never_nan_never_duplicate(seed, n, rank, dup):
+    kernel = psd(seed, n, rank)
+    if dup:
+        kernel[1], kernel[:, 1] = kernel[0], kernel[:, 0]
+        kernel[1, 1] = kernel[0, 0]
+    for lk in (kernel.float(), kernel * 1e6):
+        order, gains = greedy_map_gains(lk, n)
+        assert sorted(order.tolist()) == list(range(n))
+        assert not torch.isnan(gains).any()
+    order, gains = greedy_map_gains(kernel, n)
+    real = int((gains > 0).sum())
+    assert real <= rank
+    assert bool((gains[:real] > 1e-10).all()) and bool((gains[real:] == 0).all())
+    diag = kernel.diagonal()[order[real:]]
+    assert bool((diag[:-1] >= diag[1:]).all())
+
+
+def test_known_answers():
+    a, b = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.6, 0.8, 0.0])
+    units = torch.stack([a, a, b, torch.zeros(3)])
+    kernel = units @ units.T
+    order, gains = greedy_map_gains(kernel, 4)
+    # both a's tie at gain 1: the lower index goes first; b adds 1 - 0.6^2; the copy of a and
+    # the zero vector add nothing and are filled by descending diagonal (1 then 0).
+    assert order.tolist() == [0, 2, 1, 3]
+    assert torch.allclose(gains, torch.tensor([1.0, 0.64, 0.0, 0.0], dtype=torch.float64))
+    assert greedy_map(torch.zeros(3, 3), 2).tolist() == [0, 1]
+    assert greedy_map(kernel, 0).numel() == 0
+
+
+def conditional_gain(kernel: torch.Tensor, given: list[int], j: int) -> float:
+    """det(L_{G+j}) / det(L_G): the gain of j once `given` is picked."""
+    s = given + [j]
+    den = float(torch.linalg.det(kernel[given][:, given])) if given else 1.0
+    return float(torch.linalg.det(kernel[s][:, s])) / den
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 6), b=st.integers(0, 3), with_r=st.booleans())
+def test_block_scores_are_greedy_gains_conditioned_on_earlier_picks(seed, n, b, with_r):
+    g = torch.Generator().manual_seed(seed)
+    ref = normalize(torch.randn(b, 12, generator=g))
+    units = normalize(torch.randn(n, 12, generator=g))
+    r = torch.rand(n, generator=g) + 0.1 if with_r else None
+    picks = n // 2 + 1
+    scores, picked = block_scores(units, span_of(ref) if b else None, r, picks)
+    # slow: the joint kernel of [ref; units] (ref relevance 1), gains conditioned on ref
+    allv = torch.cat([ref, units]).double()
+    rr = torch.cat([torch.ones(b), r if r is not None else torch.ones(n)]).double()
+    kernel = rr[:, None] * (allv @ allv.T) * rr[None, :]
+    given = list(range(b))
+    for j in picked.tolist():
+        want = max(conditional_gain(kernel, given, b + i) for i in range(n) if b + i not in given)
+        assert abs(conditional_gain(kernel, given, b + j) - want) < 1e-5
+        assert abs(float(scores[j]) - want) < 1e-5
+        given.append(b + j)
+    assert picked.numel() == min(picks, n)
+    for i in set(range(n)) - set(picked.tolist()):
+        assert abs(float(scores[i]) - max(conditional_gain(kernel, given, b + i), 0.0)) < 1e-5
+        assert float(scores[i]) <= float(scores[picked[-1]]) + 1e-9
+
+
+def test_span_keeps_the_independent_prefix_and_its_cholesky_factor():
+    units = normalize(torch.randn(4, 10))
+    span = span_of(units)
+    gram = (units @ units.T).double()
+    assert torch.allclose(span.chol @ span.chol.T, gram, atol=1e-6)
+    dependent = torch.cat([units[:2], units[:1], units[2:]])
+    assert span_of(dependent).vectors.shape == (2, 10)
+    assert span_of(torch.zeros(0, 10)).vectors.shape == (0, 10)
+
+
+def test_unit_kernel_diagonal_is_exact():
+    units = torch.cat([normalize(torch.randn(5, 7)), torch.zeros(1, 7)])
+    assert unit_kernel(units).diagonal().tolist() == [1.0] * 5 + [0.0]
