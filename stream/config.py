@@ -18,14 +18,25 @@ from .sampler import POLICIES
 from .validation import ConfigError, bounded, build, choice
 from .vlm.qwen import DTYPES
 
-SOURCE_KINDS = ("synthetic", "file")
+SOURCE_KINDS = ("synthetic", "file", "rtsp", "webcam")
+TRANSPORTS = ("tcp", "udp", "udp_multicast", "http", "https")
 
 
 @dataclass(frozen=True)
 class SourceConfig:
     kind: str = choice(*SOURCE_KINDS, default="synthetic")
     path: str = ""  # file: any container/codec FFmpeg reads
-    fps: float = bounded(10.0, 0.1, 240)  # synthetic: frames per second rendered
+    url: str = ""  # rtsp: rtsp://[user:password@]host[:port]/path
+    transport: str = choice(*TRANSPORTS, default="tcp")  # rtsp
+    device: str = "0"  # webcam: "0" = /dev/video0, a /dev path, or a file / URL
+    input_format: str = ""  # webcam: v4l2 pixel format, e.g. "mjpeg"; "" = the driver's
+    open_timeout_s: float = bounded(5.0, 0.1, 600)  # rtsp, webcam
+    stall_timeout_s: float = bounded(5.0, 0.1, 3600)  # rtsp, webcam: no frame this long = lost
+    max_reconnects: int = bounded(-1, -1, 10**9)  # rtsp, webcam: failed attempts in a row; -1 = forever
+    reconnect_initial_s: float = bounded(0.5, 0.01, 3600)  # rtsp, webcam: first backoff delay
+    reconnect_max_s: float = bounded(30.0, 0.01, 86400)  # rtsp, webcam: backoff cap
+    options: dict = field(default_factory=dict)  # rtsp: extra FFmpeg options (values as strings)
+    fps: float = bounded(10.0, 0.1, 240)  # synthetic: frames rendered per second; webcam: capture fps
     duration_s: float = bounded(60.0, 1.0, 86400 * 7)  # synthetic: length of the scripted scene
     seed: int = 0  # synthetic: the scene script and noise
     width: int = bounded(640, 32, 7680)  # synthetic
@@ -136,6 +147,10 @@ def _check_camera(cfg: Config, where: str) -> None:
         raise ConfigError(f"{src}.path: required when source.kind = \"file\"")
     if cfg.source.kind == "file" and not Path(cfg.source.path).expanduser().exists():
         raise ConfigError(f"{src}.path: no such file: {cfg.source.path}")
+    if cfg.source.kind == "rtsp" and not cfg.source.url.startswith(("rtsp://", "rtsps://")):
+        raise ConfigError(f"{src}.url: an rtsp:// URL is required when source.kind = \"rtsp\", got {cfg.source.url!r}")
+    if cfg.source.reconnect_max_s < cfg.source.reconnect_initial_s:
+        raise ConfigError(f"{src}.reconnect_max_s: must be >= reconnect_initial_s")
     if where and cfg.memory.pruner not in pruning.PRUNERS:
         raise ConfigError(f"{where}pruner: {cfg.memory.pruner!r} is not accepted; accepted values: {', '.join(pruning.PRUNERS)}")
     try:

@@ -61,6 +61,7 @@ class RollingEncoder:
         self.drop_when_behind = drop_when_behind
         self.thumb_width = thumb_width
         self.on_group = on_group  # called on the worker thread after each group is in memory
+        self.reset_at_pts: float | None = None  # a reconnect: reset the pruner at the first group from here
         self.stats = EncoderStats()
         self._pending: deque[list[Frame]] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
@@ -129,6 +130,10 @@ class RollingEncoder:
         enc_ms = (time.perf_counter() - t0) * 1e3 / len(batch)
         prune_ms = 0.0
         for frames, grid in zip(batch, grids):
+            reset_at = self.reset_at_pts
+            if reset_at is not None and frames[0].pts >= reset_at:
+                self.memory.reset_stream()
+                self.reset_at_pts = None
             tokens = FrameTokens(index=self._next_group, pts=frames[0].pts, tokens=grid)
             self._next_group += 1
             res = self.memory.add(tokens, thumbnail=thumbnail(frames[0].image, self.thumb_width))

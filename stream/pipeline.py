@@ -31,11 +31,25 @@ def make_source(cfg: SourceConfig, name: str) -> Source:
         from .sources.synthetic import SyntheticSource
 
         return SyntheticSource(duration_s=cfg.duration_s, fps=cfg.fps, seed=cfg.seed, width=cfg.width,
-                               height=cfg.height, realtime=cfg.realtime, speed=cfg.speed)
+                               height=cfg.height, realtime=cfg.realtime, speed=cfg.speed, name=name)
     if cfg.kind == "file":
         from .sources.file import FileSource
 
-        return FileSource(cfg.path, realtime=cfg.realtime, loop=cfg.loop, speed=cfg.speed)
+        return FileSource(cfg.path, realtime=cfg.realtime, loop=cfg.loop, speed=cfg.speed, name=name)
+    from .sources.health import Backoff
+
+    live = dict(open_timeout_s=cfg.open_timeout_s, stall_timeout_s=cfg.stall_timeout_s,
+                max_reconnects=None if cfg.max_reconnects < 0 else cfg.max_reconnects,
+                backoff=Backoff(cfg.reconnect_initial_s, cfg.reconnect_max_s), name=name)
+    if cfg.kind == "rtsp":
+        from .sources.rtsp import RtspSource
+
+        return RtspSource(cfg.url, cfg.transport, options={k: str(v) for k, v in cfg.options.items()} or None, **live)
+    if cfg.kind == "webcam":
+        from .sources.webcam import WebcamSource
+
+        device = int(cfg.device) if cfg.device.isdigit() else cfg.device
+        return WebcamSource(device, cfg.width, cfg.height, cfg.fps, input_format=cfg.input_format or None, **live)
     raise ValueError(f"unknown source kind {cfg.kind!r}")
 
 
@@ -71,6 +85,7 @@ class CameraPipeline:
         self.pruner = pruning.get_pruner(cfg.memory.pruner, **cfg.memory.params)
         self.memory = pruning.TokenMemory(cfg.memory.capacity, self.pruner, cfg.memory.recent_groups)
         self.source = make_source(cfg.source, cfg.name)
+        self.source.on_state = self._on_source_state
         self.sampler = Sampler(self.source, cfg.sampler.fps, cfg.sampler.policy, cfg.sampler.queue)
         self.encoder = RollingEncoder(vlm, self.memory, drop_when_behind=self.sampler.policy == "latest",
                                       on_group=self._on_group)
@@ -102,6 +117,13 @@ class CameraPipeline:
         if self.scenes.update(group.tokens) and self._loop is not None:
             record = {"type": "scene_change", "camera": self.name, "pts": group.pts, "group": group.index}
             asyncio.run_coroutine_threadsafe(self._send(record), self._loop)
+
+    async def _on_source_state(self, source_name: str, old: str, new: str, stats: dict) -> None:
+        """Source health to the sinks; a reconnect resets the pruner's stream state at the first
+        group of the new connection (its first group has no predecessor)."""
+        if old == "reconnecting" and new == "streaming":
+            self.encoder.reset_at_pts = stats.get("stream_start_pts")
+        await self._send({"type": "source_state", "camera": self.name, "old": old, "new": new, **stats})
 
     def latest_jpeg(self, quality: int = 85) -> bytes | None:
         """The newest sampled frame as JPEG (for event snapshots), or None before the first."""
@@ -168,6 +190,7 @@ class CameraPipeline:
             "groups_encoded": e.groups_encoded, "memory_tokens": len(self.memory),
             "tokens_seen": self.memory.tokens_seen, "encode_ms": e.encode_ms, "prune_ms": e.prune_ms,
             "backlog": e.backlog, "last_answer_s": last.total_s if last else None,
+            "source": self.source.health(),
         }
 
     def summary(self) -> dict:

@@ -1,4 +1,5 @@
-"""Frame sources: async iterators of `Frame` (synthetic scripted camera, video files).
+"""Frame sources: async iterators of `Frame` (synthetic scripted camera, video files, RTSP
+cameras, webcams), each with health as data (`state`, `stats`, `on_state` events).
 
 The concrete sources load on first use, so importing the base does not pull in PyAV or OpenCV.
 """
@@ -7,17 +8,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import Pacer, Source, SourceError, SourceStats
+from .base import Disconnected, LiveSource, Pacer, Source, SourceError
+from .health import STATES, Backoff, SourceStats
 
 _LAZY = {
+    "AVLiveSource": "rtsp",
     "FileSource": "file",
     "GroundTruthEvent": "synthetic",
+    "RtspSource": "rtsp",
     "Script": "synthetic",
     "SyntheticSource": "synthetic",
+    "WebcamSource": "webcam",
     "make_script": "synthetic",
 }
 
-__all__ = ["Pacer", "Source", "SourceError", "SourceStats", *_LAZY]
+__all__ = [
+    "STATES", "Backoff", "Disconnected", "LiveSource", "Pacer", "Source", "SourceError", "SourceStats", *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,58 +1,102 @@
-"""What every frame source shares: single-pass async iteration, counters, pacing, a reader thread.
+"""What every frame source shares: single-pass async iteration, health, pacing, a reader thread,
+and the reconnect loop of live sources.
 
 A source is a camera-like stream: iterated once (`async for frame in source`), frames numbered
 0, 1, 2, ... by the base class so `index` is monotonic whatever the subclass does (reconnects,
 loops). Slow work (decoding, rendering) runs in one reader thread per source that hands results
 to the event loop with `loop.call_soon_threadsafe`; a semaphore bounds how far it reads ahead.
+
+Health (`stats`, `state`) is plain data; each state change is logged and handed to the optional
+`on_state(source_name, old, new, stats_dict)` callback on the event loop (an async callback is
+run as a task), in the order the changes happened.
 """
 from __future__ import annotations
 
 import abc
 import asyncio
 import contextlib
+import inspect
 import logging
+import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..types import Frame
+from .health import CONNECTING, FAILED, FINAL, NEXT_STATES, RECONNECTING, STOPPED, STREAMING, Backoff, SourceStats
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _END = object()
+StateCallback = Callable[[str, str, str, dict], Awaitable[None] | None]
 
 
 class SourceError(RuntimeError):
-    """A source cannot produce frames at all (unreadable container, no video stream)."""
+    """A source cannot produce frames (unreadable container, no video stream, gave up reconnecting)."""
 
 
-@dataclass
-class SourceStats:
-    """Plain counters; live sources extend this with health state."""
+class Disconnected(Exception):
+    """A live connection failed or ended; the source will reconnect."""
 
-    frames: int = 0
-    errors: int = 0
-    last_error: str | None = None
+
+class StopFlag(threading.Event):
+    """A threading.Event that also calls back when set, so a consumer waiting on the event
+    loop can leave at once instead of after the reader's current (maybe blocked) read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+        self._callbacks_lock = threading.Lock()
+
+    def set(self) -> None:
+        super().set()
+        with self._callbacks_lock:
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback()
+
+    def on_set(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (in the setting thread) when set; returns the function that unregisters it."""
+        with self._callbacks_lock:
+            self._callbacks.append(callback)
+
+        def remove() -> None:
+            with self._callbacks_lock:
+                if callback in self._callbacks:
+                    self._callbacks.remove(callback)
+
+        return remove
 
 
 class Source(abc.ABC):
     """An async iterator of `Frame`. `live` tells the sampler to keep only the newest frame."""
 
-    def __init__(self, name: str, live: bool = False):
+    def __init__(self, name: str, live: bool = False, on_state: StateCallback | None = None):
         self.name = name
         self.live = live
+        self.on_state = on_state
         self.stats = SourceStats()
-        self._stop = threading.Event()
+        self._stop = StopFlag()
         self._started = False
+        self._state_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     @abc.abstractmethod
     def _produce(self) -> AsyncIterator[tuple[float, np.ndarray]]:
         """(pts seconds, H x W x 3 uint8 RGB image) pairs until the stream ends or `closed`."""
+
+    @property
+    def state(self) -> str:
+        return self.stats.state
+
+    def health(self) -> dict:
+        """Counters and state as a JSON-ready dict (subclasses add what they know)."""
+        return self.stats.as_dict()
 
     def __aiter__(self) -> AsyncIterator[Frame]:
         if self._started:
@@ -61,16 +105,34 @@ class Source(abc.ABC):
         return self._frames()
 
     async def _frames(self) -> AsyncIterator[Frame]:
+        self._loop = asyncio.get_running_loop()
         try:
             async with contextlib.aclosing(self._produce()) as items:
                 async for pts, image in items:
                     if self.closed:
                         return
+                    self._count(pts, image)
                     frame = Frame(self.stats.frames, pts, image)
                     self.stats.frames += 1
                     yield frame
+        except Exception as exc:
+            self.stats.last_error = str(exc)
+            self._set_state(FAILED)
+            raise
         finally:
             self.close()
+
+    def _count(self, pts: float, image: np.ndarray) -> None:
+        s = self.stats
+        s.last_frame_at = time.monotonic()
+        size = (image.shape[1], image.shape[0])
+        if s.size is not None and size != s.size:
+            s.size_changes += 1
+            log.info("%s: frame size changed from %dx%d to %dx%d", self.name, *s.size, *size)
+        s.size = size
+        if s.state == CONNECTING:  # live sources announce streaming themselves, before the frame
+            s.stream_start_pts = pts
+            self._set_state(STREAMING)
 
     @property
     def closed(self) -> bool:
@@ -79,6 +141,7 @@ class Source(abc.ABC):
     def close(self) -> None:
         """Stop producing; safe to call from any thread, any number of times."""
         self._stop.set()
+        self._set_state(STOPPED)
 
     def record_error(self, message: str) -> None:
         """Count and log an outside-world error the source survived."""
@@ -86,11 +149,133 @@ class Source(abc.ABC):
         self.stats.last_error = message
         log.warning("%s: %s", self.name, message)
 
+    def record_decode_error(self, message: str) -> None:
+        """Count a damaged packet (skipped, or decoded as FFmpeg does by default)."""
+        self.stats.decode_errors += 1
+        self.record_error(message)
+
+    def _set_state(self, new: str) -> None:
+        """Move to `new` (from any thread) and dispatch the event; final states absorb."""
+        with self._state_lock:
+            old = self.stats.state
+            if old == new or old in FINAL:
+                return
+            if new not in NEXT_STATES[old]:
+                raise RuntimeError(f"source {self.name!r}: no transition from {old} to {new}")
+            self.stats.state = new
+            snapshot = self.health()
+        log.info("%s: %s -> %s", self.name, old, new)
+        if self.on_state is None:
+            return
+        loop = self._loop
+        if loop is None:
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_running_loop()
+        if loop is None:
+            self._dispatch(old, new, snapshot)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            loop.call_soon_threadsafe(self._dispatch, old, new, snapshot)
+
+    def _dispatch(self, old: str, new: str, snapshot: dict) -> None:
+        if self.on_state is None:
+            return
+        result: Any = self.on_state(self.name, old, new, snapshot)
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     async def __aenter__(self) -> Source:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+class LiveSource(Source):
+    """A camera: connect, stream, and on any end or error reconnect with backoff, forever or
+    until `max_reconnects` attempts in a row brought no frame (then `failed`, SourceError).
+
+    pts is wall-clock seconds since iteration started, strictly increasing across reconnects.
+    A connection that yields no frame for `stall_timeout_s` counts as lost; subclasses also set
+    their I/O timeouts from it, because a frozen peer blocks inside a read where no check runs.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        stall_timeout_s: float = 5.0,
+        max_reconnects: int | None = None,
+        backoff: Backoff | None = None,
+        on_state: StateCallback | None = None,
+    ):
+        if not stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {stall_timeout_s}")
+        if max_reconnects is not None and max_reconnects < 0:
+            raise ValueError(f"max_reconnects must be >= 0 or None (forever), got {max_reconnects}")
+        super().__init__(name, live=True, on_state=on_state)
+        self.stall_timeout_s = stall_timeout_s
+        self.max_reconnects = max_reconnects
+        self.backoff = backoff or Backoff()
+
+    @abc.abstractmethod
+    def _connect(self) -> Generator[np.ndarray | None, None, None]:
+        """One connection, run in the reader thread: open, then yield an RGB image per frame or
+        None when something arrived without a frame (the first None means connected). Raise
+        `Disconnected` on outside-world failures; return when the stream ends."""
+
+    async def _produce(self) -> AsyncIterator[tuple[float, np.ndarray]]:
+        async for item in iterate_in_thread(self._connections, self._stop, self.name):
+            yield item
+
+    def _connections(self) -> Generator[tuple[float, np.ndarray], None, None]:
+        """The reader thread: connections one after another, frames stamped with wall-clock pts."""
+        start = time.monotonic()
+        last_pts = -math.inf
+        failures = 0  # connection attempts in a row that brought no frame
+        while not self.closed:
+            got = 0
+            try:
+                with contextlib.closing(self._connect()) as images:
+                    alive: float | None = None  # last frame, or the moment of connecting
+                    for image in images:
+                        now = time.monotonic()
+                        if image is None:
+                            if alive is None:
+                                alive = now
+                            elif now - alive > self.stall_timeout_s:
+                                raise Disconnected(f"stalled: no frame for {now - alive:.1f} s")
+                            continue
+                        pts = max(now - start, last_pts + 1e-6)
+                        last_pts = pts
+                        got += 1
+                        if got == 1:
+                            self.stats.stream_start_pts = pts
+                            self._set_state(STREAMING)
+                        yield pts, image
+                        alive = time.monotonic()  # time spent waiting for the consumer is no stall
+                        if self.closed:
+                            return
+                reason = "the stream ended"
+            except Disconnected as exc:
+                reason = str(exc)
+            if self.closed:
+                return
+            failures = 1 if got else failures + 1
+            self.record_error(reason)
+            if self.stats.state == STREAMING:
+                self._set_state(RECONNECTING)
+            if self.max_reconnects is not None and failures > self.max_reconnects:
+                raise SourceError(
+                    f"{self.name}: gave up after {failures} connection attempt(s) in a row without a frame"
+                    f" (max_reconnects={self.max_reconnects}); last error: {reason}"
+                )
+            delay = self.backoff.delay(failures)
+            log.info("%s: reconnecting in %.2f s (attempt %d)", self.name, delay, failures)
+            if self._stop.wait(delay):
+                return
+            self.stats.reconnects += 1
 
 
 class Pacer:
@@ -117,13 +302,14 @@ class Pacer:
 
 
 async def iterate_in_thread(
-    make: Callable[[], Generator[T, None, None]], stop: threading.Event, name: str, ahead: int = 4
+    make: Callable[[], Generator[T, None, None]], stop: StopFlag, name: str, ahead: int = 4
 ) -> AsyncIterator[T]:
     """Run the generator `make()` in its own thread, at most `ahead` items before the consumer.
 
     The generator is created, advanced and closed in that thread (so e.g. a PyAV container never
-    changes threads). Its exceptions are re-raised here. Setting `stop` (or leaving the loop)
-    ends the thread after the item it is producing.
+    changes threads). Its exceptions are re-raised here. Setting `stop` ends the iteration here
+    at once and the thread after the item it is producing (a read blocked on a frozen peer
+    returns at its timeout); so does leaving the loop.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
@@ -152,6 +338,7 @@ async def iterate_in_thread(
 
     thread = threading.Thread(target=run, name=f"source:{name}", daemon=True)
     thread.start()
+    unregister = stop.on_set(lambda: post("end", None))
     try:
         while True:
             kind, value = await queue.get()
@@ -162,5 +349,5 @@ async def iterate_in_thread(
             slots.release()
             yield value  # type: ignore[misc]
     finally:
+        unregister()
         stop.set()
-

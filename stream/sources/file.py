@@ -1,10 +1,12 @@
 """Frames from a video file through PyAV (any container/codec FFmpeg reads), decoded in a thread.
 
-Damage is survived and counted in `stats.errors`, one per damaged packet: packets the decoder
-rejects are skipped; packets the demuxer flags corrupt (MPEG-TS sync or continuity loss, a cut
-last packet) are counted but still decoded, as FFmpeg does by default, because they are often
-whole and dropping one corrupts every frame that references it; a demuxer error (a truncated
-file) ends the pass. A resolution change just yields frames of the new size.
+Damage is survived and counted in `stats.decode_errors` (and `stats.errors`), one per damaged
+packet: packets the decoder rejects are skipped; packets the demuxer flags corrupt (MPEG-TS sync
+or continuity loss, a cut last packet) are counted but still decoded, as FFmpeg does by default,
+because they are often whole and dropping one corrupts every frame that references it; a
+demuxer error (a truncated file) ends the pass, counted in `stats.errors`. A resolution or
+pixel-format change just yields RGB frames of the new size. `decode_video` is that packet loop,
+shared with the live PyAV sources.
 
 pts is seconds since the stream's start time (index / fps when a frame has none) and is kept
 strictly increasing: a timestamp that goes back (the next loop, a concatenated file restarting
@@ -20,7 +22,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .base import Pacer, Source, SourceError, iterate_in_thread
+from .base import Pacer, Source, SourceError, StateCallback, iterate_in_thread
 
 DEFAULT_FPS = 30.0  # frame duration when the stream declares no rate
 
@@ -40,6 +42,7 @@ class FileSource(Source):
         loop: bool = False,
         speed: float = 1.0,
         name: str | None = None,
+        on_state: StateCallback | None = None,
     ):
         self.path = Path(path)
         if not self.path.exists():
@@ -48,13 +51,17 @@ class FileSource(Source):
             raise IsADirectoryError(errno.EISDIR, "expected a video file, got a directory", str(self.path))
         if not os.access(self.path, os.R_OK):
             raise PermissionError(errno.EACCES, "video file is not readable", str(self.path))
-        super().__init__(name or f"file:{self.path.name}", live=realtime)
+        super().__init__(name or f"file:{self.path.name}", live=realtime, on_state=on_state)
         self.realtime = realtime
         self.loop = loop
         self._pacer = Pacer(speed) if realtime else None
         self.position_s = 0.0
         self.duration_s: float | None = None
         self.loops = 0
+
+    def health(self) -> dict:
+        """Counters plus progress through the file."""
+        return {**super().health(), "position_s": self.position_s, "duration_s": self.duration_s, "loops": self.loops}
 
     async def _produce(self) -> AsyncIterator[tuple[float, np.ndarray]]:
         async for pts, position, image in iterate_in_thread(self._decode, self._stop, self.name):
@@ -96,26 +103,41 @@ class FileSource(Source):
             if container.duration is not None:
                 self.duration_s = container.duration / av.time_base
             start = stream.start_time or 0
-            packets = container.demux(stream)
             position = -step
-            while not self.closed:
-                try:
-                    packet = next(packets)
-                except StopIteration:
-                    return
-                except av.error.FFmpegError as exc:
-                    self.record_error(f"demuxing stopped early: {exc}")
-                    return
-                try:
-                    frames = packet.decode()
-                except av.error.FFmpegError as exc:
-                    self.record_error(f"skipped an undecodable packet at dts {packet.dts}: {exc}")
-                    continue
-                if packet.is_corrupt:
-                    self.record_error(f"decoded a packet flagged corrupt at dts {packet.dts}")
-                for frame in frames:
+            try:
+                for frame in decode_video(container, self):
+                    if self.closed:
+                        return
+                    if frame is None:
+                        continue
                     if frame.pts is None:
                         position += step
                     else:
                         position = float((frame.pts - start) * stream.time_base)
                     yield position, step, frame.to_ndarray(format="rgb24")
+            except av.error.FFmpegError as exc:
+                self.record_error(f"demuxing stopped early: {exc}")
+
+
+def decode_video(
+    container: av.container.InputContainer, source: Source
+) -> Generator[av.VideoFrame | None, None, None]:
+    """The frames of the container's first video stream, and None after each packet that gave
+    none (so a live reader can watch the clock). Packets the decoder rejects are skipped and
+    packets the demuxer flags corrupt are decoded anyway, each counted once as a decode error
+    on `source`; demuxer errors propagate."""
+    if not container.streams.video:
+        raise SourceError(f"no video stream in {container.name}")
+    stream = container.streams.video[0]
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError as exc:
+            source.record_decode_error(f"skipped an undecodable packet at dts {packet.dts}: {exc}")
+            yield None
+            continue
+        if packet.is_corrupt:
+            source.record_decode_error(f"decoded a packet flagged corrupt at dts {packet.dts}")
+        if not frames:
+            yield None
+        yield from frames
