@@ -1,6 +1,6 @@
 """The MQTT service: questions in, answers and standing-question events out, over a broker.
 
-Topics, under `prefix` (default "streamprune"); docs/mqtt.md shows example payloads:
+Topics, under `prefix` (default "streamprune"); README.md "MQTT" shows example payloads:
   <prefix>/<camera>/ask        in   JSON {"id", "question", "llm_budget"?, "max_new_tokens"?, "reply_to"?}
                                     or plain text (the question)
   <prefix>/<camera>/answer     out  the answer (also on `reply_to`), QoS 1
