@@ -130,3 +130,24 @@ def test_prompt_layouts_keep_temporal_order(vlm, mode):
     answer = handler.ask("what is happening?")
     assert answer.groups_covered == len(snap.groups()) and answer.t_end == 3.0
     handler.close()
+
+
+@pytest.mark.parametrize("pruner", ["echoprune", "moprune", "hieravid", "forestprune", "uniform", "recent", "dtd", "random"])
+async def test_every_pruner_runs_from_its_config_key(vlm, pruner):
+    cfg = _config(source={"duration_s": 10.0}, memory={"pruner": pruner, "capacity": 150, "recent_groups": 1},
+                  query={"max_new_tokens": 4, "llm_budget": 120}, questions=[{"at_s": 99.0, "text": "what happened?"}])
+    records = []
+
+    async def emit(r):
+        records.append(r)
+
+    pipe = CameraPipeline(cfg, vlm, emit=emit)
+    try:
+        await asyncio.gather(pipe.run(), pipe.scripted_questions())
+    finally:
+        pipe.close()
+    (answer,) = [r for r in records if r["type"] == "answer"]
+    per_group = pipe.memory.tokens_seen // pipe.memory.groups_seen
+    assert answer["pruner"] == pruner and answer["tokens_used"] <= 120
+    assert len(pipe.memory) <= 150 + per_group
+    assert pipe.memory.groups_seen == 10
