@@ -151,3 +151,32 @@ async def test_every_pruner_runs_from_its_config_key(vlm, pruner):
     assert answer["pruner"] == pruner and answer["tokens_used"] <= 120
     assert len(pipe.memory) <= 150 + per_group
     assert pipe.memory.groups_seen == 10
+
+
+async def test_reconnect_resets_the_pruner_at_the_first_group_of_the_new_connection(vlm):
+    import numpy as np
+
+    from stream.types import Frame
+
+    records = []
+
+    async def emit(r):
+        records.append(r)
+
+    pipe = CameraPipeline(_config(), vlm, emit=emit)
+    resets = []
+    pipe.memory.pruner.reset = lambda: resets.append(pipe.memory.groups_seen)
+    try:
+        await pipe._on_source_state("cam", "reconnecting", "streaming", {"state": "streaming", "stream_start_pts": 3.0})
+        assert records[-1]["type"] == "source_state" and records[-1]["new"] == "streaming"
+
+        async def frames():
+            img = np.zeros((120, 160, 3), np.uint8)
+            for i in range(12):
+                yield Frame(i, i * 0.5, img)
+
+        await pipe.encoder.run(frames())
+    finally:
+        pipe.close()
+    assert resets == [3]  # groups start at pts 0, 1, 2 (two frames each); the reset lands before the group at 3.0
+    assert pipe.encoder.reset_at_pts is None
