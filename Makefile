@@ -1,4 +1,5 @@
-# streamprune: `make demo` installs into .venv and runs the offline demo; `make test` runs the suite.
+# streamprune: `make demo` installs into .venv and runs the offline demo; `make test` runs the suite;
+# `make bench` runs every benchmark and writes bench/results/ (about 10 minutes on 2 cores).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PIP := $(PY) -m pip
 APT_PKGS := mosquitto mosquitto-clients python3-gi gir1.2-gst-rtsp-server-1.0 \
 	gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly
 
-.PHONY: demo test install system-deps clean
+.PHONY: demo test bench install system-deps clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,9 @@ demo: install
 
 test: system-deps install
 	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m bench.run_all
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
