@@ -193,7 +193,8 @@ class TokenMemory:
         sl = slice(st.n, st.n + k)
         slots = st.take_slots(k)
         st.slot[sl] = slots
-        st.tokens[slots] = tokens[rows].to(st.tokens.dtype)
+        kept = tokens if k == n_tok else tokens.index_select(0, rows)  # one copy into the slots, not two
+        st.tokens.index_copy_(0, slots, kept.to(st.tokens.dtype))
         st.group[sl] = group.index
         st.pts[sl] = group.pts
         st.row[sl] = rows // w
