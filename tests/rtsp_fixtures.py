@@ -19,9 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
+from clips import picture, write_h264
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 SERVER = Path(__file__).with_name("rtsp_server.py")
@@ -36,33 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def clip_picture(i: int, w: int, h: int) -> np.ndarray:
-    """Frame i of the test clip: a gradient whose green changes with i and a moving white square."""
-    img = np.zeros((h, w, 3), np.uint8)
-    img[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
-    img[..., 1] = (i * 4) % 256
-    img[..., 2] = np.linspace(255, 0, h, dtype=np.uint8)[:, None]
-    x = (i * 2) % (w - h // 3)
-    img[h // 3 : 2 * h // 3, x : x + h // 3] = 255
-    return img
-
-
 def write_clip(
     path: Path, n: int = CLIP_FRAMES, size: tuple[int, int] = CLIP_SIZE, fps: int = CLIP_FPS
 ) -> list[np.ndarray]:
-    """An H.264 clip of `clip_picture(0..n-1)`; returns the pictures encoded."""
+    """An H.264 clip of `clips.picture(0..n-1)`; returns the pictures encoded."""
     w, h = size
-    pictures = [clip_picture(i, w, h) for i in range(n)]
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"preset": "ultrafast", "tune": "zerolatency"}
-        for i, img in enumerate(pictures):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return pictures
+    return write_h264(path, [picture(i, w, h) for i in range(n)], fps)
 
 
 class RtspServer:

@@ -36,20 +36,10 @@ def test_demo_prints_answers_summary_and_pictures(tmp_path, model_cache):
 
 
 def test_run_file_config_writes_jsonl(tmp_path, model_cache):
-    import av
-    import numpy as np
+    from clips import picture, write_h264
 
     clip = tmp_path / "clip.mp4"
-    with av.open(str(clip), "w") as c:
-        s = c.add_stream("libx264", rate=10)
-        s.width, s.height, s.pix_fmt = 160, 120, "yuv420p"
-        for i in range(40):
-            img = np.full((120, 160, 3), 40, np.uint8)
-            img[40:80, 4 * i:4 * i + 30] = (250, 30, 30)
-            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    write_h264(clip, [picture(i, 160, 120) for i in range(40)], fps=10)
     cfg = tmp_path / "file.toml"
     text = (ROOT / "configs" / "file.toml").read_text().replace('"clip.mp4"', json.dumps(str(clip)))
     cfg.write_text(text.replace('jsonl = ""', f"jsonl = {json.dumps(str(tmp_path / 'a.jsonl'))}"))

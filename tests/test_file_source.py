@@ -6,39 +6,19 @@ import random
 import threading
 import time
 
-import av
 import numpy as np
 import pytest
+
+from clips import picture, write_h264
 
 from stream.sources import FileSource, SourceError
 
 FPS = 10
 
 
-def picture(i: int, w: int, h: int) -> np.ndarray:
-    """Frame i of a test clip: a gradient whose colour changes with i and a square that moves."""
-    img = np.zeros((h, w, 3), np.uint8)
-    img[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
-    img[..., 1] = (i * 6) % 256
-    img[..., 2] = np.linspace(255, 0, h, dtype=np.uint8)[:, None]
-    x = (i * 3) % (w - h // 3)
-    img[h // 3 : 2 * h // 3, x : x + h // 3] = 255
-    return img
-
-
 def encode(path, n=64, w=160, h=120, first=0, fmt=None, options=None) -> list[np.ndarray]:
     """An H.264 clip of pictures first..first+n-1 (pts from 0); returns what was encoded."""
-    pictures = [picture(first + i, w, h) for i in range(n)]
-    with av.open(str(path), "w", format=fmt, options=options or {}) as out:
-        stream = out.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"preset": "ultrafast", "tune": "zerolatency"}
-        for i, img in enumerate(pictures):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return pictures
+    return write_h264(path, [picture(first + i, w, h) for i in range(n)], FPS, fmt, options)
 
 
 async def read(source, limit=None):
