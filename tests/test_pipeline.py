@@ -180,3 +180,30 @@ async def test_reconnect_resets_the_pruner_at_the_first_group_of_the_new_connect
         pipe.close()
     assert resets == [3]  # groups start at pts 0, 1, 2 (two frames each); the reset lands before the group at 3.0
     assert pipe.encoder.reset_at_pts is None
+
+
+async def test_a_slow_encoder_batches_waiting_groups_instead_of_queueing(vlm):
+    import numpy as np
+
+    from pruning import TokenMemory, get_pruner
+    from stream.encoder import RollingEncoder
+    from stream.types import Frame
+
+    mem = TokenMemory(10_000, get_pruner("recent"), recent_groups=2)
+    enc = RollingEncoder(vlm, mem, max_batch=8, max_pending=6, drop_when_behind=True)
+
+    async def burst():  # a camera delivering far faster than the encoder can keep up
+        img = np.zeros((240, 320, 3), np.uint8)
+        for i in range(80):
+            yield Frame(i, i * 0.5, img)
+            await asyncio.sleep(0)
+
+    try:
+        await enc.run(burst())
+    finally:
+        enc.close()
+    s = enc.stats
+    assert s.max_backlog <= 6
+    assert s.groups_encoded + s.groups_dropped == 40
+    assert s.batches < s.groups_encoded  # waiting groups went through the tower together
+    assert mem.groups_seen == s.groups_encoded
