@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import settings as settings_h
 from hypothesis import strategies as st
 
-from mqtt_broker import Listener, broker, mqtt_broker, retained, unique_prefix  # noqa: F401
+from mqtt_broker import Listener, retained, unique_prefix
 from sinks.mqtt import MqttService
 from sinks.mqtt_settings import MqttSettings, WatchSpec
 from sinks.watches import WatchState, parse_yes_no

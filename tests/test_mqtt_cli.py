@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mqtt_broker import Listener, broker, mqtt_broker, retained, unique_prefix  # noqa: F401
+from mqtt_broker import Listener, retained, unique_prefix
 from stream.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent

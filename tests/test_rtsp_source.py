@@ -10,15 +10,7 @@ import numpy as np
 import pytest
 
 from pruning import TokenMemory, get_pruner
-from rtsp_fixtures import (  # noqa: F401  (fixtures)
-    CLIP_FRAMES,
-    StateLog,
-    free_port,
-    rtsp_clip,
-    rtsp_server,
-    rtsp_servers,
-    until,
-)
+from rtsp_fixtures import CLIP_FRAMES, StateLog, free_port, until
 from stream.encoder import RollingEncoder
 from stream.query import QueryHandler, QuerySettings
 from stream.sampler import Sampler

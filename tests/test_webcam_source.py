@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from rtsp_fixtures import StateLog, rtsp_clip, rtsp_server, write_clip  # noqa: F401  (fixtures)
+from rtsp_fixtures import StateLog, write_clip
 from stream.sources import Backoff, SourceError, WebcamSource
 from stream.sources.webcam import v4l2_options
 
