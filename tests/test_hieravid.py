@@ -8,10 +8,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from streams import flat, stream
 
-from pruning import FrameTokens, TokenMemory, TokenSet, get_pruner, pruner_params
+from pruning import FrameTokens, TokenSet, get_pruner, pruner_params
 from pruning.hieravid import (
-    HIST_BINS, HieraVid, budget_scores, hieravid_select, keep_ratios, merge_runs, relevance, segment_ids,
+    HIST_BINS,
+    HieraVid,
+    budget_scores,
+    hieravid_select,
+    keep_ratios,
+    merge_runs,
+    relevance,
+    segment_ids,
     static_flags,
 )
 from pruning.similarity import cos
@@ -137,18 +145,6 @@ def clip(seed: int, t_len: int = 10, h: int = 4, w: int = 4, d: int = 16, cuts=(
             video[t] = bg + level * torch.randn(h, w, d, generator=g)
             video[t, 1, t % w] += obj
     return video
-
-
-def stream(pruner, video, capacity: int, recent: int = 0) -> TokenMemory:
-    mem = TokenMemory(capacity=capacity, pruner=pruner, recent_groups=recent)
-    for t in range(video.shape[0]):
-        mem.add(FrameTokens(index=t, pts=float(t), tokens=video[t]))
-    return mem
-
-
-def flat(snap: TokenSet) -> torch.Tensor:
-    h, w = snap.grid
-    return snap.group * h * w + snap.row * w + snap.col
 
 
 def test_scene_cut_opens_a_segment_exactly_there_offline_and_streaming():

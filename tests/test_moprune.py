@@ -7,9 +7,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from streams import flat as flat_index
+from streams import stream
 
-from pruning import FrameTokens, TokenMemory, TokenSet, get_pruner, pruner_params
-from pruning.moprune import MoPrune, frame_weights, group_scores, moprune_select, quota_select, scene_starts
+from pruning import FrameTokens, TokenSet, get_pruner, pruner_params
+from pruning.moprune import (
+    MoPrune,
+    frame_weights,
+    group_scores,
+    moprune_select,
+    quota_select,
+    scene_starts,
+)
 
 
 def f64(values) -> torch.Tensor:
@@ -95,16 +104,8 @@ def clip(seed: int, t_len: int = 12, h: int = 4, w: int = 4, d: int = 24, cuts=(
     return video
 
 
-def stream(pruner, video, capacity: int, recent: int = 0) -> TokenMemory:
-    mem = TokenMemory(capacity=capacity, pruner=pruner, recent_groups=recent)
-    for t in range(video.shape[0]):
-        mem.add(FrameTokens(index=t, pts=float(t), tokens=video[t]))
-    return mem
-
-
 def flat(snap: TokenSet) -> set[int]:
-    h, w = snap.grid
-    return set((snap.group * h * w + snap.row * w + snap.col).tolist())
+    return set(flat_index(snap).tolist())
 
 
 def test_scene_cut_opens_a_scene_exactly_there_offline_and_streaming():
