@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from slow_math import cosv, f64, mean_rows
 from streams import flat, stream
 
 from pruning import FrameTokens, TokenSet, get_pruner, pruner_params
@@ -23,22 +24,6 @@ from pruning.hieravid import (
     static_flags,
 )
 from pruning.similarity import cos
-
-
-def f64(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64)
-
-
-def cosv(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float(a @ b) / (max(float(a.norm()), 1e-6) * max(float(b.norm()), 1e-6))
-
-
-def mean_rows(rows) -> torch.Tensor:
-    total = torch.zeros(rows[0].shape[-1], dtype=torch.float64)
-    for r in rows:
-        total += r.double()
-    return total / len(rows)
 
 
 def slow_segments(x: torch.Tensor, beta: float, thr: float) -> list[int]:

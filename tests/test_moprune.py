@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from slow_math import cosv, f64, mean_rows
 from streams import flat as flat_index
 from streams import stream
 
@@ -19,22 +20,6 @@ from pruning.moprune import (
     quota_select,
     scene_starts,
 )
-
-
-def f64(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64)
-
-
-def cosv(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float(a @ b) / (max(float(a.norm()), 1e-6) * max(float(b.norm()), 1e-6))
-
-
-def mean_rows(rows) -> torch.Tensor:
-    total = torch.zeros_like(rows[0], dtype=torch.float64)
-    for r in rows:
-        total += r.double()
-    return total / len(rows)
 
 
 def minmax_list(v: list[float]) -> list[float]:
