@@ -291,6 +291,13 @@ def cli(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def run_alone(doc: str, run, settings) -> None:
+    """`python -m bench.NAME [--quick] [--out DIR]`: one benchmark on its own."""
+    args = cli(doc.splitlines()[0]).parse_args()
+    quiet()
+    run(settings.quick() if args.quick else settings(), args.out)
+
+
 def finish(report: Report, out_dir: Path, started: float, load_before: str) -> Report:
     """Stamp machine, load and wall time on a report, write it and print it."""
     report.machine = {**machine(), "load_before": load_before, "load_after": load_average()}

@@ -28,7 +28,7 @@ from stream.config import from_dict
 from stream.pipeline import CameraPipeline
 from stream.vlm.qwen import QwenVL
 
-from .common import SEED_PRUNERS, Report, Stat, Table, Target, cli, finish, load_average, quiet, set_threads
+from .common import SEED_PRUNERS, Report, Stat, Table, Target, finish, load_average, run_alone, set_threads
 from .ttft import QWEN2_05B, LLMSize, build_sized, pick_dtype
 
 
@@ -182,11 +182,5 @@ def run(s: IngestSettings, out_dir: Path) -> Report:
     return finish(report, out_dir, started, load0)
 
 
-def main() -> None:
-    args = cli(__doc__.splitlines()[0]).parse_args()
-    quiet()
-    run(IngestSettings.quick() if args.quick else IngestSettings(), args.out)
-
-
 if __name__ == "__main__":
-    main()
+    run_alone(__doc__, run, IngestSettings)

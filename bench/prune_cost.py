@@ -20,7 +20,7 @@ import torch
 
 from pruning import FrameTokens, TokenMemory
 
-from .common import (Report, Stat, Table, Target, TimedPruner, cli, finish, load_average, quiet, set_threads, variant,
+from .common import (Report, Stat, Table, Target, TimedPruner, finish, load_average, run_alone, set_threads, variant,
                      video_like_features)
 
 VARIANTS = ("echoprune-3x3", "echoprune", "moprune", "hieravid", "forestprune", "dtd", "uniform", "recent", "random")
@@ -120,11 +120,5 @@ def run(s: CostSettings, out_dir: Path) -> Report:
     return finish(report, out_dir, started, load0)
 
 
-def main() -> None:
-    args = cli(__doc__.splitlines()[0]).parse_args()
-    quiet()
-    run(CostSettings.quick() if args.quick else CostSettings(), args.out)
-
-
 if __name__ == "__main__":
-    main()
+    run_alone(__doc__, run, CostSettings)

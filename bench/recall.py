@@ -32,8 +32,8 @@ from pruning import FrameTokens, TokenMemory
 from stream.sources.synthetic import SyntheticSource
 from stream.vlm.preprocess import VisionGeometry, smart_resize
 
-from .common import (ALL_PRUNERS, SEED_PRUNERS, Report, Stat, Table, Target, TimedPruner, cli, finish,
-                     load_average, quiet, variant)
+from .common import (ALL_PRUNERS, SEED_PRUNERS, Report, Stat, Table, Target, TimedPruner, finish,
+                     load_average, run_alone, variant)
 from .plot import Series, line_plot
 from .pool import make_pool, run_jobs
 
@@ -323,11 +323,5 @@ def _why(scores: dict, label: str, b: float, rival: str) -> str:
     return (f"trails {rival} on " + ", ".join(parts) + "; " if parts else "") + f"distractor share {share:.2f}"
 
 
-def main() -> None:
-    args = cli(__doc__.splitlines()[0]).parse_args()
-    quiet()
-    run(RecallSettings.quick() if args.quick else RecallSettings(), args.out)
-
-
 if __name__ == "__main__":
-    main()
+    run_alone(__doc__, run, RecallSettings)

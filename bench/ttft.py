@@ -29,7 +29,7 @@ from stream.query import QueryHandler, QuerySettings
 from stream.sources.synthetic import SyntheticSource
 from stream.vlm.qwen import QwenVL
 
-from .common import Report, Stat, Table, Target, cli, finish, load_average, quiet, set_threads
+from .common import Report, Stat, Table, Target, finish, load_average, run_alone, set_threads
 
 
 @dataclass(frozen=True)
@@ -209,11 +209,5 @@ def run(s: TTFTSettings, out_dir: Path) -> Report:
     return finish(report, out_dir, started, load0)
 
 
-def main() -> None:
-    args = cli(__doc__.splitlines()[0]).parse_args()
-    quiet()
-    run(TTFTSettings.quick() if args.quick else TTFTSettings(), args.out)
-
-
 if __name__ == "__main__":
-    main()
+    run_alone(__doc__, run, TTFTSettings)
