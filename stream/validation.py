@@ -9,9 +9,7 @@ import typing
 from dataclasses import MISSING, field, fields, is_dataclass
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config problem, already phrased for the user."""
+from .errors import ConfigError
 
 
 def choice(*values: str, default: str) -> Any:
@@ -30,25 +28,25 @@ def _convert(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any]) -> 
     origin = typing.get_origin(tp)
     if is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a table, got {value!r}")
+            raise ConfigError(f"expected a table, got {value!r}", path)
         return build(tp, value, path)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected an array of tables, got {value!r}")
+            raise ConfigError(f"expected an array of tables, got {value!r}", path)
         return [_convert(v, item, f"{path}[{i}]", {}) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if tp is dict and isinstance(value, dict):
         return dict(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", path)
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{path}: {value!r} is not accepted; accepted values: {', '.join(meta['choices'])}")
+        raise ConfigError(f"{value!r} is not accepted; accepted values: {', '.join(meta['choices'])}", path)
     lo, hi = meta.get("min"), meta.get("max")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         span = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
-        raise ConfigError(f"{path}: {value!r} is out of range; accepted: {span}")
+        raise ConfigError(f"{value!r} is out of range; accepted: {span}", path)
     return value
 
 
@@ -60,9 +58,9 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else key
         if key not in known:
-            raise ConfigError(f"{path}: unknown field; accepted fields: {', '.join(known)}")
+            raise ConfigError(f"unknown field; accepted fields: {', '.join(known)}", path)
         kwargs[key] = _convert(value, hints[key], path, known[key].metadata)
     for f in known.values():
         if f.default is MISSING and f.default_factory is MISSING and f.name not in kwargs:
-            raise ConfigError(f"{prefix}.{f.name}: required")
+            raise ConfigError("required", f"{prefix}.{f.name}" if prefix else f.name)
     return cls(**kwargs)

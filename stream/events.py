@@ -1,0 +1,176 @@
+"""The vocabulary: plain, torch-free data for everything that goes into or leaves a camera.
+
+Every output (console, JSONL, MQTT, HTTP) carries these same shapes; a wire format only renames
+fields in one place. `to_dict()` gives the JSON-ready form with a `type` naming the event; binary
+or bulky fields (a JPEG snapshot, a thumbnail) are left out of it.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+
+def utc_now() -> str:
+    """An ISO-8601 UTC timestamp with milliseconds, as every event carries."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Event:
+    """Base of the typed events on a camera's bus."""
+
+    type: ClassVar[str] = "event"
+    binary: ClassVar[tuple[str, ...]] = ()  # fields left out of to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type}
+        for f in fields(self):  # type: ignore[arg-type]
+            if f.name not in self.binary:
+                value = getattr(self, f.name)
+                out[f.name] = dict(value) if isinstance(value, dict) else value
+        return out
+
+
+@dataclass(frozen=True)
+class Question:
+    """A question to one camera. `origin` says which door it came through (cli, mqtt, script, watch, ...)."""
+
+    text: str
+    id: str | int | None = None
+    llm_budget: int | None = None  # visual tokens the LLM may see; None = the camera's setting
+    max_new_tokens: int | None = None
+    origin: str = "cli"
+
+
+@dataclass(frozen=True)
+class Answer(Event):
+    """An answer and its evidence: the span of video the LLM saw and what it cost.
+
+    `tokens_used` counts the visual tokens the LLM saw, from `groups` groups whose pts run from
+    `t_start` to `t_end` (seconds since stream start); `memory_tokens` what the memory held.
+    """
+
+    type: ClassVar[str] = "answer"
+
+    text: str
+    question: str
+    t_start: float
+    t_end: float
+    groups: int
+    tokens_used: int
+    memory_tokens: int
+    prompt_tokens: int
+    new_tokens: int
+    ttft_s: float
+    total_s: float
+    camera: str = ""
+    id: str | int | None = None
+    model: str = ""
+    pruner: str = ""
+    origin: str = "cli"
+    timestamp: str = field(default_factory=utc_now)
+
+
+@dataclass(frozen=True)
+class RequestFailed(Event):
+    """A question or request that was not answered, with the error's stable code."""
+
+    type: ClassVar[str] = "error"
+
+    camera: str
+    code: str
+    message: str
+    id: str | int | None = None
+    question: str = ""
+    origin: str = "cli"
+    timestamp: str = field(default_factory=utc_now)
+
+
+@dataclass(frozen=True)
+class SourceState(Event):
+    """A source moved from state `old` to `new` (connecting, streaming, reconnecting, stopped, failed)."""
+
+    type: ClassVar[str] = "source_state"
+
+    camera: str
+    old: str
+    new: str
+    health: dict = field(default_factory=dict)
+    timestamp: str = field(default_factory=utc_now)
+
+
+@dataclass(frozen=True)
+class SceneChange(Event):
+    """A group whose mean token is far from the previous group's: the scene changed."""
+
+    type: ClassVar[str] = "scene_change"
+
+    camera: str
+    group: int
+    pts: float
+    timestamp: str = field(default_factory=utc_now)
+
+
+@dataclass(frozen=True)
+class WatchFired(Event):
+    """A standing question's answer turned to its trigger; `snapshot` is the newest frame (JPEG)."""
+
+    type: ClassVar[str] = "event"
+    binary: ClassVar[tuple[str, ...]] = ("snapshot",)
+
+    camera: str
+    watch: str
+    question: str
+    answer: str
+    trigger: str
+    t_start: float
+    t_end: float
+    groups: int
+    model: str
+    pruner: str
+    id: str
+    snapshot: bytes | None = field(default=None, repr=False)
+    timestamp: str = field(default_factory=utc_now)
+
+
+@dataclass(frozen=True)
+class GroupAdded(Event):
+    """A group entered the memory; `thumbnail` (H x W x 3 uint8 RGB) is its first frame, small."""
+
+    type: ClassVar[str] = "group"
+    binary: ClassVar[tuple[str, ...]] = ("thumbnail",)
+
+    camera: str
+    group: int
+    pts: float
+    memory_tokens: int
+    thumbnail: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Status(Event):
+    """A camera's live counters. `source` is the source's health now (state, frames,
+    last_frame_age_s, reconnects, ...), never a copy kept from its last state change."""
+
+    type: ClassVar[str] = "status"
+
+    camera: str
+    stream_s: float
+    fps_in: float
+    fps_out: float
+    frames_in: int
+    frames_out: int
+    dropped: int
+    groups_encoded: int
+    memory_tokens: int
+    tokens_seen: int
+    encode_ms: float
+    prune_ms: float
+    backlog: int
+    queued: int
+    answers: int
+    errors: dict = field(default_factory=dict)  # request errors by code
+    watches: int = 0
+    last_answer_s: float | None = None
+    source: dict = field(default_factory=dict)
+    timestamp: str = field(default_factory=utc_now)
