@@ -6,6 +6,8 @@ order); one more is refused at once with `busy`. A question whose `id` was accep
 `dedup_window_s` is refused with `duplicate` (front doors may stay silent on it). Once `stop()`
 is called, waiting and in-flight questions get `unavailable`. Anything else that goes wrong while
 answering is our bug: it is logged with its traceback and the asker gets `internal_error`.
+Every answer is published as an `Answer` and every refusal (but `duplicate`, and a watch's own
+checks, which the watch logs) as a `RequestFailed`, so every sink sees every door's traffic.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .errors import RequestError
-from .events import Answer, Question
+from .events import Answer, Event, Question, RequestFailed
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +56,17 @@ def validate(q: Question, max_question_chars: int) -> Question:
 
 
 Answerer = Callable[[Question], Awaitable[Answer]]
+Publish = Callable[[Event], Awaitable[None]]
 
 
 class Door:
     """Serialises questions to `answerer` with the rules above; counts what it refused by code."""
 
-    def __init__(self, answerer: Answerer, settings: DoorSettings = DoorSettings(),
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, camera: str, answerer: Answerer, publish: Publish | None = None,
+                 settings: DoorSettings = DoorSettings(), clock: Callable[[], float] = time.monotonic):
+        self.camera = camera
         self.answerer = answerer
+        self.publish = publish
         self.settings = settings
         self.clock = clock
         self.errors: Counter = Counter()
@@ -82,11 +87,18 @@ class Door:
         self._stopped.set()
 
     async def ask(self, question: Question) -> Answer:
+        """The answer, or the RequestError saying why there is none (both also published)."""
         try:
-            return await self._ask(question)
+            answer = await self._ask(question)
         except RequestError as e:
             self.errors[e.code] += 1
+            if self.publish is not None and e.code != "duplicate" and question.origin != "watch":
+                text = question.text if isinstance(question.text, str) else ""
+                await self.publish(RequestFailed(self.camera, e.code, e.message, question.id, text, question.origin))
             raise
+        if self.publish is not None:
+            await self.publish(answer)
+        return answer
 
     async def _ask(self, question: Question) -> Answer:
         q = validate(question, self.settings.max_question_chars)
