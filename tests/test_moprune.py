@@ -166,7 +166,9 @@ def test_streaming_ingest_is_the_causal_transcription():
         centroid = mean_rows([x[j, i] for j in range(begin, t + 1) for i in range(16)])
         want_s, want_u = slow_scores(x[t], centroid, x[t - 1] if t != begin else None, 0.5)
         got = pruner.score(FrameTokens(t, float(t), video[t]))
-        assert torch.allclose(got.score.double(), f64(want_s), rtol=1e-4, atol=1e-6)
+        # scores lie in [0, 1]; near 0 the log/exp of min-max-normalised float32 terms differs
+        # from the float64 loop by a few 1e-6 on some CPUs' kernels
+        assert torch.allclose(got.score.double(), f64(want_s), rtol=1e-4, atol=1e-5)
         assert got.meta["scene"].tolist() == [scene] * 16
         assert torch.allclose(got.meta["u"].double(), f64([want_u] * 16), atol=1e-5)
 
