@@ -7,15 +7,18 @@ stream; when the store is over `capacity` the pruner picks the rows to keep. Row
 by (group, row, col) because groups arrive in order and eviction keeps ascending rows, so the
 cost per added group is bounded by `capacity`, independent of stream length.
 
-`add` (ingest thread) and `snapshot` (query thread) take one lock; a snapshot is a copy.
+`add` (ingest thread) and `snapshot`/`layout` (query and display threads) take one lock; both
+return copies. `version` changes with every change to what is held, so a reader that keeps
+something derived from the memory (a prompt cache, a picture) can tell whether it is stale
+without copying the tokens.
 """
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
@@ -30,6 +33,21 @@ class AddResult:
     held: int
     prune_ms: float
     evicted: int
+
+
+@dataclass(frozen=True)
+class MemoryLayout:
+    """Where the held tokens come from, without their vectors: one entry per held token in
+    snapshot order (group, row, col); cheap enough to take for every picture or status tick."""
+
+    group: torch.Tensor  # int64 [n]
+    pts: torch.Tensor  # float64 [n]
+    row: torch.Tensor  # int64 [n]
+    col: torch.Tensor  # int64 [n]
+    grid: tuple[int, int]
+    tokens_seen: int
+    groups_seen: int
+    version: int
 
 
 def per_token_extras(extras: Mapping[str, torch.Tensor], h: int, w: int) -> dict[str, torch.Tensor]:
@@ -94,6 +112,11 @@ class _Store:
             extras={k: RowView(v, slots) for k, v in self.extras.items()},
         )
 
+    def positions(self) -> list[torch.Tensor]:
+        """Copies of the group, pts, row and col columns of the live rows."""
+        n = self.n
+        return [self.group[:n].clone(), self.pts[:n].clone(), self.row[:n].clone(), self.col[:n].clone()]
+
     def copy(self, grid: tuple[int, int]) -> TokenSet:
         """The store's rows as plain tensors (a snapshot part)."""
         n = self.n
@@ -119,7 +142,7 @@ class _Store:
 class TokenMemory:
     """Bounded visual-token memory: `len(mem) <= capacity + recent_groups * H * W` always."""
 
-    def __init__(self, capacity: int, pruner: Pruner, recent_groups: int = 4, max_thumbnails: int = 256):
+    def __init__(self, capacity: int, pruner: Pruner, recent_groups: int = 4):
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         if recent_groups < 0:
@@ -127,12 +150,11 @@ class TokenMemory:
         self.capacity = int(capacity)
         self.pruner = pruner
         self.recent_groups = int(recent_groups)
-        self.max_thumbnails = int(max_thumbnails)
         self._lock = threading.Lock()
         self._recent: deque[tuple[FrameTokens, GroupScore, dict[str, torch.Tensor]]] = deque()
         self._store: _Store | None = None
         self._grid: tuple[int, int] | None = None
-        self._thumbs: OrderedDict[int, tuple[float, Any]] = OrderedDict()
+        self._version = 0
         self.groups_seen = 0
         self.tokens_seen = 0
         self.tokens_evicted = 0
@@ -145,12 +167,19 @@ class TokenMemory:
         stored = self._store.n if self._store is not None else 0
         return stored + sum(g.tokens.shape[0] * g.tokens.shape[1] for g, _, _ in self._recent)
 
+    @property
+    def version(self) -> int:
+        """Changes on every append, eviction, merge into a held token and stream reset; never
+        on a snapshot or a layout."""
+        return self._version
+
     def reset_stream(self) -> None:
         """The stream restarted (reconnect): the pruner's next group has no predecessor."""
         with self._lock:
             self.pruner.reset()
+            self._version += 1
 
-    def add(self, group: FrameTokens, thumbnail: Any = None) -> AddResult:
+    def add(self, group: FrameTokens) -> AddResult:
         """Score a new group causally, slide the recent window, evict down to capacity."""
         if group.tokens.ndim != 3:
             raise ValueError(f"FrameTokens.tokens must be [H, W, D], got {tuple(group.tokens.shape)}")
@@ -163,14 +192,12 @@ class TokenMemory:
                 raise RuntimeError(f"{self.pruner.name}.score returned {tuple(scored.score.shape)}, expected ({h * w},)")
             self._grid = (h, w)
             self._recent.append((group, scored, extras))
+            self._version += 1  # covers the merges and evictions below: readers wait for the lock
             self.groups_seen += 1
             self.tokens_seen += h * w
-            if thumbnail is not None:
-                self._thumbs[group.index] = (group.pts, thumbnail)
             evicted = 0
             while len(self._recent) > self.recent_groups:
                 evicted += self._graduate(*self._recent.popleft())
-            self._trim_thumbnails()
             self.tokens_evicted += evicted
             return AddResult(self._len(), (time.perf_counter() - t0) * 1e3, evicted)
 
@@ -263,23 +290,24 @@ class TokenMemory:
         st.weight[heads] += 1
         return int(rows.numel())
 
-    def _trim_thumbnails(self) -> None:
-        held = set(self._held_groups())
-        for g in [g for g in self._thumbs if g not in held]:
-            del self._thumbs[g]
-        while len(self._thumbs) > self.max_thumbnails:
-            self._thumbs.popitem(last=False)
-
-    def _held_groups(self) -> list[int]:
-        groups = [g.index for g, _, _ in self._recent]
-        if self._store is not None and self._store.n:
-            groups = torch.unique(self._store.group[: self._store.n]).tolist() + groups
-        return groups
-
-    def thumbnails(self) -> list[tuple[int, float, Any]]:
-        """(group, pts, thumbnail) of held groups that have one, oldest first."""
+    def layout(self) -> MemoryLayout:
+        """The snapshot's group, pts, row and col columns (copies) and the counters, taken
+        together under the lock; no token vectors are copied."""
         with self._lock:
-            return [(g, pts, img) for g, (pts, img) in self._thumbs.items()]
+            cols = self._store.positions() if self._store is not None else []
+            parts = [cols] if cols and cols[0].numel() else []
+            for g, _, _ in self._recent:
+                h, w = g.grid
+                idx = torch.arange(h * w)
+                parts.append([torch.full((h * w,), g.index, dtype=torch.long),
+                              torch.full((h * w,), g.pts, dtype=torch.float64), idx // w, idx % w])
+            if parts:
+                group, pts, row, col = (torch.cat(c) for c in zip(*parts))
+            else:
+                z = torch.zeros(0, dtype=torch.long)
+                group, pts, row, col = z, torch.zeros(0, dtype=torch.float64), z.clone(), z.clone()
+            return MemoryLayout(group, pts, row, col, self._grid or (0, 0), self.tokens_seen,
+                                self.groups_seen, self._version)
 
     def snapshot(self) -> TokenSet:
         """An immutable copy of everything held, sorted by (group, row, col)."""

@@ -1,4 +1,4 @@
-"""TokenMemory: the dense recent window, the bounded store, order, extras, merging, thumbnails."""
+"""TokenMemory: the dense recent window, the bounded store, order, extras, merging, version, layout."""
 from __future__ import annotations
 
 import threading
@@ -77,11 +77,51 @@ def test_capacity_zero_keeps_only_the_recent_window():
     assert len(mem) == 12 and mem.snapshot().recent.all()
 
 
-def test_thumbnails_follow_the_groups_held():
+def test_version_changes_with_what_is_held_and_not_with_reads():
     mem = TokenMemory(capacity=12, pruner=get_pruner("recent"), recent_groups=1)
-    for i in range(6):
-        mem.add(_group(i), thumbnail=f"img{i}")
-    assert [g for g, _, _ in mem.thumbnails()] == [4, 5]
+    seen = [mem.version]
+    mem.add(_group(0))  # append only
+    seen.append(mem.version)
+    mem.add(_group(1))  # group 0 moves to the store
+    seen.append(mem.version)
+    before = mem.tokens_evicted
+    mem.add(_group(2))  # the store is over capacity: group 0 is evicted
+    assert mem.tokens_evicted > before
+    seen.append(mem.version)
+    mem.snapshot()
+    mem.layout()
+    len(mem)
+    seen.append(mem.version)
+    mem.reset_stream()
+    seen.append(mem.version)
+    assert seen[4] == seen[3]
+    del seen[4]
+    assert len(set(seen)) == len(seen), seen
+
+
+def test_version_changes_on_a_merge_into_a_held_token():
+    mem = TokenMemory(capacity=100, pruner=_MergeAll(), recent_groups=0)
+    mem.add(_group(0))
+    v, n = mem.version, len(mem)
+    mem.add(_group(1))
+    assert len(mem) == n and mem.version != v
+
+
+def test_layout_is_the_snapshots_columns_without_vectors():
+    mem = TokenMemory(capacity=20, pruner=get_pruner("uniform"), recent_groups=2)
+    empty = mem.layout()
+    assert empty.group.numel() == 0 and empty.grid == (0, 0) and empty.tokens_seen == 0
+    for i in range(9):
+        mem.add(_group(i))
+    lay, snap = mem.layout(), mem.snapshot()
+    for name in ("group", "pts", "row", "col"):
+        assert torch.equal(getattr(lay, name), getattr(snap, name)), name
+        assert getattr(lay, name).dtype == getattr(snap, name).dtype
+    assert lay.grid == snap.grid == (3, 4)
+    assert (lay.tokens_seen, lay.groups_seen, lay.version) == (mem.tokens_seen, mem.groups_seen, mem.version)
+    held = lay.group.clone()
+    mem.add(_group(9))
+    assert torch.equal(lay.group, held)  # a copy, not a view of the store
 
 
 def test_snapshots_are_consistent_while_ingest_runs():
