@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .positions import TextPart, VisualPart, build_positions
+from ..positions import TextPart, VisualPart, build_positions
 from .preprocess import VisionGeometry, frames_to_pairs, patchify
 from .tiny import TINY_NAME, ensure_tiny_model
 
