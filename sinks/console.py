@@ -1,11 +1,12 @@
-"""Console sink: answers and status lines for a person at a terminal."""
+"""Console sink: answers, errors and watch events on stdout, status and source lines on stderr."""
 from __future__ import annotations
 
 import sys
 import unicodedata
 from typing import TextIO
 
-from .base import Sink
+from stream.bus import Sink
+from stream.events import Answer, Event, RequestFailed, SourceState, Status, WatchFired
 
 
 def printable(text: str) -> str:
@@ -13,37 +14,51 @@ def printable(text: str) -> str:
     return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else "\ufffd" for c in text)
 
 
-def format_answer(r: dict) -> str:
+def format_answer(a: Answer) -> str:
     return (
-        f"Q: {printable(r['question'])}\n"
-        f"A: {printable(r['text']) or '(empty answer)'}\n"
-        f"   ttft {r['ttft_s'] * 1e3:.0f} ms, total {r['total_s'] * 1e3:.0f} ms, "
-        f"{r['tokens_used']} visual tokens from {r['groups_covered']} groups "
-        f"covering {r['t_start']:.1f}-{r['t_end']:.1f} s (memory {r['memory_tokens']} tokens)"
+        f"Q: {printable(a.question)}\n"
+        f"A: {printable(a.text) or '(empty answer)'}\n"
+        f"   ttft {a.ttft_s * 1e3:.0f} ms, total {a.total_s * 1e3:.0f} ms, "
+        f"{a.tokens_used} visual tokens from {a.groups} groups "
+        f"covering {a.t_start:.1f}-{a.t_end:.1f} s (memory {a.memory_tokens} tokens)"
     )
 
 
-def format_status(r: dict) -> str:
-    last = f", last answer {r['last_answer_s']:.2f} s" if r.get("last_answer_s") is not None else ""
+def format_status(s: Status) -> str:
+    last = f", last answer {s.last_answer_s:.2f} s" if s.last_answer_s is not None else ""
+    src = s.source
+    age = src.get("last_frame_age_s")
+    source = f", source {src.get('state')}" + (f" (last frame {age:.1f} s ago)" if age is not None and age >= 2 else "")
     return (
-        f"[{r['camera']}] t={r['stream_s']:.1f}s in {r['fps_in']:.1f} fps, out {r['fps_out']:.1f} fps, "
-        f"dropped {r['dropped']}, memory {r['memory_tokens']} tokens, "
-        f"enc {r['encode_ms']:.0f} ms/group, prune {r['prune_ms']:.1f} ms/group, backlog {r['backlog']}{last}"
+        f"[{s.camera}] t={s.stream_s:.1f}s in {s.fps_in:.1f} fps, out {s.fps_out:.1f} fps, "
+        f"dropped {s.dropped}, memory {s.memory_tokens} tokens, "
+        f"enc {s.encode_ms:.0f} ms/group, prune {s.prune_ms:.1f} ms/group, backlog {s.backlog}{last}{source}"
     )
 
 
 class ConsoleSink(Sink):
+    """`named`: prefix answers and errors with the camera's name (several cameras in one run)."""
+
     name = "console"
 
-    def __init__(self, out: TextIO = sys.stdout, status_out: TextIO = sys.stderr):
+    def __init__(self, out: TextIO | None = None, status_out: TextIO | None = None, named: bool = False):
         self.out = out
         self.status_out = status_out
+        self.named = named
 
-    async def emit(self, record: dict) -> None:
-        kind = record.get("type")
-        if kind == "answer":
-            print(format_answer(record), file=self.out, flush=True)
-        elif kind == "status":
-            print(format_status(record), file=self.status_out, flush=True)
-        elif kind == "error":
-            print(f"error ({record['code']}): {record['message']}", file=self.out, flush=True)
+    async def handle(self, event: Event) -> None:
+        out = self.out or sys.stdout
+        tag = f"[{getattr(event, 'camera', '')}] " if self.named else ""
+        if isinstance(event, Answer):
+            print(tag + format_answer(event), file=out, flush=True)
+        elif isinstance(event, RequestFailed):
+            print(f"{tag}error ({event.code}): {printable(event.message)}", file=out, flush=True)
+        elif isinstance(event, WatchFired):
+            print(f"{tag}watch {event.watch!r} fired: {printable(event.answer)} "
+                  f"({event.t_start:.1f}-{event.t_end:.1f} s)", file=out, flush=True)
+        elif isinstance(event, Status):
+            print(format_status(event), file=self.status_out or sys.stderr, flush=True)
+        elif isinstance(event, SourceState):
+            error = event.health.get("last_error")
+            print(f"[{event.camera}] source {event.old} -> {event.new}" + (f": {error}" if error and event.new != "streaming" else ""),
+                  file=self.status_out or sys.stderr, flush=True)

@@ -1,32 +1,47 @@
-"""Pictures of what the memory holds: a contact sheet and a tokens-per-second timeline (PNG).
+"""Pictures of what a camera's memory holds at the end of a run: a contact sheet and a
+tokens-per-second timeline (PNG), drawn by a sink from the bus and the camera's `MemoryMap`.
 
 Contact sheet: one thumbnail per group that still has tokens in memory, oldest first; the
 token cells the memory kept are shown as they are, pruned cells are dimmed, and the group's
 time is written under it. Timeline: tokens kept per second of stream, next to the tokens the
 encoder produced for that second, so the pruner's choices over time are visible.
+
+The memory holds no pictures: `GroupAdded` events carry each group's thumbnail, and the sink
+keeps those whose group the memory still holds (checked against the map every so often), so
+what it keeps stays bounded however long the stream runs. Nothing here imports torch.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pruning import TokenMemory, TokenSet
+from stream.bus import Sink
+from stream.camera_api import MemoryMap
+from stream.events import Event, GroupAdded
+
+log = logging.getLogger(__name__)
 
 BG = (24, 24, 28)
 FG = (230, 230, 230)
 KEPT = (90, 170, 250)
 SEEN = (70, 70, 80)
 
+Thumbnail = tuple[int, float, np.ndarray]  # (group, pts, H x W x 3 uint8 RGB)
 
-def kept_mask(snap: TokenSet, group: int) -> np.ndarray:
+
+def kept_mask(memory: MemoryMap, group: int) -> np.ndarray:
     """[H, W] bool: which token cells of `group` the memory holds."""
-    h, w = snap.grid
+    h, w = memory.grid
     mask = np.zeros((h, w), dtype=bool)
-    rows = (snap.group == group).numpy()
-    mask[snap.row.numpy()[rows], snap.col.numpy()[rows]] = True
+    rows = memory.group == group
+    mask[memory.row[rows], memory.col[rows]] = True
     return mask
 
 
@@ -42,10 +57,10 @@ def dim_pruned(thumb: np.ndarray, mask: np.ndarray, factor: float = 0.25) -> np.
     return out.astype(np.uint8)
 
 
-def contact_sheet(memory: TokenMemory, columns: int = 8) -> Image.Image:
-    """One tile per held group that has a thumbnail."""
-    snap = memory.snapshot()
-    thumbs = memory.thumbnails()
+def contact_sheet(memory: MemoryMap, thumbnails: Sequence[Thumbnail], columns: int = 8) -> Image.Image:
+    """One tile per held group that has a thumbnail, in the order given; others are skipped."""
+    held = set(np.unique(memory.group).tolist())
+    thumbs = [t for t in thumbnails if t[0] in held]
     if not thumbs:
         img = Image.new("RGB", (320, 40), BG)
         ImageDraw.Draw(img).text((8, 12), "memory is empty", fill=FG)
@@ -56,7 +71,7 @@ def contact_sheet(memory: TokenMemory, columns: int = 8) -> Image.Image:
     sheet = Image.new("RGB", (columns * (tw + 4) + 4, rows * (th + label_h + 4) + 4), BG)
     draw = ImageDraw.Draw(sheet)
     for i, (group, pts, thumb) in enumerate(thumbs):
-        mask = kept_mask(snap, group)
+        mask = kept_mask(memory, group)
         x = 4 + (i % columns) * (tw + 4)
         y = 4 + (i // columns) * (th + label_h + 4)
         tile = Image.fromarray(dim_pruned(np.asarray(thumb), mask)).resize((tw, th))
@@ -65,25 +80,21 @@ def contact_sheet(memory: TokenMemory, columns: int = 8) -> Image.Image:
     return sheet
 
 
-def timeline(memory: TokenMemory, width: int = 900, height: int = 260) -> Image.Image:
+def timeline(memory: MemoryMap, width: int = 900, height: int = 260) -> Image.Image:
     """Bars: tokens kept per second of stream (blue) over tokens seen for groups held (grey)."""
-    snap = memory.snapshot()
     img = Image.new("RGB", (width, height), BG)
     draw = ImageDraw.Draw(img)
-    if len(snap) == 0:
+    n = int(memory.group.size)
+    if n == 0:
         draw.text((8, 8), "memory is empty", fill=FG)
         return img
-    pts = snap.pts.numpy()
-    seconds = np.floor(pts).astype(int)
+    seconds = np.floor(memory.pts).astype(int)
     t0, t1 = int(seconds.min()), int(seconds.max())
     span = t1 - t0 + 1
     kept = np.bincount(seconds - t0, minlength=span)
-    h, w = snap.grid
-    groups_per_second = np.zeros(span)
-    for g in snap.groups().tolist():
-        s = int(np.floor(pts[(snap.group == g).numpy()][0])) - t0
-        groups_per_second[s] += 1
-    seen = groups_per_second * h * w
+    h, w = memory.grid
+    _, first = np.unique(memory.group, return_index=True)  # a group's second is that of its first token
+    seen = np.bincount(seconds[first] - t0, minlength=span) * h * w
     left, bottom, top = 50, height - 30, 24
     peak = max(seen.max(), kept.max(), 1)
     bar_w = (width - left - 10) / span
@@ -98,14 +109,80 @@ def timeline(memory: TokenMemory, width: int = 900, height: int = 260) -> Image.
     draw.text((4, bottom - 8), "0", fill=FG)
     draw.text((left, bottom + 6), f"{t0}s", fill=FG)
     draw.text((width - 60, bottom + 6), f"{t1}s", fill=FG)
-    draw.text((left + 8, 4), f"tokens per second: kept (blue) of seen (grey); {len(snap)} held", fill=FG)
+    draw.text((left + 8, 4), f"tokens per second: kept (blue) of seen (grey); {n} held", fill=FG)
     return img
 
 
-def write_visuals(memory: TokenMemory, out_dir: Path) -> list[Path]:
+def write_visuals(memory: MemoryMap, thumbnails: Sequence[Thumbnail], out_dir: Path) -> list[Path]:
     """Write contact_sheet.png and timeline.png into `out_dir`; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "contact_sheet.png", out_dir / "timeline.png"]
-    contact_sheet(memory).save(paths[0])
+    contact_sheet(memory, thumbnails).save(paths[0])
     timeline(memory).save(paths[1])
     return paths
+
+
+class VisualsSink(Sink):
+    """Keeps one camera's thumbnails of held groups; draws the pictures when the run ends.
+
+    Every `refresh_every` thumbnails, or when more than `max_thumbnails` are kept, it asks
+    `memory_map` (off the event loop: it waits for the memory's lock) which groups are still
+    held and forgets the others; past the bound the oldest go first, as the memory's own
+    eviction tends to. `close()` (every stop, Ctrl-C and SIGTERM included) writes the PNGs into
+    `out_dir`; `written` lists them.
+    """
+
+    name = "visuals"
+
+    def __init__(self, camera: str, out_dir: Path, memory_map: Callable[[], MemoryMap],
+                 max_thumbnails: int = 256, refresh_every: int = 32):
+        if max_thumbnails < 1 or refresh_every < 1:
+            raise ValueError(f"max_thumbnails and refresh_every must be >= 1, got {max_thumbnails}, {refresh_every}")
+        self.camera = camera
+        self.out_dir = Path(out_dir)
+        self.memory_map = memory_map
+        self.max_thumbnails = int(max_thumbnails)
+        self.refresh_every = int(refresh_every)
+        self.written: list[Path] = []
+        self._thumbs: OrderedDict[int, tuple[float, np.ndarray]] = OrderedDict()
+        self._since_refresh = 0
+        self._closed = False
+
+    def thumbnails(self) -> list[Thumbnail]:
+        """(group, pts, thumbnail) kept now, oldest first."""
+        return [(g, pts, img) for g, (pts, img) in self._thumbs.items()]
+
+    async def handle(self, event: Event) -> None:
+        if self._closed or not isinstance(event, GroupAdded) or event.camera != self.camera:
+            return
+        if event.thumbnail is None:
+            return
+        self._thumbs[event.group] = (event.pts, np.asarray(event.thumbnail))
+        self._since_refresh += 1
+        if len(self._thumbs) > self.max_thumbnails or self._since_refresh >= self.refresh_every:
+            await self._drop_unheld()
+            while len(self._thumbs) > self.max_thumbnails:
+                self._thumbs.popitem(last=False)
+
+    async def _drop_unheld(self) -> None:
+        # Only groups whose event came before the map was asked for: a newer one may not be in it.
+        known = list(self._thumbs)
+        self._since_refresh = 0
+        memory = await asyncio.to_thread(self.memory_map)
+        held = set(np.unique(memory.group).tolist())
+        for g in known:
+            if g not in held:
+                self._thumbs.pop(g, None)
+
+    async def close(self) -> None:
+        """Write the pictures once; the thread finishes them even if this await is cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self._write)
+
+    def _write(self) -> None:
+        paths = write_visuals(self.memory_map(), self.thumbnails(), self.out_dir)
+        self.written = paths
+        for path in paths:
+            log.info("%s: wrote %s", self.camera, path)

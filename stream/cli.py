@@ -1,19 +1,31 @@
-"""The `streamprune` command: `demo` (offline, synthetic camera) and `run CONFIG.toml`."""
+"""The `streamprune` command: `demo` (offline, synthetic camera) and `run CONFIG.toml`.
+
+One run: load the model once, start every camera (stream/camera.py) under one exit stack,
+subscribe the sinks and front doors to the cameras' bus, and wait until the run ends: the
+streams end (no prompt, no MQTT), Ctrl-D at the prompt, or Ctrl-C / SIGTERM. Every ending is
+clean: questions still waiting get `unavailable`, MQTT says `offline`, the summary prints and
+the visuals are written; exit 0. A second Ctrl-C forces exit 130.
+"""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
+from .errors import Error
+from .events import Question
 
 log = logging.getLogger("streamprune")
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
+FORCED_EXIT = 130
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -37,137 +49,147 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
     loop.call_soon_threadsafe(queue.put_nowait, None)
 
 
-async def _interactive(pipelines: dict) -> None:
-    """Questions typed at the terminal, answered while the streams keep flowing. With several
-    cameras, `name: question` asks one of them; a plain question asks every camera."""
+async def _interactive(cameras: dict) -> None:
+    """Questions typed at the terminal until Ctrl-D, answered while the streams keep flowing.
+    With several cameras, `name: question` asks one of them; a plain question asks every camera."""
     queue: asyncio.Queue = asyncio.Queue()
     threading.Thread(target=_stdin_lines, args=(asyncio.get_running_loop(), queue), daemon=True).start()
-    hint = f" Prefix a camera name to ask one camera ({', '.join(pipelines)})." if len(pipelines) > 1 else ""
+    hint = f" Prefix a camera name to ask one camera ({', '.join(cameras)})." if len(cameras) > 1 else ""
     print(f"Type a question and press Enter (Ctrl-D to quit).{hint}", flush=True)
     while (line := await queue.get()) is not None:
         name, _, rest = line.partition(":")
-        targets = [pipelines[name.strip()]] if rest.strip() and name.strip() in pipelines else list(pipelines.values())
-        question = rest if len(targets) == 1 and name.strip() in pipelines else line
+        if rest.strip() and name.strip() in cameras:
+            targets, question = [cameras[name.strip()]], rest
+        else:
+            targets, question = list(cameras.values()), line
         if question.strip():
-            for pipeline in targets:
-                await pipeline.ask_or_report(question)
+            for camera in targets:
+                with contextlib.suppress(Error):  # refused: the console sink printed why
+                    await camera.ask(Question(question, origin="cli"))
 
 
 def _summary_line(s: dict) -> str:
     return (
         f"summary: frames in {s['frames_in']}, dropped {s['dropped']}, groups encoded {s['groups_encoded']}, "
         f"tokens kept {s['tokens_kept']} / seen {s['tokens_seen']}, encoder {s['encode_ms_per_group']:.1f} ms/group, "
-        f"prune {s['prune_ms_per_group']:.2f} ms/group, wall {s['wall_s']:.1f} s"
+        f"prune {s['prune_ms_per_group']:.2f} ms/group, answers {s['answers']}, wall {s['wall_s']:.1f} s"
     )
 
 
-def _start_mqtt(cfg: Config, pipelines: dict, fan):
-    """With `[mqtt] enabled`: the cameras served over MQTT (also a sink of the pipelines' records),
-    its task, and an event SIGTERM/SIGINT set for a clean stop. (None, None, None) otherwise."""
-    if not cfg.mqtt.enabled:
-        return None, None, None
-    from sinks.base import FanOut
-    from sinks.mqtt import MqttService
-
-    service = MqttService(cfg.mqtt, pipelines, cfg.watches, on_record=FanOut(list(fan.sinks)).emit)
-    fan.sinks.append(service)
-    stop = asyncio.Event()
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    """The first SIGINT or SIGTERM asks for a clean stop; a second one forces exit 130."""
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            print(f"\n{sig.name} again: exiting now", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(FORCED_EXIT)
+        print(f"\n{sig.name}: stopping (again to force)", file=sys.stderr, flush=True)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    m = cfg.mqtt
-    print(f"MQTT: serving {', '.join(pipelines)} on {m.host}:{m.port}, topics {m.prefix}/<camera>/...", flush=True)
-    return service, asyncio.create_task(service.run()), stop
+        loop.add_signal_handler(sig, on_signal, sig)
 
 
-async def _until(work, stop: asyncio.Event | None) -> None:
-    """Await `work`; when `stop` is set first, cancel it."""
-    if stop is None:
-        await work
-        return
-    task, stopped = asyncio.create_task(work), asyncio.create_task(stop.wait())
+async def _first(*aws) -> None:
+    """Until the first of `aws` completes; the others are cancelled."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
     try:
-        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        task.cancel()
-        stopped.cancel()
-        await asyncio.gather(task, stopped, return_exceptions=True)
-    if not task.cancelled() and task.exception() is not None:
-        raise task.exception()
-
-
-async def _camera(pipeline, named: bool) -> None:
-    """One camera to the end of its stream: scripted questions, summary, pictures."""
-    cfg = pipeline.cfg
-    status = asyncio.create_task(pipeline.report_status(cfg.output.status_interval_s))
-    scripted = asyncio.create_task(pipeline.scripted_questions())
-    try:
-        await pipeline.run()
-        await scripted
-    finally:
-        for t in (status, scripted):
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(status, scripted, return_exceptions=True)
-    print(f"[{pipeline.name}] " * named + _summary_line(pipeline.summary()), flush=True)
-    if cfg.output.visuals_dir:
-        from .visuals import write_visuals
-
-        for path in write_visuals(pipeline.memory, Path(cfg.output.visuals_dir)):
-            print(f"wrote {path}", flush=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def run_pipeline(cfg: Config, interactive: bool) -> int:
-    """Load the model once, run every camera to the end of its stream, answer, summarise."""
-    from sinks.base import FanOut
+    """Load the model once, run every camera until the run ends, stop cleanly, summarise."""
     from sinks.console import ConsoleSink
     from sinks.jsonl import JsonlSink
+    from sinks.visuals import VisualsSink
 
-    from .pipeline import CameraPipeline
-    from .vlm.qwen import QwenVL
+    from .bus import Bus
+    from .camera import Camera
+    from .vlm.registry import load_model
 
     m = cfg.model
     print(f"streamprune: loading {m.name} ({m.dtype}, {m.device}) ...", flush=True)
-    vlm = await asyncio.to_thread(QwenVL.load, m.name, m.dtype, m.device, m.max_pixels)
+    vlm = await asyncio.to_thread(load_model, m.name, m.dtype, m.device, m.max_pixels)
     if vlm.random_weights:
         print(f"NOTE: {m.name} has RANDOM weights: its answers are noise. It shows the pipeline works; "
               "for real answers use --model Qwen/Qwen2.5-VL-3B-Instruct or a local checkpoint path.", flush=True)
-    fan = FanOut([ConsoleSink()] + ([JsonlSink(cfg.output.jsonl)] if cfg.output.jsonl else []))
-    pipelines = {c.name: CameraPipeline(c, vlm, emit=fan.emit) for c in cfg.camera_configs()}
-    for c in cfg.camera_configs():
+    configs = cfg.camera_configs()
+    bus = Bus([ConsoleSink(named=len(configs) > 1)] + ([JsonlSink(cfg.output.jsonl)] if cfg.output.jsonl else []))
+    cameras = {c.name: Camera(c, vlm, bus) for c in configs}
+    visuals = [VisualsSink(c.name, Path(c.output.visuals_dir), cameras[c.name].memory_map)
+               for c in configs if c.output.visuals_dir]
+    for sink in visuals:
+        bus.subscribe(sink)
+    mqtt = None
+    if cfg.mqtt.enabled:
+        from sinks.mqtt.service import MqttService
+
+        mqtt = MqttService(cfg.mqtt, cameras)
+        bus.subscribe(mqtt)
+    for c in configs:
         print(f"camera {c.name}: {c.source.kind} source, sampled at {c.sampler.fps:g} fps, pruner {c.memory.pruner}, "
               f"capacity {c.memory.capacity} tokens + {c.memory.recent_groups} recent groups", flush=True)
-    prompt = asyncio.create_task(_interactive(pipelines)) if interactive else None
-    service, serving, stop = _start_mqtt(cfg, pipelines, fan)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for camera in cameras.values():
+                await stack.enter_async_context(camera)
+            if mqtt is not None:
+                serving = asyncio.create_task(mqtt.run())
+                stack.push_async_callback(_stopped, serving)
+                stack.push_async_callback(mqtt.close)
+                m = cfg.mqtt
+                print(f"MQTT: serving {', '.join(cameras)} on {m.host}:{m.port}, topics {m.prefix}/<camera>/...", flush=True)
+            await _first(stop.wait(), _until_done(cameras, interactive, mqtt is not None))
+        for camera in cameras.values():
+            print(f"[{camera.name}] " * (len(cameras) > 1) + _summary_line(camera.summary()), flush=True)
+    finally:
+        await bus.close()
+    for sink in visuals:
+        for path in sink.written:
+            print(f"wrote {path}", flush=True)
+    failed = [c for c in cameras.values() if c.error is not None]
+    for camera in failed:
+        print(f"camera {camera.name} stopped: {camera.error}", file=sys.stderr, flush=True)
+    return 1 if failed and len(failed) == len(cameras) and not stop.is_set() else 0
 
-    async def stream() -> None:
-        results = await asyncio.gather(*(_camera(p, len(pipelines) > 1) for p in pipelines.values()),
-                                       return_exceptions=True)
-        for name, r in zip(pipelines, results):
-            if isinstance(r, Exception):
-                log.error("camera %s stopped: %s", name, r, exc_info=r)
-                print(f"camera {name} stopped: {r}", file=sys.stderr, flush=True)
+
+async def _stopped(task: asyncio.Task) -> None:
+    """Wait for a service task that was told to stop (it ends by itself after `close()`)."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _until_done(cameras: dict, interactive: bool, serving: bool) -> None:
+    """Until the run has nothing more to do: Ctrl-D at the prompt; with MQTT, never (a signal
+    ends it); otherwise the end of every stream and its scripted questions."""
+    prompt = asyncio.create_task(_interactive(cameras)) if interactive else None
+    try:
+        streams = asyncio.gather(*(c.done() for c in cameras.values()))
         if prompt is not None:
-            print("stream ended; the memory still answers questions.", flush=True)
-            await prompt
-        if service is not None:
+            await _first(prompt, _announce(streams, "stream ended; the memory still answers questions (Ctrl-D to quit)."))
+            return
+        await streams
+        if serving:
             print("stream ended; still answering over MQTT until SIGTERM or Ctrl-C.", flush=True)
             await asyncio.Event().wait()
-        if len(results) == 1 and isinstance(results[0], Exception):
-            raise results[0]
-
-    try:
-        await _until(stream(), stop)
     finally:
         if prompt is not None:
             prompt.cancel()
             await asyncio.gather(prompt, return_exceptions=True)
-        for pipeline in pipelines.values():
-            pipeline.close()
-        await fan.close()
-        if serving is not None:
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
-    return 0
+
+
+async def _announce(aw, message: str) -> None:
+    await aw
+    print(message, flush=True)
+    await asyncio.Event().wait()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="read questions from the terminal while streaming (default: when stdin is a terminal)")
         else:
             sp.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (default: configs/demo.toml)")
-        sp.add_argument("--model", help="hub id or local path of a Qwen2.5-VL checkpoint (default from config: tiny-random)")
+        sp.add_argument("--model", help="hub id or local path of a checkpoint (default from config: tiny-random)")
         sp.add_argument("--dtype", help="float32, bfloat16 or float16")
         sp.add_argument("--device", help="torch device, e.g. cpu or cuda")
         sp.add_argument("--pruner", help="pruner name (its params reset to defaults)")
@@ -200,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     try:
         cfg = load_config(args.config, _overrides(args))
-    except ConfigError as e:
+    except Error as e:
         print(f"streamprune: config error: {e}", file=sys.stderr)
         return 2
     interactive = getattr(args, "interactive", False)
@@ -209,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(run_pipeline(cfg, interactive))
     except KeyboardInterrupt:
-        return 130
-    except (OSError, ValueError) as e:
+        return FORCED_EXIT
+    except (Error, OSError, ValueError) as e:
         if args.verbose:
             raise
         print(f"streamprune: {e} (run with -v for the traceback)", file=sys.stderr)

@@ -1,49 +1,35 @@
-"""Pipeline configuration: TOML validated into dataclasses.
+"""Pipeline configuration: TOML validated into dataclasses, one table per concept.
 
-Every field has a default (the defaults are the offline demo), a type, and where it matters
-the accepted values or range (stream/validation.py). A bad field is reported by its dotted path
-with what is accepted, as a `ConfigError` the CLI prints without a traceback.
+Every field has a default (the defaults are the offline demo), a type, and where it matters the
+accepted values or range (stream/validation.py). The source table is chosen by its `kind`
+(stream/sources/registry.py), pruner parameters are checked against the pruner's own names and
+ranges, and each `[[cameras]]` table is merged over the top level (a camera's `source` replaces
+the top-level one; other tables merge field by field). A bad field is reported by its dotted
+path with what is accepted, as a `ConfigError` the CLI prints without a traceback. Fields that
+moved keep working and log where they live now.
 """
 from __future__ import annotations
 
+import copy
+import logging
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pruning
-from sinks.mqtt_settings import MqttSettings, SettingsError, WatchSpec, check_service
 
+from .errors import ConfigError
+from .mqtt_settings import MqttSettings, check_settings, topic_level_problem
 from .query import DEFAULT_SYSTEM, TIMESTAMP_MODES
 from .sampler import POLICIES
-from .validation import ConfigError, bounded, build, choice
-from .vlm.qwen import DTYPES
+from .sources.registry import source_config
+from .validation import bounded, build, choice, convert
+from .watches import WatchSpec, check_watch
 
-SOURCE_KINDS = ("synthetic", "file", "rtsp", "webcam")
-TRANSPORTS = ("tcp", "udp", "udp_multicast", "http", "https")
+log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SourceConfig:
-    kind: str = choice(*SOURCE_KINDS, default="synthetic")
-    path: str = ""  # file: any container/codec FFmpeg reads
-    url: str = ""  # rtsp: rtsp://[user:password@]host[:port]/path
-    transport: str = choice(*TRANSPORTS, default="tcp")  # rtsp
-    device: str = "0"  # webcam: "0" = /dev/video0, a /dev path, or a file / URL
-    input_format: str = ""  # webcam: v4l2 pixel format, e.g. "mjpeg"; "" = the driver's
-    open_timeout_s: float = bounded(5.0, 0.1, 600)  # rtsp, webcam
-    stall_timeout_s: float = bounded(5.0, 0.1, 3600)  # rtsp, webcam: no frame this long = lost
-    max_reconnects: int = bounded(-1, -1, 10**9)  # rtsp, webcam: failed attempts in a row; -1 = forever
-    reconnect_initial_s: float = bounded(0.5, 0.01, 3600)  # rtsp, webcam: first backoff delay
-    reconnect_max_s: float = bounded(30.0, 0.01, 86400)  # rtsp, webcam: backoff cap
-    options: dict = field(default_factory=dict)  # rtsp: extra FFmpeg options (values as strings)
-    fps: float = bounded(10.0, 0.1, 240)  # synthetic: frames rendered per second; webcam: capture fps
-    duration_s: float = bounded(60.0, 1.0, 86400 * 7)  # synthetic: length of the scripted scene
-    seed: int = 0  # synthetic: the scene script and noise
-    width: int = bounded(640, 32, 7680)  # synthetic
-    height: int = bounded(480, 32, 4320)  # synthetic
-    realtime: bool = False  # pace to wall clock (a live camera); False = as fast as decoded
-    speed: float = bounded(1.0, 0.01, 1000)  # with realtime: playback speed factor
-    loop: bool = False  # file: start over at the end
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -55,8 +41,8 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "tiny-random"  # hub id or local path (Qwen2.5-VL); tiny-random builds a test model
-    dtype: str = choice(*DTYPES, default="float32")
+    name: str = "tiny-random"  # hub id or local path; tiny-random builds a test model
+    dtype: str = choice(*DTYPE_NAMES, default="float32")
     device: str = "cpu"
     max_pixels: int = bounded(448 * 448, 56 * 56, 4096 * 4096)  # pixel budget per frame
 
@@ -74,6 +60,8 @@ class QueryConfig:
     llm_budget: int = bounded(0, 0, 10_000_000)  # visual tokens the LLM sees; 0 = whole memory
     max_new_tokens: int = bounded(32, 1, 1024)
     max_question_chars: int = bounded(500, 1, 100_000)
+    queue_size: int = bounded(4, 1, 10_000)  # questions waiting per camera; beyond it: `busy`
+    dedup_window_s: float = bounded(600.0, 0.0, 86_400.0)  # a repeated question id in it is answered once
     timestamps: str = choice(*TIMESTAMP_MODES, default="mrope")
     system_prompt: str = DEFAULT_SYSTEM
 
@@ -86,102 +74,176 @@ class QuestionConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    jsonl: str = ""  # append every answer as one JSON line here ("" = off)
+    jsonl: str = ""  # append every answer, watch event and error as one JSON line here ("" = off)
     status_interval_s: float = bounded(5.0, 0.0, 3600)  # 0 = no periodic status line
     visuals_dir: str = ""  # write the memory's contact sheet and timeline here at the end
 
 
 @dataclass(frozen=True)
-class CameraConfig:
-    """One of several cameras in one process; unset fields take the top-level values."""
-
-    name: str = ""
-    source: SourceConfig = field(default_factory=SourceConfig)
-    fps: float = bounded(0.0, 0.0, 60)  # sampler fps; 0 = sampler.fps
-    pruner: str = ""  # "" = memory.pruner (with memory.params)
-    params: dict = field(default_factory=dict)  # the pruner's parameters when `pruner` is set
-    capacity: int = bounded(-1, -1, 10_000_000)  # -1 = memory.capacity
-    recent_groups: int = bounded(-1, -1, 1024)  # -1 = memory.recent_groups
-
-
-@dataclass(frozen=True)
 class Config:
     name: str = "camera"
-    source: SourceConfig = field(default_factory=SourceConfig)
+    source: Any = field(default_factory=lambda: source_config({}))  # one of the registry's kinds
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     questions: list[QuestionConfig] = field(default_factory=list)
-    mqtt: MqttSettings = field(default_factory=MqttSettings)  # the MQTT service (off by default)
-    watches: list[WatchSpec] = field(default_factory=list)  # standing questions, served over MQTT
-    cameras: list[CameraConfig] = field(default_factory=list)  # several cameras; empty = this one
+    mqtt: MqttSettings = field(default_factory=MqttSettings)  # the MQTT front door (off by default)
+    watches: list[WatchSpec] = field(default_factory=list)  # standing questions; camera "" = every camera
+    cameras: tuple["Config", ...] = ()  # several cameras, each complete; empty = this one
 
     def camera_configs(self) -> list["Config"]:
-        """One complete config per camera (the top level itself when `cameras` is empty)."""
-        if not self.cameras:
-            return [self]
-        out = []
-        for cam in self.cameras:
-            memory = replace(
-                self.memory,
-                pruner=cam.pruner or self.memory.pruner,
-                params=cam.params if cam.pruner else self.memory.params,
-                capacity=self.memory.capacity if cam.capacity < 0 else cam.capacity,
-                recent_groups=self.memory.recent_groups if cam.recent_groups < 0 else cam.recent_groups,
-            )
-            visuals = str(Path(self.output.visuals_dir) / cam.name) if self.output.visuals_dir else ""
-            out.append(replace(
-                self, name=cam.name, source=cam.source, memory=memory, cameras=[],
-                sampler=replace(self.sampler, fps=cam.fps or self.sampler.fps),
-                output=replace(self.output, visuals_dir=visuals),
-            ))
-        return out
+        """One complete config per camera (the top level itself when there is no `[[cameras]]`)."""
+        return list(self.cameras) or [self]
 
 
-def _check_camera(cfg: Config, where: str) -> None:
-    """One camera's source and pruner; `where` is the dotted path of its table ("" or "cameras[1].")."""
-    src = f"{where}source"
-    if cfg.source.kind == "file" and not cfg.source.path:
-        raise ConfigError(f"{src}.path: required when source.kind = \"file\"")
-    if cfg.source.kind == "file" and not Path(cfg.source.path).expanduser().exists():
-        raise ConfigError(f"{src}.path: no such file: {cfg.source.path}")
-    if cfg.source.kind == "rtsp" and not cfg.source.url.startswith(("rtsp://", "rtsps://")):
-        raise ConfigError(f"{src}.url: an rtsp:// URL is required when source.kind = \"rtsp\", got {cfg.source.url!r}")
-    if cfg.source.reconnect_max_s < cfg.source.reconnect_initial_s:
-        raise ConfigError(f"{src}.reconnect_max_s: must be >= reconnect_initial_s")
-    if where and cfg.memory.pruner not in pruning.PRUNERS:
-        raise ConfigError(f"{where}pruner: {cfg.memory.pruner!r} is not accepted; accepted values: {', '.join(pruning.PRUNERS)}")
-    try:
-        pruning.get_pruner(cfg.memory.pruner, **cfg.memory.params)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where + 'params' if where else 'memory.params'}: {e}") from None
+MOVED = {  # old dotted field -> where it lives now
+    "mqtt.max_question_chars": "query.max_question_chars",
+    "mqtt.queue_size": "query.queue_size",
+    "mqtt.dedup_window_s": "query.dedup_window_s",
+}
+CAMERA_SHORTHANDS = {  # [[cameras]] fields of the first edition -> the table they set
+    "fps": ("sampler", "fps"), "pruner": ("memory", "pruner"), "params": ("memory", "params"),
+    "capacity": ("memory", "capacity"), "recent_groups": ("memory", "recent_groups"),
+}
 
 
-def check(cfg: Config) -> Config:
-    """Cross-field rules that one field alone cannot express."""
-    cameras = cfg.camera_configs()
-    names = [c.name for c in cameras]
-    for i, cam in enumerate(cameras):
-        where = f"cameras[{i}]." if cfg.cameras else ""
-        if not cam.name.strip():
-            raise ConfigError(f"{where}name: must not be empty")
-        if names.index(cam.name) != i:
-            raise ConfigError(f"{where}name: {cam.name!r} is used by two cameras")
-        _check_camera(cam, where)
+def _move_old_fields(data: dict) -> None:
+    for old, new in MOVED.items():
+        (t_old, f_old), (t_new, f_new) = old.split("."), new.split(".")
+        table = data.get(t_old)
+        if isinstance(table, dict) and f_old in table:
+            log.warning("config: %s is now %s", old, new)
+            value = table.pop(f_old)
+            target = data.setdefault(t_new, {})
+            if isinstance(target, dict):
+                target.setdefault(f_new, value)
+
+
+def _camera_table(cam: Any, i: int) -> dict:
+    """A `[[cameras]]` table in today's nested form (first-edition shorthands mapped; their
+    "inherit" sentinels -1, 0 and "" dropped)."""
+    if not isinstance(cam, dict):
+        raise ConfigError(f"expected a table, got {cam!r}", f"cameras[{i}]")
+    out = {k: v for k, v in cam.items() if k not in CAMERA_SHORTHANDS}
+    for key, (table, name) in CAMERA_SHORTHANDS.items():
+        value = cam.get(key)
+        inherit = (value is None or (key in ("capacity", "recent_groups") and value == -1)
+                   or (key == "fps" and value == 0) or (key == "pruner" and value == "")
+                   or (key == "params" and not cam.get("pruner")))
+        if inherit:
+            continue
+        target = out.setdefault(table, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"expected a table, got {target!r}", f"cameras[{i}].{table}")
+        target.setdefault(name, value)
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _camera_data(top: dict, cam: dict) -> dict:
+    """The top level with one camera's tables over it."""
+    merged = _merge({k: v for k, v in top.items() if k != "source"}, {k: v for k, v in cam.items() if k != "source"})
+    merged["source"] = cam.get("source", top.get("source", {}))
+    memory = cam.get("memory", {})
+    if isinstance(memory, dict) and "pruner" in memory and "params" not in memory:
+        merged["memory"] = {**merged["memory"], "params": {}}  # another pruner's params do not carry over
+    visuals = merged.get("output", {}).get("visuals_dir", "")
+    if visuals and "visuals_dir" not in cam.get("output", {}):
+        merged["output"] = {**merged["output"], "visuals_dir": str(Path(visuals) / str(cam.get("name", "")))}
+    return merged
+
+
+def pruner_params(name: str, params: dict, path: str) -> dict:
+    """The pruner's parameters checked by name, type and range, with the shared validator."""
+    defaults = pruning.pruner_params(name)
+    ranges = pruning.pruner_param_ranges(name)
+    out = {}
+    for key, value in params.items():
+        if key not in defaults:
+            raise ConfigError(f"unknown parameter of pruner {name!r}; accepted: {', '.join(defaults) or 'none'}",
+                              f"{path}.{key}")
+        default = defaults[key]
+        tp = type(default) if default is not None else (float if isinstance(value, float) else int)
+        lo, hi = ranges.get(key, (None, None))
+        out[key] = convert(value, tp, f"{path}.{key}", {"min": lo, "max": hi})
+    return out
+
+
+def _one_camera(data: dict, where: str) -> Config:
+    """One camera's complete config from its merged tables; `where` is "" or "cameras[1]"."""
+    prefix = f"{where}." if where else ""
+    data = dict(data)
+    source = source_config(data.pop("source", {}) or {}, f"{prefix}source")
+    data.pop("cameras", None)
+    cfg = build(Config, data, where)
+    memory = replace(cfg.memory, params=pruner_params(cfg.memory.pruner, cfg.memory.params, f"{prefix}memory.params"))
+    if not cfg.name.strip():
+        raise ConfigError("must not be empty", f"{prefix}name")
     for i, q in enumerate(cfg.questions):
         if not q.text.strip():
-            raise ConfigError(f"questions[{i}].text: must not be empty")
+            raise ConfigError("must not be empty", f"{prefix}questions[{i}].text")
+    return replace(cfg, source=source, memory=memory)
+
+
+def _check_service(cfg: Config, names: list[str]) -> None:
+    """Rules across cameras: the MQTT front door's settings, watches naming real cameras."""
     try:
-        check_service(cfg.mqtt, cfg.watches, names)
-    except SettingsError as e:
-        raise ConfigError(str(e)) from None
+        check_settings(cfg.mqtt)
+    except ConfigError as e:
+        raise e.under("mqtt") from None
+    if cfg.mqtt.enabled:
+        for i, name in enumerate(names):
+            if (problem := topic_level_problem(name)) is not None:
+                raise ConfigError(f"{name!r} {problem}", f"cameras[{i}].name" if cfg.cameras else "name")
+    seen: dict[str, set[str]] = {n: set() for n in names}
+    for i, w in enumerate(cfg.watches):
+        try:
+            check_watch(w)
+        except ConfigError as e:
+            raise e.under(f"watches[{i}]") from None
+        if w.camera and w.camera not in names:
+            raise ConfigError(f"no camera named {w.camera!r}; cameras: {', '.join(names)}", f"watches[{i}].camera")
+        for camera in [w.camera] if w.camera else names:
+            if w.name in seen[camera]:
+                raise ConfigError(f"{w.name!r} is used twice for camera {camera!r}", f"watches[{i}].name")
+            seen[camera].add(w.name)
+
+
+def from_dict(data: dict) -> Config:
+    """Validate a config given as plain tables (what TOML gives)."""
+    data = copy.deepcopy(data)
+    _move_old_fields(data)
+    cameras = data.get("cameras", [])
+    if not isinstance(cameras, list):
+        raise ConfigError(f"expected an array of tables ([[cameras]]), got {cameras!r}", "cameras")
+    top = _one_camera(data, "")
+    if not cameras:
+        _check_service(top, [top.name])
+        return top
+    built = []
+    for i, cam in enumerate(cameras):
+        table = _camera_table(cam, i)
+        _move_old_fields(table)
+        built.append(_one_camera(_camera_data(data, table), f"cameras[{i}]"))
+    names = [c.name for c in built]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(f"{name!r} is used by two cameras", f"cameras[{i}].name")
+    cfg = replace(top, cameras=tuple(built))
+    _check_service(cfg, names)
     return cfg
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:
-    """Read and validate a TOML config; `overrides` ({"model": {"name": ...}}) win."""
+    """Read and validate a TOML config; `overrides` ({"model": {"name": ...}}) win, for every camera."""
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text())
@@ -189,18 +251,12 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
         raise ConfigError(f"{p}: no such config file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    return from_dict(_merge(data, overrides or {}))
-
-
-def from_dict(data: dict) -> Config:
-    return check(build(Config, data))
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    over = overrides or {}
+    data = _merge(data, over)
+    per_camera = {k: v for k, v in over.items() if k == "memory"}  # the model is shared; outputs per camera
+    if per_camera and isinstance(data.get("cameras"), list):
+        data["cameras"] = [_merge(_camera_table(c, i), per_camera) for i, c in enumerate(data["cameras"])]
+    return from_dict(data)
 
 
 __all__ = ["Config", "ConfigError", "load_config", "from_dict"]

@@ -16,13 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterable, Callable
 
-import cv2
-import numpy as np
-
 from pruning import FrameTokens, TokenMemory
 
 from .types import Frame
-from .vlm.qwen import QwenVL
+from .vlm.base import VideoLM
 
 log = logging.getLogger(__name__)
 
@@ -41,26 +38,18 @@ class EncoderStats:
     newest_pts: float = -1.0  # pts of the newest group added to the memory
 
 
-def thumbnail(image: np.ndarray, width: int) -> np.ndarray:
-    """A small copy of a frame for the memory's contact sheet."""
-    h, w = image.shape[:2]
-    return cv2.resize(image, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
-
-
 class RollingEncoder:
     """Consumes sampled frames, keeps `memory` fed with encoded groups."""
 
-    def __init__(self, vlm: QwenVL, memory: TokenMemory, max_batch: int = 8, max_pending: int = 16,
-                 drop_when_behind: bool = True, thumb_width: int = 96,
-                 on_group: Callable[[FrameTokens], None] | None = None):
+    def __init__(self, vlm: VideoLM, memory: TokenMemory, max_batch: int = 8, max_pending: int = 16,
+                 drop_when_behind: bool = True, on_group: Callable[[FrameTokens, list[Frame]], None] | None = None):
         self.vlm = vlm
         self.memory = memory
-        self.group_size = vlm.geometry.temporal_patch_size
+        self.group_size = vlm.group_size
         self.max_batch = max_batch
         self.max_pending = max_pending
         self.drop_when_behind = drop_when_behind
-        self.thumb_width = thumb_width
-        self.on_group = on_group  # called on the worker thread after each group is in memory
+        self.on_group = on_group  # called on the worker thread with each group and its frames once in memory
         self.reset_at_pts: float | None = None  # a reconnect: reset the pruner at the first group from here
         self.stats = EncoderStats()
         self._pending: deque[list[Frame]] = deque()
@@ -136,10 +125,10 @@ class RollingEncoder:
                 self.reset_at_pts = None
             tokens = FrameTokens(index=self._next_group, pts=frames[0].pts, tokens=grid)
             self._next_group += 1
-            res = self.memory.add(tokens, thumbnail=thumbnail(frames[0].image, self.thumb_width))
+            res = self.memory.add(tokens)
             prune_ms += res.prune_ms
             if self.on_group is not None:
-                self.on_group(tokens)
+                self.on_group(tokens, frames)
         s = self.stats
         s.groups_encoded += len(batch)
         s.batches += 1

@@ -24,7 +24,7 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a table"}.get(tp, str(tp))
 
 
-def _convert(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any]) -> Any:
+def convert(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any]) -> Any:
     origin = typing.get_origin(tp)
     if is_dataclass(tp):
         if not isinstance(value, dict):
@@ -34,7 +34,7 @@ def _convert(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any]) -> 
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(f"expected an array of tables, got {value!r}", path)
-        return [_convert(v, item, f"{path}[{i}]", {}) for i, v in enumerate(value)]
+        return [convert(v, item, f"{path}[{i}]", {}) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if tp is dict and isinstance(value, dict):
@@ -59,7 +59,7 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
         path = f"{prefix}.{key}" if prefix else key
         if key not in known:
             raise ConfigError(f"unknown field; accepted fields: {', '.join(known)}", path)
-        kwargs[key] = _convert(value, hints[key], path, known[key].metadata)
+        kwargs[key] = convert(value, hints[key], path, known[key].metadata)
     for f in known.values():
         if f.default is MISSING and f.default_factory is MISSING and f.name not in kwargs:
             raise ConfigError("required", f"{prefix}.{f.name}" if prefix else f.name)

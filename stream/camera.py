@@ -1,0 +1,235 @@
+"""The camera service: one camera's ingest (source -> sampler -> encoder -> token memory), the
+one door for its questions, its watches and scripted questions, and its event bus.
+
+Use it as an async context manager: entering starts ingest, the status ticker, the watches and
+the scripted questions; leaving stops them, and questions still waiting get `unavailable`.
+Front doors call `ask(Question)`; sinks subscribe to `bus`. Ingest never waits for a question
+and a question never waits for ingest (the encoder and the LLM run on their own threads).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import cv2
+
+import pruning
+
+from .bus import Bus
+from .camera_api import MemoryMap
+from .config import Config
+from .door import Door, DoorSettings
+from .encoder import RollingEncoder
+from .events import Answer, Event, GroupAdded, Question, SceneChange, SourceState, Status
+from .memory_map import memory_map
+from .query import QueryHandler, QuerySettings
+from .sampler import Sampler
+from .scenes import SceneDetector
+from .sources.registry import make_source
+from .types import Frame
+from .vlm.base import VideoLM
+from .watches import Watches
+
+log = logging.getLogger(__name__)
+
+THUMB_WIDTH = 96
+
+
+def thumbnail(image, width: int = THUMB_WIDTH):
+    """A small copy of a frame, for pictures of what the memory holds."""
+    h, w = image.shape[:2]
+    return cv2.resize(image, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
+
+
+@dataclass
+class _Rates:
+    at: float
+    frames_in: int
+    frames_out: int
+
+
+class Camera:
+    """One camera as a service (see the module docstring)."""
+
+    def __init__(self, cfg: Config, vlm: VideoLM, bus: Bus | None = None):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.vlm = vlm
+        self.bus = bus if bus is not None else Bus()
+        self.pruner = pruning.get_pruner(cfg.memory.pruner, **cfg.memory.params)
+        self.memory = pruning.TokenMemory(cfg.memory.capacity, self.pruner, cfg.memory.recent_groups)
+        self.source = make_source(cfg.source, cfg.name)
+        self.source.on_state = self._on_source_state
+        self.sampler = Sampler(self.source, cfg.sampler.fps, cfg.sampler.policy, cfg.sampler.queue)
+        self.encoder = RollingEncoder(vlm, self.memory, drop_when_behind=self.sampler.policy == "latest",
+                                      on_group=self._on_group)
+        self.scenes = SceneDetector()
+        q = cfg.query
+        self.queries = QueryHandler(vlm, self.memory, QuerySettings(
+            llm_budget=q.llm_budget, max_new_tokens=q.max_new_tokens, timestamps=q.timestamps,
+            system_prompt=q.system_prompt))
+        self.door = Door(self.name, self._answer, self.publish, DoorSettings(
+            max_question_chars=q.max_question_chars, queue_size=q.queue_size, dedup_window_s=q.dedup_window_s))
+        self.watches = Watches(self.name, self.ask, self.publish, self.latest_jpeg)
+        for spec in cfg.watches:
+            if spec.camera in ("", self.name):
+                self.watches.add(replace(spec, camera=self.name))
+        self.latest_frame: Frame | None = None
+        self.finished = asyncio.Event()  # ingest ended (the source ended or failed)
+        self.error: BaseException | None = None  # why ingest ended, when it failed
+        self._rates = _Rates(time.monotonic(), 0, 0)
+        self._started = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._scripted: asyncio.Task | None = None
+
+    # -- the door --
+
+    async def ask(self, question: Question) -> Answer:
+        """Answer from the memory as it is now; raises RequestError when it will not."""
+        return await self.door.ask(question)
+
+    async def _answer(self, q: Question) -> Answer:
+        answer = await self.queries.aask(q)
+        return replace(answer, camera=self.name, id=q.id, model=self.vlm.name, pruner=self.pruner.name,
+                       origin=q.origin)
+
+    async def publish(self, event: Event) -> None:
+        await self.bus.publish(event)
+
+    # -- lifecycle --
+
+    async def __aenter__(self) -> "Camera":
+        self._loop = asyncio.get_running_loop()
+        self._tasks = [asyncio.create_task(self._ingest(), name=f"{self.name}-ingest"),
+                       asyncio.create_task(self._tick(self.cfg.output.status_interval_s), name=f"{self.name}-status"),
+                       asyncio.create_task(self.watches.run(), name=f"{self.name}-watches")]
+        self._scripted = asyncio.create_task(self._scripted_questions(), name=f"{self.name}-scripted")
+        self._tasks.append(self._scripted)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Refuse new and waiting questions (`unavailable`), stop ingest and the schedules."""
+        self.door.stop()
+        self.source.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.encoder.close()
+        self.queries.close()
+
+    async def done(self) -> None:
+        """Until ingest has ended and the scripted questions are answered."""
+        await self.finished.wait()
+        if self._scripted is not None:
+            await asyncio.gather(self._scripted, return_exceptions=True)
+
+    async def _ingest(self) -> None:
+        try:
+            await self.encoder.run(self._frames())
+        except Exception as e:
+            self.error = e
+            log.error("camera %s: ingest stopped: %s", self.name, e, exc_info=not isinstance(e, OSError))
+        finally:
+            self.finished.set()
+            await self.publish(self.status())
+
+    async def _frames(self):
+        async for frame in self.sampler:
+            self.latest_frame = frame
+            yield frame
+
+    async def _tick(self, interval_s: float) -> None:
+        """A live `Status` every `interval_s` until ingest ends."""
+        if interval_s <= 0:
+            return
+        while not self.finished.is_set():
+            try:
+                await asyncio.wait_for(self.finished.wait(), interval_s)
+            except TimeoutError:
+                await self.publish(self.status())
+
+    async def _scripted_questions(self) -> None:
+        """Ask each configured question once the stream reaches its `at_s` (or at the end)."""
+        for q in sorted(self.cfg.questions, key=lambda q: q.at_s):
+            while (self.stream_s < q.at_s or self.memory.groups_seen == 0) and not self.finished.is_set():
+                await asyncio.sleep(0.05)
+            try:
+                await self.ask(Question(q.text, origin="script"))
+            except Exception as e:  # refused: the door published why
+                log.info("camera %s: scripted question %r not answered: %s", self.name, q.text, e)
+
+    # -- events from the encoder thread and the source --
+
+    def _on_group(self, group: pruning.FrameTokens, frames: list[Frame]) -> None:
+        """Encoder thread: the group is in memory; tell the sinks, and the watches on a new scene."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        events: list[Event] = [GroupAdded(self.name, group.index, group.pts, len(self.memory), thumbnail(frames[0].image))]
+        if self.scenes.update(group.tokens):
+            events.append(SceneChange(self.name, group.index, group.pts))
+            loop.call_soon_threadsafe(self.watches.scene_change)
+        for event in events:
+            asyncio.run_coroutine_threadsafe(self.publish(event), loop)
+
+    async def _on_source_state(self, source_name: str, old: str, new: str, stats: dict) -> None:
+        """Source health to the sinks; a reconnect resets the pruner's stream state at the first
+        group of the new connection (its first group has no predecessor)."""
+        if old == "reconnecting" and new == "streaming":
+            self.encoder.reset_at_pts = stats.get("stream_start_pts")
+        await self.publish(SourceState(self.name, old, new, self.source.health()))
+
+    # -- what front doors and sinks may read --
+
+    @property
+    def stream_s(self) -> float:
+        """Stream time (pts) of the newest group in the memory."""
+        return self.encoder.stats.newest_pts
+
+    def latest_jpeg(self, quality: int = 85) -> bytes | None:
+        """The newest sampled frame as JPEG (for event snapshots), or None before the first."""
+        frame = self.latest_frame
+        if frame is None:
+            return None
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        return buf.tobytes() if ok else None
+
+    def memory_map(self) -> MemoryMap:
+        return memory_map(self.memory)
+
+    def status(self) -> Status:
+        """Live counters; rates are since the previous call."""
+        now = time.monotonic()
+        s, e = self.sampler.stats, self.encoder.stats
+        span = max(now - self._rates.at, 1e-9)
+        fps_in = (s.frames_in - self._rates.frames_in) / span
+        fps_out = (s.frames_out - self._rates.frames_out) / span
+        self._rates = _Rates(now, s.frames_in, s.frames_out)
+        last = self.door.last_answer
+        return Status(
+            camera=self.name, stream_s=self.stream_s, fps_in=fps_in, fps_out=fps_out, frames_in=s.frames_in,
+            frames_out=s.frames_out, dropped=s.dropped + e.groups_dropped * self.encoder.group_size,
+            groups_encoded=e.groups_encoded, memory_tokens=len(self.memory), tokens_seen=self.memory.tokens_seen,
+            encode_ms=e.encode_ms, prune_ms=e.prune_ms, backlog=e.backlog, queued=self.door.queued,
+            answers=self.door.answers, errors=dict(self.door.errors), watches=len(self.watches),
+            last_answer_s=last.total_s if last else None, source=self.source.health(),
+        )
+
+    def summary(self) -> dict:
+        """Totals for the end-of-run line."""
+        s, e = self.sampler.stats, self.encoder.stats
+        n = max(e.groups_encoded, 1)
+        return {
+            "frames_in": s.frames_in, "frames_sampled": s.frames_out,
+            "dropped": s.dropped + e.groups_dropped * self.encoder.group_size,
+            "groups_encoded": e.groups_encoded, "tokens_kept": len(self.memory),
+            "tokens_seen": self.memory.tokens_seen, "encode_ms_per_group": e.encode_ms_total / n,
+            "prune_ms_per_group": e.prune_ms_total / n, "answers": self.door.answers,
+            "wall_s": time.monotonic() - self._started,
+        }
