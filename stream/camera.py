@@ -20,7 +20,7 @@ import pruning
 from .bus import Bus
 from .camera_api import MemoryMap
 from .config import Config
-from .door import Door, DoorSettings
+from .door import Door, DoorSettings, OnText
 from .encoder import RollingEncoder
 from .events import Answer, Event, GroupAdded, Question, SceneChange, SourceState, Status
 from .memory_map import memory_map
@@ -87,12 +87,13 @@ class Camera:
 
     # -- the door --
 
-    async def ask(self, question: Question) -> Answer:
-        """Answer from the memory as it is now; raises RequestError when it will not."""
-        return await self.door.ask(question)
+    async def ask(self, question: Question, on_text: OnText | None = None) -> Answer:
+        """Answer from the memory as it is now; raises RequestError when it will not. `on_text`
+        receives the text as it is generated (on the LLM's thread)."""
+        return await self.door.ask(question, on_text)
 
-    async def _answer(self, q: Question) -> Answer:
-        answer = await self.queries.aask(q)
+    async def _answer(self, q: Question, on_text: OnText | None) -> Answer:
+        answer = await self.queries.aask(q, on_text)
         return replace(answer, camera=self.name, id=q.id, model=self.vlm.name, pruner=self.pruner.name,
                        origin=q.origin)
 

@@ -3,6 +3,7 @@ its watches, its newest frame and a torch-free map of what its memory holds."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -29,7 +30,7 @@ class CameraService(Protocol):
     name: str
     watches: Watches
 
-    async def ask(self, question: Question) -> Answer:
+    async def ask(self, question: Question, on_text: Callable[[str], None] | None = None) -> Answer:
         """Answer from the memory as it is now; raises RequestError when it will not."""
         ...
 

@@ -55,7 +55,8 @@ def validate(q: Question, max_question_chars: int) -> Question:
     return Question(text, q.id, q.llm_budget, q.max_new_tokens, q.origin)
 
 
-Answerer = Callable[[Question], Awaitable[Answer]]
+OnText = Callable[[str], None]
+Answerer = Callable[[Question, "OnText | None"], Awaitable[Answer]]  # (question, on_text): the answer
 Publish = Callable[[Event], Awaitable[None]]
 
 
@@ -86,10 +87,11 @@ class Door:
         """From now on every waiting, in-flight or new question gets `unavailable`."""
         self._stopped.set()
 
-    async def ask(self, question: Question) -> Answer:
-        """The answer, or the RequestError saying why there is none (both also published)."""
+    async def ask(self, question: Question, on_text: OnText | None = None) -> Answer:
+        """The answer, or the RequestError saying why there is none (both also published).
+        `on_text` receives the answer's text as it is generated (on the LLM's thread)."""
         try:
-            answer = await self._ask(question)
+            answer = await self._ask(question, on_text)
         except RequestError as e:
             self.errors[e.code] += 1
             if self.publish is not None and e.code != "duplicate" and question.origin != "watch":
@@ -100,7 +102,7 @@ class Door:
             await self.publish(answer)
         return answer
 
-    async def _ask(self, question: Question) -> Answer:
+    async def _ask(self, question: Question, on_text: OnText | None) -> Answer:
         q = validate(question, self.settings.max_question_chars)
         if self._stopped.is_set():
             raise RequestError("unavailable", "the camera is stopping; ask again later")
@@ -116,14 +118,14 @@ class Door:
         finally:
             self._waiting -= 1
         try:
-            return await self._answer(q)
+            return await self._answer(q, on_text)
         finally:
             self._lock.release()
 
-    async def _answer(self, q: Question) -> Answer:
+    async def _answer(self, q: Question, on_text: OnText | None) -> Answer:
         if self._stopped.is_set():
             raise RequestError("unavailable", "the camera is stopping; ask again later")
-        work = asyncio.ensure_future(self.answerer(q))
+        work = asyncio.ensure_future(self.answerer(q, on_text))
         stopped = asyncio.ensure_future(self._stopped.wait())
         try:
             await asyncio.wait([work, stopped], return_when=asyncio.FIRST_COMPLETED)
