@@ -1,13 +1,15 @@
 """Causal visual-token pruning for live video: the memory, the pruners, the shared math.
 
-Needs only torch. `get_pruner(name, **params)` builds a streaming pruner by name.
+Needs only torch. `get_pruner(name, **params)` builds a streaming pruner by name; a new pruner
+is one module here and one line in `PRUNERS` (docs/DESIGN.md, "How to extend"). What each
+pruner computes, offline and streaming, is defined in docs/PRUNERS.md.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 
-from .base import GroupScore, Pruner, TokenSet
+from .base import GroupScore, ParamRange, Pruner, TokenSet
 from .memory import TokenMemory
 from .types import FrameTokens
 
@@ -37,6 +39,12 @@ def pruner_params(name: str) -> dict[str, object]:
     return {p.name: p.default for p in list(sig.parameters.values())[1:] if p.kind == p.KEYWORD_ONLY or p.default is not p.empty}
 
 
+def pruner_param_ranges(name: str) -> dict[str, ParamRange]:
+    """The inclusive (lo, hi) range of each keyword parameter of pruner `name`; None leaves a side
+    open and `pruning.base.POSITIVE` as lo means "> 0" (`pruning.base.describe_range` words it)."""
+    return dict(pruner_class(name).param_ranges)
+
+
 def get_pruner(name: str, **params: object) -> Pruner:
     """Build the streaming pruner `name`; an unknown parameter names the accepted ones."""
     cls = pruner_class(name)
@@ -47,4 +55,5 @@ def get_pruner(name: str, **params: object) -> Pruner:
     return cls(**params)
 
 
-__all__ = ["FrameTokens", "GroupScore", "PRUNERS", "Pruner", "TokenMemory", "TokenSet", "get_pruner", "pruner_class", "pruner_params"]
+__all__ = ["FrameTokens", "GroupScore", "PRUNERS", "Pruner", "TokenMemory", "TokenSet", "get_pruner", "pruner_class",
+           "pruner_param_ranges", "pruner_params"]

@@ -1,4 +1,5 @@
-"""The pruner contract (DESIGN.md): what a streaming pruner decides and what it is shown.
+"""The pruner contract (docs/DESIGN.md, "Core types"): what a streaming pruner decides and
+what it is shown.
 
 A pruner owns three decisions:
 - `score(group)` at ingest, a function of this group and earlier ones only (it may keep state,
@@ -10,16 +11,48 @@ A pruner owns three decisions:
 
 `rank_for_query` runs on a query thread while ingest keeps calling `score` on another, so it
 must only read the snapshot and immutable settings, never the pruner's ingest state.
+
+Every pruner class names the range of each keyword parameter in `param_ranges` (inclusive
+bounds, None = unbounded; `POSITIVE` as a lower bound means "> 0") and refuses values outside
+it with `check_params`, so a config can be validated by name and range before a pruner is built.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
-from typing import Mapping
+from typing import ClassVar, Mapping
 
 import torch
 
 from .similarity import topk_indices
 from .types import FrameTokens
+
+ParamRange = tuple[float | None, float | None]
+POSITIVE = math.ulp(0.0)  # the least float above 0: as an inclusive lower bound it reads "> 0"
+
+
+def describe_range(lo: float | None, hi: float | None) -> str:
+    """A range as people read it: "> 0", ">= 0", "in [0.0, 1.0]", "in (0, 1.0]", "any number"."""
+    if lo is not None and hi is not None:
+        return f"in {'(0' if lo == POSITIVE else f'[{lo}'}, {hi}]"
+    if lo is not None:
+        return "> 0" if lo == POSITIVE else f">= {lo}"
+    return "any number" if hi is None else f"<= {hi}"
+
+
+def check_params(cls: type["Pruner"], **values: object) -> None:
+    """Raise ValueError naming the first value that is not a number inside `cls.param_ranges`.
+
+    None is not checked: a parameter that accepts None (EchoPrune's `radius`) says so itself.
+    """
+    for name, value in values.items():
+        if value is None:
+            continue
+        lo, hi = cls.param_ranges[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number {describe_range(lo, hi)}, got {value!r}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi) or math.isnan(value):
+            raise ValueError(f"{name} must be {describe_range(lo, hi)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +168,7 @@ class Pruner:
     they rank differently at question time than at ingest."""
 
     name = "base"
+    param_ranges: ClassVar[dict[str, ParamRange]] = {}
 
     def reset(self) -> None:
         """Forget stream state: the next group has no predecessor (start, reconnect)."""

@@ -1,9 +1,11 @@
 """Baseline pruners every seed pruner is compared with (PRUNERS.md, "Baselines")."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from .base import GroupScore, Pruner, TokenSet
+from .base import GroupScore, ParamRange, Pruner, TokenSet, check_params
 from .similarity import normalize
 from .types import FrameTokens
 
@@ -67,8 +69,10 @@ class DTD(Pruner):
     the group index, so eviction over capacity drops the oldest tokens first."""
 
     name = "dtd"
+    param_ranges: ClassVar[dict[str, ParamRange]] = {"threshold": (-1.0, 1.0)}
 
     def __init__(self, *, threshold: float = 0.5):
+        check_params(DTD, threshold=threshold)
         self.threshold = float(threshold)
         self._prev: torch.Tensor | None = None
 
@@ -95,8 +99,10 @@ class Random(Pruner):
     Query ranking by key draws a uniform sample of the store too."""
 
     name = "random"
+    param_ranges: ClassVar[dict[str, ParamRange]] = {"seed": (-(2**63), 2**64 - 1)}  # what torch's manual_seed takes
 
     def __init__(self, *, seed: int = 0):
+        check_params(Random, seed=seed)
         self.seed = int(seed)
         self._gen = torch.Generator().manual_seed(self.seed)
 

@@ -28,11 +28,11 @@ places, each because a live stream has neither the question nor the clip's end a
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
-from .base import GroupScore, Pruner, TokenSet
+from .base import POSITIVE, GroupScore, ParamRange, Pruner, TokenSet, check_params
 from .similarity import EPS, normalize, topk_indices
 from .types import FrameTokens
 
@@ -166,11 +166,11 @@ class EchoPrune(Pruner):
     """Streaming EchoPrune: novelty at ingest, `r + novelty` at query time (Qwen defaults)."""
 
     name = "echoprune"
+    param_ranges: ClassVar[dict[str, ParamRange]] = {"tau": (POSITIVE, None), "radius": (0, None), "first_ratio": (0.0, 1.0)}
 
     def __init__(self, *, tau: float = 0.5, radius: int | None = None, first_ratio: float = 0.25):
         _check_params(tau, radius)
-        if not 0.0 <= first_ratio <= 1.0:
-            raise ValueError(f"first_ratio must be in [0, 1], got {first_ratio}")
+        check_params(EchoPrune, first_ratio=first_ratio)
         self.tau = float(tau)
         self.radius = radius
         self.first_ratio = float(first_ratio)
@@ -198,10 +198,10 @@ class EchoPrune(Pruner):
 
 
 def _check_params(tau: float, radius: int | None) -> None:
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if radius is not None and (isinstance(radius, bool) or not isinstance(radius, int) or radius < 0):
+    """`tau` and `radius` as EchoPrune.param_ranges says; `radius` is None or an int."""
+    if radius is not None and (isinstance(radius, bool) or not isinstance(radius, int)):
         raise ValueError(f"radius must be None or an int >= 0, got {radius!r}")
+    check_params(EchoPrune, tau=tau, radius=radius)
 
 
 def _check(video: torch.Tensor, tau: float, radius: int | None) -> None:

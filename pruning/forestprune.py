@@ -40,10 +40,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
-from .base import GroupScore, Pruner, TokenSet
+from .base import POSITIVE, GroupScore, ParamRange, Pruner, TokenSet, check_params
 from .similarity import normalize, topk_indices
 from .types import FrameTokens
 
@@ -53,10 +54,7 @@ _BIG = torch.iinfo(torch.long).max
 
 
 def _check(tau_s: float, tau_p: float, node_ratio: float) -> None:
-    if not 0.0 < node_ratio <= 1.0:
-        raise ValueError(f"node_ratio must be in (0, 1], got {node_ratio}")
-    if not -1.0 <= tau_s <= 1.0 or not 0.0 <= tau_p <= 1.0:
-        raise ValueError(f"tau_s must be in [-1, 1] and tau_p in [0, 1], got {tau_s}, {tau_p}")
+    check_params(ForestPrune, tau_s=tau_s, tau_p=tau_p, node_ratio=node_ratio)
 
 
 def propagate(cosm: torch.Tensor, norms: torch.Tensor, edge: float = 0.5, temperature: float = 0.03,
@@ -325,6 +323,7 @@ class ForestPrune(Pruner):
     """
 
     name = "forestprune"
+    param_ranges: ClassVar[dict[str, ParamRange]] = {"tau_s": (-1.0, 1.0), "tau_p": (0.0, 1.0), "node_ratio": (POSITIVE, 1.0)}
 
     def __init__(self, *, tau_s: float = 0.9, tau_p: float = 0.8, node_ratio: float = 0.5):
         _check(tau_s, tau_p, node_ratio)

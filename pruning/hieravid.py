@@ -54,10 +54,11 @@ The streaming `HieraVid` shares every step's code and departs from the offline v
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
-from .base import GroupScore, Pruner, TokenSet, recent_first
+from .base import GroupScore, ParamRange, Pruner, TokenSet, check_params, recent_first
 from .dpp import Span, block_scores, greedy_map, span_of, unit_kernel
 from .moprune import quota_select
 from .similarity import EPS, cos, minmax, normalize, topk_indices
@@ -269,11 +270,17 @@ class HieraVid(Pruner):
     """Streaming HieraVid: causal segments and static runs, blocked DPP, budgets per segment."""
 
     name = "hieravid"
+    param_ranges: ClassVar[dict[str, ParamRange]] = {
+        "beta": (0.0, 1.0), "sim_threshold": (-1.0, 1.0), "merge_ratio": (0.0, 1.0),
+        "lam": (0.0, 1.0), "r_var": (0.0, None), "dpp_picks": (0, None),
+    }
 
     def __init__(
         self, beta: float = 0.4, sim_threshold: float = 0.6, merge_ratio: float = 0.5,
         lam: float = 0.5, r_var: float = 0.1, dpp_picks: int = 32,
     ):
+        check_params(HieraVid, beta=beta, sim_threshold=sim_threshold, merge_ratio=merge_ratio, lam=lam,
+                     r_var=r_var, dpp_picks=dpp_picks)
         self.beta = float(beta)
         self.sim_threshold = float(sim_threshold)
         self.merge_ratio = float(merge_ratio)

@@ -31,10 +31,11 @@ Ingest costs a few passes over the group's [N, D] tokens; eviction reads only pe
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
-from .base import GroupScore, Pruner, TokenSet
+from .base import POSITIVE, GroupScore, ParamRange, Pruner, TokenSet, check_params
 from .similarity import EPS, cos, minmax, normalize, topk_indices
 from .types import FrameTokens
 
@@ -147,8 +148,10 @@ class MoPrune(Pruner):
     """Streaming MoPrune: causal scenes and motion, budgets re-allocated over the store."""
 
     name = "moprune"
+    param_ranges: ClassVar[dict[str, ParamRange]] = {"scene_threshold": (-1.0, 1.0), "alpha": (POSITIVE, None), "eta": (0.0, 1.0)}
 
     def __init__(self, scene_threshold: float = 0.8, alpha: float = 0.01, eta: float = 0.5):
+        check_params(MoPrune, scene_threshold=scene_threshold, alpha=alpha, eta=eta)
         self.scene_threshold = float(scene_threshold)
         self.alpha = float(alpha)
         self.eta = float(eta)
