@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,10 @@ def test_run_file_config_writes_jsonl(tmp_path, model_cache):
     ('[sampler]\nfpz = 2\n', "sampler.fpz: unknown field; accepted fields: fps, policy, queue"),
     ('[memory]\ncapacity = -1\n', "memory.capacity: -1 is out of range"),
     ('[source]\nkind = "file"\npath = "/no/such.mp4"\n', "source.path: no such file"),
-    ('[memory.params]\nbogus = 1\n', "memory.params: pruner 'echoprune' has no parameter bogus"),
+    ('[memory.params]\nbogus = 1\n', "memory.params.bogus: unknown parameter of pruner 'echoprune'; accepted: "),
+    ('[memory]\npruner = "echoprune"\n[memory.params]\ntau = -1.0\n', "memory.params.tau: -1.0 is out of range"),
+    ('[source]\nkind = "file"\nurl = "rtsp://x"\n', "source.url: "),
+    ('[source]\nkind = "hdmi"\n', "source.kind: 'hdmi' is not accepted"),
     ('[[questions]]\ntext = ""\n', "questions[0].text: must not be empty"),
     ('[query]\ntimestamps = "xml"\n', "query.timestamps: 'xml' is not accepted; accepted values: mrope, text"),
     ("name = [1\n", "not valid TOML"),
@@ -85,37 +89,66 @@ def test_shipped_configs_validate():
     assert from_dict({}) == Config()
 
 
-def test_run_takes_typed_questions_while_streaming(tmp_path, model_cache):
+LIVE = ('[source]\nkind = "synthetic"\nduration_s = 600.0\nfps = 6.0\nrealtime = true\nspeed = 2.0\n'
+        '[output]\nstatus_interval_s = 0.5\n')
+
+
+def _start_live(tmp_path, model_cache, *extra):
+    cfg = tmp_path / "live.toml"
+    cfg.write_text(LIVE)
+    env = {**os.environ, "STREAMPRUNE_CACHE": str(model_cache)}
+    return subprocess.Popen(CLI + ["run", str(cfg), "--visuals", str(tmp_path / "vis"), *extra], cwd=tmp_path, env=env,
+                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _read_until(stream, needle: str, proc) -> str:
+    line = ""
+    while needle not in line:
+        line = stream.readline()
+        assert line, f"ended before {needle!r}: {proc.stderr.read() if stream is proc.stdout else ''}"
+    return line
+
+
+def _assert_clean_end(proc, tmp_path, out: str, err: str) -> None:
+    assert proc.returncode == 0, err
+    assert "summary: frames in" in out and "Traceback" not in err
+    for name in ("contact_sheet.png", "timeline.png"):
+        assert (tmp_path / "vis" / name).stat().st_size > 1000
+        assert f"wrote {tmp_path / 'vis' / name}" in out
+
+
+def test_run_takes_typed_questions_while_streaming_and_ctrl_d_ends_it(tmp_path, model_cache):
     import time
 
-    cfg = tmp_path / "live.toml"
-    cfg.write_text('[source]\nkind = "synthetic"\nduration_s = 12.0\nfps = 6.0\nrealtime = true\nspeed = 2.0\n'
-                   '[output]\nstatus_interval_s = 1.0\n')
-    env = {**os.environ, "STREAMPRUNE_CACHE": str(model_cache)}
-    proc = subprocess.Popen(CLI + ["run", str(cfg), "--interactive"], cwd=tmp_path, env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = _start_live(tmp_path, model_cache, "--interactive")
     try:
-        line = ""
-        while "Type a question" not in line:
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()
+        _read_until(proc.stdout, "Type a question", proc)
         time.sleep(2.5)  # let a few seconds of stream reach the memory
         proc.stdin.write("is anyone at the door?\n")
         proc.stdin.flush()
-        answer = ""
-        while not answer.startswith("A: "):
-            answer = proc.stdout.readline()
-            assert answer, proc.stderr.read()
+        _read_until(proc.stdout, "A: ", proc)
         evidence = proc.stdout.readline()
-        proc.stdin.close()
-        rest = proc.stdout.read()
-        err = proc.stderr.read()
-        proc.wait(timeout=60)
+        _read_until(proc.stderr, "[camera] t=", proc)  # the periodic status line
+        proc.stdin.close()  # Ctrl-D: the 10-minute stream ends now
+        out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err
-    assert "covering" in evidence and "summary:" in rest
-    assert "[camera] t=" in err  # the periodic status line
+    assert "covering" in evidence
+    _assert_clean_end(proc, tmp_path, out, err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_live_run_cleanly(tmp_path, model_cache, sig):
+    proc = _start_live(tmp_path, model_cache, "--no-interactive")
+    try:
+        _read_until(proc.stderr, "[camera] t=", proc)
+        _read_until(proc.stderr, "[camera] t=", proc)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    _assert_clean_end(proc, tmp_path, out, err)
+    assert "stopping" in err
 
 
 def test_two_cameras_in_one_process_one_failing(tmp_path, model_cache):
@@ -138,7 +171,7 @@ def test_two_cameras_in_one_process_one_failing(tmp_path, model_cache):
 def test_camera_tables_are_validated(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[[cameras]]\nname = "a"\npruner = "nope"\n[[cameras]]\nname = "a"\n')
-    with pytest.raises(ConfigError, match=r"cameras\[0\]\.pruner: 'nope' is not accepted"):
+    with pytest.raises(ConfigError, match=r"cameras\[0\]\.memory\.pruner: 'nope' is not accepted"):
         load_config(cfg)
     cfg.write_text('[[cameras]]\nname = "a"\n[[cameras]]\nname = "a"\n')
     with pytest.raises(ConfigError, match=r"cameras\[1\]\.name: 'a' is used by two cameras"):
@@ -146,3 +179,23 @@ def test_camera_tables_are_validated(tmp_path):
     cfg.write_text('[memory]\ncapacity = 100\n[[cameras]]\nname = "a"\ncapacity = 7\nfps = 1.0\n[[cameras]]\nname = "b"\n')
     a, b = load_config(cfg).camera_configs()
     assert (a.memory.capacity, a.sampler.fps, b.memory.capacity, b.sampler.fps) == (7, 1.0, 100, 2.0)
+    cfg.write_text('[memory]\ncapacity = 100\n[query]\nmax_new_tokens = 9\n'
+                   '[[cameras]]\nname = "a"\n[cameras.memory]\ncapacity = 7\n[cameras.source]\nkind = "synthetic"\nseed = 3\n'
+                   '[[cameras]]\nname = "b"\n[cameras.memory]\npruner = "recent"\n')
+    a, b = load_config(cfg).camera_configs()
+    assert (a.memory.capacity, a.query.max_new_tokens, a.source.seed) == (7, 9, 3)
+    assert (b.memory.capacity, b.memory.pruner, b.query.max_new_tokens) == (100, "recent", 9)
+
+
+def test_fields_that_moved_keep_working(tmp_path):
+    cfg = tmp_path / "old.toml"
+    cfg.write_text('[mqtt]\nqueue_size = 9\nmax_question_chars = 50\n')
+    q = load_config(cfg).query
+    assert (q.queue_size, q.max_question_chars) == (9, 50)
+
+
+def test_watches_need_no_mqtt(tmp_path):
+    cfg = tmp_path / "w.toml"
+    cfg.write_text('[[watches]]\nname = "door"\nquestion = "is anyone at the door?"\nevery_s = 2.0\n')
+    (w,) = load_config(cfg).watches
+    assert w.name == "door" and w.every_s == 2.0
