@@ -9,6 +9,9 @@ to the event loop with `loop.call_soon_threadsafe`; a semaphore bounds how far i
 Health (`stats`, `state`) is plain data; each state change is logged and handed to the optional
 `on_state(source_name, old, new, stats_dict)` callback on the event loop (an async callback is
 run as a task), in the order the changes happened.
+
+Each kind's settings are a frozen `SourceConfig` dataclass in its own module, validated from
+TOML by the registry (stream/sources/registry.py); the live kinds share `LiveConfig`.
 """
 from __future__ import annotations
 
@@ -21,11 +24,14 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from ..errors import ConfigError, SourceError
 from ..types import Frame
+from ..validation import bounded
 from .health import CONNECTING, FAILED, FINAL, NEXT_STATES, RECONNECTING, STOPPED, STREAMING, Backoff, SourceStats
 
 log = logging.getLogger(__name__)
@@ -33,10 +39,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _END = object()
 StateCallback = Callable[[str, str, str, dict], Awaitable[None] | None]
-
-
-class SourceError(RuntimeError):
-    """A source cannot produce frames (unreadable container, no video stream, gave up reconnecting)."""
 
 
 class Disconnected(Exception):
@@ -72,8 +74,48 @@ class StopFlag(threading.Event):
         return remove
 
 
+@dataclass(frozen=True)
+class SourceConfig:
+    """One source's settings; each kind subclasses it with its own fields and `kind` choice."""
+
+    kind: str = ""
+
+    def check(self) -> None:
+        """Rules across fields; a violation is a `ConfigError` whose path is the field's name."""
+
+
+@dataclass(frozen=True)
+class LiveConfig(SourceConfig):
+    """The connection settings every `LiveSource` kind shares."""
+
+    open_timeout_s: float = bounded(5.0, 0.1, 600)
+    stall_timeout_s: float = bounded(5.0, 0.1, 3600)  # no frame this long = lost
+    max_reconnects: int = bounded(-1, -1, 10**9)  # failed attempts in a row; -1 = forever
+    reconnect_initial_s: float = bounded(0.5, 0.01, 3600)  # first backoff delay
+    reconnect_max_s: float = bounded(30.0, 0.01, 86400)  # backoff cap
+
+    def check(self) -> None:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ConfigError("must be >= reconnect_initial_s", "reconnect_max_s")
+
+    def connection(self) -> dict[str, Any]:
+        """These settings as `LiveSource` keyword arguments."""
+        return {
+            "open_timeout_s": self.open_timeout_s,
+            "stall_timeout_s": self.stall_timeout_s,
+            "max_reconnects": None if self.max_reconnects < 0 else self.max_reconnects,
+            "backoff": Backoff(self.reconnect_initial_s, self.reconnect_max_s),
+        }
+
+
 class Source(abc.ABC):
-    """An async iterator of `Frame`. `live` tells the sampler to keep only the newest frame."""
+    """An async iterator of `Frame`. `live` tells the sampler to keep only the newest frame.
+
+    A kind the registry builds names its settings class in `config_class` and builds itself
+    from them in `from_config`.
+    """
+
+    config_class: ClassVar[type[SourceConfig]]
 
     def __init__(self, name: str, live: bool = False, on_state: StateCallback | None = None):
         self.name = name
@@ -89,6 +131,11 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def _produce(self) -> AsyncIterator[tuple[float, np.ndarray]]:
         """(pts seconds, H x W x 3 uint8 RGB image) pairs until the stream ends or `closed`."""
+
+    @classmethod
+    def from_config(cls, cfg: Any, name: str) -> Source:
+        """The source `cfg` (a `config_class` instance) describes, called `name`."""
+        raise NotImplementedError(f"{cls.__name__} has no config")
 
     @property
     def state(self) -> str:

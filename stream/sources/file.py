@@ -17,14 +17,34 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import AsyncIterator, Generator
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 
-from .base import Pacer, Source, SourceError, StateCallback, iterate_in_thread
+from ..errors import ConfigError
+from ..validation import bounded, choice
+from .base import Pacer, Source, SourceConfig, SourceError, StateCallback, iterate_in_thread
 
 DEFAULT_FPS = 30.0  # frame duration when the stream declares no rate
+
+
+@dataclass(frozen=True)
+class FileConfig(SourceConfig):
+    """`[source]` with kind = "file"."""
+
+    kind: str = choice("file", default="file")
+    path: str = ""  # any container/codec FFmpeg reads
+    realtime: bool = False  # pace to wall clock (a live camera); False = as fast as decoded
+    speed: float = bounded(1.0, 0.01, 1000)  # with realtime: playback speed factor
+    loop: bool = False  # start over at the end
+
+    def check(self) -> None:
+        if not self.path:
+            raise ConfigError("required for a file source", "path")
+        if not Path(self.path).expanduser().exists():
+            raise ConfigError(f"no such file: {self.path}", "path")
 
 
 class FileSource(Source):
@@ -34,6 +54,8 @@ class FileSource(Source):
     `loops` counts the restarts); `duration_s` is the file's length, None until the file is
     opened or when the container does not say.
     """
+
+    config_class = FileConfig
 
     def __init__(
         self,
@@ -58,6 +80,10 @@ class FileSource(Source):
         self.position_s = 0.0
         self.duration_s: float | None = None
         self.loops = 0
+
+    @classmethod
+    def from_config(cls, cfg: FileConfig, name: str) -> FileSource:
+        return cls(Path(cfg.path).expanduser(), realtime=cfg.realtime, loop=cfg.loop, speed=cfg.speed, name=name)
 
     def health(self) -> dict:
         """Counters plus progress through the file."""

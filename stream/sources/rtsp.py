@@ -16,17 +16,36 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Generator
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 import av
 import numpy as np
 
-from .base import Disconnected, LiveSource, SourceError, StateCallback
+from ..errors import ConfigError
+from ..validation import choice
+from .base import Disconnected, LiveConfig, LiveSource, SourceError, StateCallback
 from .file import decode_video
 from .health import Backoff
 
 TRANSPORTS = ("tcp", "udp", "udp_multicast", "http", "https")
+SCHEMES = ("rtsp", "rtsps")
 LOW_LATENCY = {"analyzeduration": "0", "probesize": "32"}
+
+
+@dataclass(frozen=True)
+class RtspConfig(LiveConfig):
+    """`[source]` with kind = "rtsp"."""
+
+    kind: str = choice("rtsp", default="rtsp")
+    url: str = field(default="", repr=False)  # rtsp://[user:password@]host[:port]/path; not in repr: credentials
+    transport: str = choice(*TRANSPORTS, default="tcp")
+    options: dict = field(default_factory=dict)  # extra FFmpeg options (values as strings)
+
+    def check(self) -> None:
+        if urlsplit(self.url).scheme.lower() not in SCHEMES:
+            raise ConfigError(f"an rtsp:// or rtsps:// URL is required, got {redact_url(self.url)!r}", "url")
+        super().check()
 
 
 def redact_url(url: str) -> str:
@@ -112,6 +131,8 @@ class AVLiveSource(LiveSource):
 class RtspSource(AVLiveSource):
     """An RTSP camera. `options` adds or overrides FFmpeg demuxer options."""
 
+    config_class = RtspConfig
+
     def __init__(
         self,
         url: str,
@@ -125,8 +146,7 @@ class RtspSource(AVLiveSource):
         name: str | None = None,
         on_state: StateCallback | None = None,
     ):
-        scheme = urlsplit(url).scheme.lower()
-        if scheme not in ("rtsp", "rtsps"):
+        if urlsplit(url).scheme.lower() not in SCHEMES:
             raise ValueError(f"an RTSP source needs an rtsp:// or rtsps:// URL, got {redact_url(url)!r}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
@@ -138,6 +158,11 @@ class RtspSource(AVLiveSource):
             max_reconnects=max_reconnects, backoff=backoff, on_state=on_state,
         )
         self.transport = transport
+
+    @classmethod
+    def from_config(cls, cfg: RtspConfig, name: str) -> RtspSource:
+        options = {k: str(v) for k, v in cfg.options.items()}
+        return cls(cfg.url, cfg.transport, options=options or None, name=name, **cfg.connection())
 
 
 def rtsp_options(transport: str, stall_timeout_s: float) -> dict[str, str]:

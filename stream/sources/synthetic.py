@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .base import Pacer, Source, iterate_in_thread
+from ..validation import bounded, choice
+from .base import Pacer, Source, SourceConfig, iterate_in_thread
 
 Box = tuple[int, int, int, int]
 
@@ -138,11 +139,27 @@ class GroundTruthEvent:
     box: Box
 
 
+@dataclass(frozen=True)
+class SyntheticConfig(SourceConfig):
+    """`[source]` with kind = "synthetic" (the default): the scripted scene of `make_script`."""
+
+    kind: str = choice("synthetic", default="synthetic")
+    fps: float = bounded(10.0, 0.1, 240)  # frames rendered per second
+    duration_s: float = bounded(60.0, 1.0, 86400 * 7)  # length of the scripted scene
+    seed: int = 0  # the scene script and noise
+    width: int = bounded(640, 32, 7680)
+    height: int = bounded(480, 32, 4320)
+    realtime: bool = False  # pace to wall clock (a live camera); False = as fast as rendered
+    speed: float = bounded(1.0, 0.01, 1000)  # with realtime: playback speed factor
+
+
 class SyntheticSource(Source):
     """Frames of a `Script` at `fps`; pts = index / fps; `realtime` paces to wall clock / speed.
 
     `duration_s` defaults to 60 s (built by `make_script`) or to the given script's duration.
     """
+
+    config_class = SyntheticConfig
 
     def __init__(
         self,
@@ -174,6 +191,11 @@ class SyntheticSource(Source):
         self._times = [[k[0] for k in a.keys] for a in script.actors]
         self._sizes = [_sprite_size(a, height) for a in script.actors]
         self._events = self._ground_truth()
+
+    @classmethod
+    def from_config(cls, cfg: SyntheticConfig, name: str) -> SyntheticSource:
+        return cls(duration_s=cfg.duration_s, fps=cfg.fps, seed=cfg.seed, width=cfg.width, height=cfg.height,
+                   realtime=cfg.realtime, speed=cfg.speed, name=name)
 
     @property
     def duration_s(self) -> float:

@@ -16,14 +16,28 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .base import StateCallback
+from ..validation import bounded, choice
+from .base import LiveConfig, StateCallback
 from .health import Backoff
-from .rtsp import LOW_LATENCY, AVLiveSource, rtsp_options
+from .rtsp import LOW_LATENCY, AVLiveSource, redact_url, rtsp_options
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WebcamConfig(LiveConfig):
+    """`[source]` with kind = "webcam"; the capture mode applies to devices only."""
+
+    kind: str = choice("webcam", default="webcam")
+    device: str = "0"  # "0" = /dev/video0, a /dev path, or a file / URL
+    input_format: str = ""  # v4l2 pixel format, e.g. "mjpeg"; "" = the driver's
+    fps: float = bounded(10.0, 0.1, 240)  # capture fps
+    width: int = bounded(640, 32, 7680)  # capture size
+    height: int = bounded(480, 32, 4320)
 
 
 def v4l2_options(
@@ -44,6 +58,8 @@ class WebcamSource(AVLiveSource):
     """A capture device (or a URL or file through the same path); `width`, `height`, `fps` and
     `input_format` (e.g. "mjpeg", often needed for 720p30 over USB) request a capture mode and
     apply to devices only."""
+
+    config_class = WebcamConfig
 
     def __init__(
         self,
@@ -74,13 +90,18 @@ class WebcamSource(AVLiveSource):
         else:
             opts, pace = {}, True
         if kind != "device" and (width is not None or fps is not None or input_format):
-            log.info("%s: width, height, fps and input_format apply to capture devices only", target)
+            log.info("%s: width, height, fps and input_format apply to capture devices only", redact_url(target))
         super().__init__(
-            target, name or f"webcam:{target}", format=fmt, options=opts, pace=pace,
+            target, name or f"webcam:{redact_url(target)}", format=fmt, options=opts, pace=pace,
             open_timeout_s=open_timeout_s, stall_timeout_s=stall_timeout_s,
             max_reconnects=max_reconnects, backoff=backoff, on_state=on_state,
         )
         self.kind = kind
+
+    @classmethod
+    def from_config(cls, cfg: WebcamConfig, name: str) -> WebcamSource:
+        return cls(cfg.device, cfg.width, cfg.height, cfg.fps, input_format=cfg.input_format or None, name=name,
+                   **cfg.connection())
 
 
 def classify(device: int | str) -> tuple[str, str]:
