@@ -45,7 +45,7 @@ async def test_reads_back_what_was_encoded(tmp_path, suffix):
     assert [f.pts for f in frames] == pytest.approx([i / FPS for i in range(64)])
     assert all(close_to(f.image, p) for f, p in zip(frames, pictures))
     assert not close_to(frames[0].image, pictures[30])
-    assert source.position_s == pytest.approx(6.3)
+    assert source.file_position_s == pytest.approx(6.3)
     assert source.duration_s == pytest.approx(6.4, abs=0.05)
     assert not source.live and source.closed
 
@@ -66,7 +66,7 @@ async def test_loop_keeps_pts_increasing_and_repeats_content(tmp_path):
     assert len(frames) == 80 and source.loops == 2
     assert np.diff([f.pts for f in frames]) == pytest.approx(np.full(79, 1 / FPS))
     assert close_to(frames[32].image, pictures[0]) and close_to(frames[70].image, pictures[6])
-    assert source.position_s == pytest.approx(1.5)
+    assert source.file_position_s == pytest.approx(1.5) and source.health()["position_s"] == frames[-1].pts
 
 
 async def test_realtime_paces_to_the_wall_clock(tmp_path):

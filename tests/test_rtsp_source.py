@@ -133,6 +133,51 @@ async def test_server_killed_and_restarted_on_the_same_port(rtsp_servers, vlm):
     assert all(b.pts > a.pts for a, b in zip(cam.sampled, cam.sampled[1:]))
 
 
+async def _drain(source) -> None:
+    async for _ in source:
+        pass
+
+
+async def test_health_is_current_at_every_read_through_an_outage(rtsp_servers):
+    server = rtsp_servers()
+    log = StateLog()
+    source = RtspSource(server.url(), open_timeout_s=1, stall_timeout_s=1,
+                        backoff=Backoff(initial_s=0.1, max_s=0.1, jitter=0.0), on_state=log)
+    task = asyncio.create_task(_drain(source))
+    try:
+        await until(lambda: source.stats.frames >= 10, 10, "frames before the outage")
+        before = source.health()
+        assert before["state"] == "streaming" and before["reconnects"] == 0
+        assert before["last_frame_age_s"] < 0.5 and before["position_s"] > 0
+        server.kill()
+        await until(lambda: source.state == "reconnecting", 5, "the loss to be noticed")
+        samples = []
+        for _ in range(8):
+            await asyncio.sleep(0.15)
+            samples.append(source.health())
+        server.start()
+        await until(lambda: source.state == "streaming", 5, "streaming after the restart")
+        frames = source.stats.frames
+        await until(lambda: source.stats.frames >= frames + 5, 5, "frames after the restart")
+        after = source.health()
+    finally:
+        source.close()
+        await asyncio.wait_for(task, 2)
+    ages = [h["last_frame_age_s"] for h in samples]
+    reconnects = [h["reconnects"] for h in samples]
+    assert all(h["state"] == "reconnecting" for h in samples)
+    assert all(b - a >= 0.1 for a, b in zip(ages, ages[1:])), ages  # rising with the wall clock
+    assert reconnects == sorted(reconnects) and reconnects[-1] - reconnects[0] >= 4, reconnects
+    # an attempt is counted as it starts, its refusal as it happens: errors = the loss + the attempts refused
+    assert all(h["errors"] - 1 <= h["reconnects"] <= h["errors"] for h in samples), samples
+    assert len({(h["frames"], h["position_s"]) for h in samples}) == 1  # nothing new during the outage
+    assert after["state"] == "streaming" and after["last_frame_age_s"] < 0.5
+    assert after["reconnects"] > reconnects[-1] and after["position_s"] > samples[-1]["position_s"]
+    resumed = [stats for old, new, stats in log.seen if (old, new) == ("reconnecting", "streaming")]
+    assert len(resumed) == 1 and resumed[0]["last_frame_age_s"] < 0.5  # the event sees the outage over
+    assert resumed[0]["position_s"] == resumed[0]["stream_start_pts"] > samples[-1]["position_s"]
+
+
 async def test_frozen_server_times_out_and_recovers_after_sigcont(rtsp_servers):
     server = rtsp_servers()
     log = StateLog()

@@ -6,9 +6,9 @@ A source is a camera-like stream: iterated once (`async for frame in source`), f
 loops). Slow work (decoding, rendering) runs in one reader thread per source that hands results
 to the event loop with `loop.call_soon_threadsafe`; a semaphore bounds how far it reads ahead.
 
-Health (`stats`, `state`) is plain data; each state change is logged and handed to the optional
-`on_state(source_name, old, new, stats_dict)` callback on the event loop (an async callback is
-run as a task), in the order the changes happened.
+Health (`stats`, `state`) is plain data, current whenever it is read; each state change is
+logged and handed to the optional `on_state(source_name, old, new, stats_dict)` callback on the
+event loop (an async callback is run as a task), in the order the changes happened.
 
 Each kind's settings are a frozen `SourceConfig` dataclass in its own module, validated from
 TOML by the registry (stream/sources/registry.py); the live kinds share `LiveConfig`.
@@ -172,6 +172,7 @@ class Source(abc.ABC):
     def _count(self, pts: float, image: np.ndarray) -> None:
         s = self.stats
         s.last_frame_at = time.monotonic()
+        s.position_s = pts
         size = (image.shape[1], image.shape[0])
         if s.size is not None and size != s.size:
             s.size_changes += 1
@@ -297,8 +298,9 @@ class LiveSource(Source):
                         pts = max(now - start, last_pts + 1e-6)
                         last_pts = pts
                         got += 1
-                        if got == 1:
+                        if got == 1:  # stamped here too, so the `streaming` event shows the outage over
                             self.stats.stream_start_pts = pts
+                            self.stats.last_frame_at, self.stats.position_s = now, pts
                             self._set_state(STREAMING)
                         yield pts, image
                         alive = time.monotonic()  # time spent waiting for the consumer is no stall

@@ -50,9 +50,10 @@ class FileConfig(SourceConfig):
 class FileSource(Source):
     """A video file as a stream; `loop` restarts it forever, `realtime` paces to wall clock / speed.
 
-    `position_s` is the file position of the last frame handed out (it restarts on each loop,
-    `loops` counts the restarts); `duration_s` is the file's length, None until the file is
-    opened or when the container does not say.
+    `file_position_s` is the file position of the last frame handed out (it restarts on each
+    loop, `loops` counts the restarts, while the pts in `stats.position_s` keep increasing);
+    `duration_s` is the file's length, None until the file is opened or when the container does
+    not say.
     """
 
     config_class = FileConfig
@@ -77,7 +78,7 @@ class FileSource(Source):
         self.realtime = realtime
         self.loop = loop
         self._pacer = Pacer(speed) if realtime else None
-        self.position_s = 0.0
+        self.file_position_s = 0.0
         self.duration_s: float | None = None
         self.loops = 0
 
@@ -87,13 +88,14 @@ class FileSource(Source):
 
     def health(self) -> dict:
         """Counters plus progress through the file."""
-        return {**super().health(), "position_s": self.position_s, "duration_s": self.duration_s, "loops": self.loops}
+        return {**super().health(), "file_position_s": self.file_position_s, "duration_s": self.duration_s,
+                "loops": self.loops}
 
     async def _produce(self) -> AsyncIterator[tuple[float, np.ndarray]]:
         async for pts, position, image in iterate_in_thread(self._decode, self._stop, self.name):
             if self._pacer is not None:
                 await self._pacer.wait(pts)
-            self.position_s = position
+            self.file_position_s = position
             yield pts, image
 
     def _decode(self) -> Generator[tuple[float, float, np.ndarray], None, None]:

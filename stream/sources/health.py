@@ -35,8 +35,9 @@ class SourceStats:
 
     `errors` counts every outside-world error survived (damaged packets, lost or refused
     connections); `decode_errors` the damaged packets among them; `reconnects` the connection
-    attempts after the first. `stream_start_pts` is the pts of the first frame since the latest
-    (re)connection: groups from that pts on have no predecessor in the stream.
+    attempts after the first, counted as each one starts. `position_s` is the pts of the newest
+    frame. `stream_start_pts` is the pts of the first frame since the latest (re)connection:
+    groups from that pts on have no predecessor in the stream.
     """
 
     state: str = CONNECTING
@@ -48,6 +49,7 @@ class SourceStats:
     last_error: str | None = None
     last_frame_at: float | None = None  # time.monotonic() of the newest frame handed out
     size: tuple[int, int] | None = None  # (width, height) of the newest frame
+    position_s: float | None = None
     stream_start_pts: float | None = None
 
     def last_frame_age_s(self, now: float | None = None) -> float | None:
@@ -68,6 +70,7 @@ class SourceStats:
             "last_error": self.last_error,
             "last_frame_age_s": None if age is None else round(age, 3),
             "size": None if self.size is None else list(self.size),
+            "position_s": self.position_s,
             "stream_start_pts": self.stream_start_pts,
         }
 
