@@ -1,4 +1,6 @@
-"""Baseline pruners every seed pruner is compared with (PRUNERS.md, "Baselines")."""
+"""Baseline pruners every seed pruner is compared with (docs/PRUNERS.md, "Baselines"):
+`uniform` and `recent` keep whole groups by time, `dtd` drops static tokens as TimeChat-Online's
+differential token drop does, `random` keeps a uniform sample."""
 from __future__ import annotations
 
 from typing import ClassVar

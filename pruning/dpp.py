@@ -1,16 +1,18 @@
-"""Greedy MAP inference for a determinantal point process (HieraVid Sec. 3.2, Eq. 6-7, 10).
+"""Greedy MAP inference for a determinantal point process (docs/PRUNERS.md, "HieraVid", step 4).
 
-`greedy_map` is the fast greedy MAP of Chen et al. (2018) that HieraVid (via CDPruner) uses,
-exactly as PRUNERS.md "HieraVid" step 4 writes it: pick `j = argmax d2`, `e = (L[j] - c[:i, j]
-@ c[:i]) / sqrt(d2[j])`, `d2 -= e**2`, `d2[j] = -inf`. `d2[j]` at the moment j is picked is j's
-gain, det(L_{S+j}) / det(L_S), so gains never increase and a prefix of the order is the greedy
-pick for a smaller k. Once the best gain is <= 1e-10 the rest of the set lies numerically in
-the span of what was picked; dividing by its square root would give NaN, so the remaining
-picks are filled by descending diagonal (ties toward the lower index).
+HieraVid ("HieraVid: Hierarchical Token Pruning for Fast Video Large Language Models",
+Sec. 3.2, Eq. 6-7 and 10) picks each segment's tokens by the MAP of a DPP. `greedy_map` is the
+fast greedy MAP of Chen et al. (2018) that HieraVid (via CDPruner) uses: pick `j = argmax d2`,
+`e = (L[j] - c[:i, j] @ c[:i]) / sqrt(d2[j])`, `d2 -= e**2`, `d2[j] = -inf`. `d2[j]` at the
+moment j is picked is j's gain, det(L_{S+j}) / det(L_S), so gains never increase and a prefix
+of the order is the greedy pick for a smaller k. Once the best gain is <= 1e-10 the rest of
+the set lies numerically in the span of what was picked; dividing by its square root would give
+NaN, so the remaining picks are filled by descending diagonal (ties toward the lower index).
 
 `block_scores` and `span_of` serve the streaming HieraVid, which cannot afford a DPP over a
 whole segment per group: it runs the same greedy on one block of tokens at a time, conditioned
-on the tokens picked in the block before (pruning/hieravid.py says why and what it costs).
+on the tokens picked in the block before (pruning/hieravid.py, departure 4, says why and what
+it costs).
 """
 from __future__ import annotations
 

@@ -1,17 +1,21 @@
-"""EchoPrune (echoprune.txt Sec. 3, Alg. 1): keep the tokens the previous group cannot echo.
+"""EchoPrune: keep the tokens the previous group cannot echo (docs/PRUNERS.md, "EchoPrune").
 
-Offline `echoprune_select`, per PRUNERS.md "EchoPrune":
-- relevance `r` (Eq. 4): max cosine to the text tokens, 0 without text;
-- correspondence `corr` (Eq. 5): cosine to the same position in the previous group;
-- `echo` (Eq. 6-9): inner product of a token with its softmax(<.,.>/tau) reconstruction from a
-  (2*radius+1)^2 window of the previous group clipped at the borders (Sec. 3.2), or the whole
-  group for `radius=None` (holistic matching, Sec. 4.3 and App. B.4). The reconstruction is linear and is not
-  re-normalised, so `echo_i = sum_j p_ij <v_i, v_j>`: it is computed from the similarities alone;
-- `S = r - corr - echo` (Eq. 10-11), global Top-K (Eq. 12) after a first-group quota picked by
-  `r` (Sec. 3.3, "the first frame has no reconstruction error").
+Paper: "EchoPrune: Interpreting Redundancy as Temporal Echoes for Efficient VideoLLMs",
+Sec. 3 and Alg. 1. Offline, `echoprune_select` implements:
+- relevance `r` (Sec. 3.1, Eq. 4): max cosine to the text tokens, 0 without text;
+- correspondence `corr` (Sec. 3.2, Eq. 5): cosine to the same position in the previous group;
+- `echo` (Sec. 3.2, Eq. 6-9): inner product of a token with its softmax(cos / tau)
+  reconstruction from a (2*radius+1)^2 window of the previous group clipped at the borders, or
+  the whole group for `radius=None` (holistic matching, Sec. 4.3, App. B.4 Fig. 12; `radius=1`
+  is the 3x3 window of Sec. 3.2). The reconstruction is linear and not re-normalised, so
+  `echo_i = sum_j p_ij cos(v_i, v_j)`: it is computed from the similarities alone;
+- `S = r - corr - echo` (Eq. 10-11), the global Top-K (Eq. 12) after a first-group quota of
+  `max(1, budget // T)` picked by `r` (end of Sec. 3.3: "the first frame has no reconstruction
+  error"). Defaults: LLaVA-OneVision's tau 0.1 and 3x3 window (Sec. 4.3).
 
-The streaming `EchoPrune` shares `relevance` and `novelty` with it and departs from it in these
-places, each because a live stream has neither the question nor the clip's end at ingest:
+The streaming `EchoPrune` (Qwen defaults, Sec. 4.3 and App. B.3: tau 0.5, whole group) shares
+`relevance` and `novelty` with it and departs from it in these places, each because a live
+stream has neither the question nor the clip's end at ingest:
 1. The ingest score is the novelty `-(corr + echo)` alone, bit-identical to the offline one for
    groups >= 1; `r` against the question's token embeddings is added at query time.
 2. The first group of a stream (and after `reset()` or a change of grid) has no predecessor.
@@ -25,6 +29,8 @@ places, each because a live stream has neither the question nor the clip's end a
    store plus a dense recent window spent first at query time (`base.recent_first`), so the
    held set depends on when a question arrives; the first group's quota is not guaranteed but
    competes with later novelty.
+Measured (tests/test_echoprune.py): the store's tokens beyond the first group are a subset of
+the offline pick at the same budget, and the store agrees with it on >= 0.85 of its tokens.
 """
 from __future__ import annotations
 

@@ -1,15 +1,19 @@
-"""ForestPrune (forestprune.txt): keep the roots and trunks of spatial-temporal token trees.
+"""ForestPrune: keep the roots and trunks of spatial-temporal token trees (docs/PRUNERS.md,
+"ForestPrune").
 
-Offline, `forestprune_select` is PRUNERS.md "ForestPrune", which transcribes the authors' code:
-1. Node pre-selection per group (Sec. 3.1 and Table 3: G-Prune nodes, 50% of each frame): graph
-   propagation over the group's cosine graph, top round(N*node_ratio) tokens (`node_scores`).
-2. Forest (Sec. 3.2): a node joins a tree through a node of an earlier group (Eq. 5) with
-   cos >= tau_s (Eq. 2, 4) and, as the code has it, Chebyshev distance of normalised coordinates
-   <= 1 - tau_p (Eq. 3-4; the paper writes an L2 distance <= tau_p). The tree is the one with the
-   best such cos (the ranking of Eq. 7-8), the parent is its tail and depth counts the groups the
-   tree spans (Alg. 1 LinkNode) (`match_nodes`, `grow_trees`).
-3. When there are more trees than the budget K, roots are merged by similarity (end of Sec. 3.2)
-   (`merge_roots`).
+Paper: "ForestPrune: High-ratio Visual Token Compression for Video Multimodal Large Language
+Models via Spatial-Temporal Forest Modeling", Sec. 3; where the paper is loose, the authors'
+released code decides. Offline, `forestprune_select` implements:
+1. Node pre-selection per group (Sec. 3.1; Table 3 and Sec. 4.1: G-Prune nodes, 50% of each
+   frame): graph propagation over the group's cosine graph as the authors' code does it, top
+   round(N*node_ratio) tokens (`node_scores`).
+2. Forest (Sec. 3.2, Alg. 1): a node joins a tree through a node of an earlier group (Eq. 5)
+   with cos >= tau_s (Eq. 2, 4) and, as the authors' code has it, Chebyshev distance of
+   normalised coordinates <= 1 - tau_p (Eq. 3-4; the paper writes an L2 distance <= tau_p). The
+   tree is the one with the best such cos (the ranking of Eq. 7-8), the parent is its tail and
+   depth counts the groups the tree spans (Alg. 1, LinkNode) (`match_nodes`, `grow_trees`).
+3. When there are more trees than the budget K, roots are merged by similarity (end of
+   Sec. 3.2) (`merge_roots`).
 4. Leaves and tails of the deepest trees go first and the roots of earlier groups stay (Sec. 3.3,
    Eq. 10-11): keep the K smallest depth + t/1000 (`keep_nodes`).
 
@@ -34,6 +38,10 @@ only the past is known:
 - Nodes of a different token grid (a resolution change) never match: distances are not comparable.
 - `reset` keeps the forest: the memory still holds its tokens and nothing here needs the
   previous group.
+Measured (tests/test_forestprune.py, a drifting 32-group clip with a cut, budget 10%): the store
+holds 0.63 of the offline pick without a recent window and 0.98 with four recent groups. Cost:
+82 ms per group at Qwen2.5-VL-7B shapes with capacity 8192, ~90% of it `match_nodes`'s product
+with every held node (bench/results/prune_cost.md).
 """
 from __future__ import annotations
 

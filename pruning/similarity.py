@@ -1,4 +1,5 @@
-"""Shared math for the pruners: cosine similarity and deterministic top-k (PRUNERS.md notation)."""
+"""Shared math for the pruners: cosine similarity and deterministic top-k (docs/PRUNERS.md,
+"Notation and shared rules")."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,7 @@ EPS = 1e-6
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalise the last dim in float32 (eps 1e-6), as every `cos` in PRUNERS.md."""
+    """L2-normalise the last dim in float32 (eps 1e-6), as every `cos` in docs/PRUNERS.md."""
     x = x.float()
     return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
 

@@ -1,4 +1,5 @@
-"""Types shared by the encoder and the pruners: what one temporal group of tokens is."""
+"""Types shared by the encoder and the pruners: what one temporal group of tokens is
+(docs/DESIGN.md, "Core types")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
