@@ -90,7 +90,8 @@ def _cell(c: Any) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    """One goal of issue 6: met or missed, with the figure measured and, if missed, why."""
+    """One performance target (docs/DESIGN.md): met or missed, with the figure measured and, if
+    missed, why."""
 
     benchmark: str
     subject: str

@@ -1,4 +1,5 @@
-"""Slow, loop-level float64 references the equation tests compare the pruners against."""
+"""Slow, loop-level float64 references the equation tests compare the pruners against, each
+written from its docs/PRUNERS.md step with plain loops."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +10,7 @@ def f64(values) -> torch.Tensor:
 
 
 def cosv(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine of two vectors in float64, norms clamped at 1e-6 as PRUNERS.md says."""
+    """Cosine of two vectors in float64, norms clamped at 1e-6 as docs/PRUNERS.md says."""
     a, b = a.double(), b.double()
     return float(a @ b) / (max(float(a.norm()), 1e-6) * max(float(b.norm()), 1e-6))
 

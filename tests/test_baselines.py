@@ -1,4 +1,4 @@
-"""The baselines (PRUNERS.md, "Baselines") on hand-built streams through TokenMemory."""
+"""The baselines (docs/PRUNERS.md, "Baselines") on hand-built streams through TokenMemory."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
-"""Greedy DPP MAP (PRUNERS.md HieraVid step 4) against brute-force greedy log-det."""
+"""Greedy DPP MAP (docs/PRUNERS.md, "HieraVid" step 4; HieraVid Sec. 3.2, Eq. 6-7) against
+brute-force greedy log-det."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
-"""EchoPrune: known answers, each PRUNERS.md equation against a slow transcription, budget
-edges, and the streaming pruner against the offline function."""
+"""EchoPrune (docs/PRUNERS.md, "EchoPrune"; the paper's Sec. 3, Eq. 4-12 and Alg. 1): known
+answers, each equation against a slow transcription, budget edges, and the streaming pruner
+against the offline function."""
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,7 @@ from pruning.types import FrameTokens
 log = logging.getLogger(__name__)
 
 
-# ---- slow transcriptions of PRUNERS.md "EchoPrune", one token at a time, in float64 ----
+# ---- slow transcriptions of docs/PRUNERS.md "EchoPrune", one token at a time, in float64 ----
 
 def unit(v: torch.Tensor) -> torch.Tensor:
     v = v.double()

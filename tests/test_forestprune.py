@@ -1,4 +1,5 @@
-"""ForestPrune against PRUNERS.md: hand-built forests, slow loop transcriptions, streaming."""
+"""ForestPrune against docs/PRUNERS.md, "ForestPrune" (the paper's Sec. 3, Eq. 2-11 and Alg. 1):
+hand-built forests, slow loop transcriptions, streaming."""
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ from pruning.forestprune import (
 from pruning.similarity import normalize
 
 
-# ---- slow transcriptions of PRUNERS.md "ForestPrune", written from the text with loops ----
+# ---- slow transcriptions of docs/PRUNERS.md "ForestPrune", written from the text with loops ----
 
 def slow_cos(a: list[float], b: list[float]) -> float:
     na = max(math.sqrt(sum(x * x for x in a)), 1e-6)

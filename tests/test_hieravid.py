@@ -1,4 +1,5 @@
-"""HieraVid (PRUNERS.md "HieraVid" steps 1-4): known answers, slow transcriptions, streaming."""
+"""HieraVid (docs/PRUNERS.md, "HieraVid" steps 1-4; the paper's Sec. 3.1-3.2, Eq. 1-10): known
+answers, slow transcriptions, streaming."""
 from __future__ import annotations
 
 import dataclasses

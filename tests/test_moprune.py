@@ -1,4 +1,5 @@
-"""MoPrune (PRUNERS.md "MoPrune"): known answers, slow transcriptions of each equation, streaming."""
+"""MoPrune (docs/PRUNERS.md, "MoPrune"; the paper's Sec. 3.3-3.4, Eq. 1-11): known answers, slow
+transcriptions of each equation, streaming."""
 from __future__ import annotations
 
 import math
@@ -53,7 +54,7 @@ def slow_sigma(u: list[float], alpha: float) -> list[float]:
 
 
 def slow_moprune(video, ratio, thr=0.8, alpha=0.01, eta=0.5):
-    """PRUNERS.md MoPrune steps 1-4 with loops; returns kept flat indices and k_t per group."""
+    """docs/PRUNERS.md MoPrune steps 1-4 with loops; returns kept flat indices and k_t per group."""
     t_len, h, w, d = video.shape
     n = h * w
     x = video.reshape(t_len, n, d)

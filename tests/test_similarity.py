@@ -1,4 +1,5 @@
-"""Shared math: top-k by threshold equals a stable descending sort, ties to the lower index."""
+"""Shared math (docs/PRUNERS.md, "Notation and shared rules"): top-k by threshold equals a stable
+descending sort, ties to the lower index."""
 from __future__ import annotations
 
 import torch
