@@ -1,0 +1,36 @@
+"""Streams generated text to a callback and records when the first new token appeared."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+
+class FirstTokenStreamer:
+    """A transformers `generate` streamer: `first_token_at` is the time to first token, and
+    `on_text` gets each newly printable piece of the decoded answer."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.first_token_at: float | None = None
+        self.ids: list[int] = []
+        self._sent = 0
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompt ids
+            self._prompt_seen = True
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.ids.extend(value.flatten().tolist())
+        if self.on_text is not None:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if len(text) > self._sent and not text.endswith("\ufffd"):
+                self.on_text(text[self._sent:])
+                self._sent = len(text)
+
+    def end(self) -> None:
+        """Nothing buffered: `put` already flushed everything printable."""
