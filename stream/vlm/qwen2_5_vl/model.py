@@ -1,69 +1,35 @@
-"""Qwen2.5-VL backend: the vision tower + merger as a rolling encoder, and the LLM over
-`inputs_embeds` with our own M-RoPE positions.
+"""Qwen2.5-VL: the vision tower + merger as a rolling encoder, and the LLM over `inputs_embeds`
+with our own M-RoPE positions (absolute-time aligned, anchored at the first kept group).
 
-`QwenVL.load("tiny-random")` builds the tiny model (stream/vlm/tiny.py) and loads it back; any
-other name is a hub id or a local directory handed to the same `from_pretrained`.
+Prompt layout, question last so the video block's KV can be reused between questions:
+`[system + the user turn's opening][video][span line + "\n" + question + assistant prompt]`.
+- `timestamps = "mrope"` (Qwen2.5-VL's own rule): one vision block, time carried by the t
+  positions; the line after it names the covered span.
+- `timestamps = "text"` (Qwen3-VL's rule): each group is `<t seconds>` text and its own vision
+  block; no span line.
 """
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from pruning import TokenSet
+
+from ..base import Generation, LayoutSettings, Prompt
 from ..positions import TextPart, VisualPart, build_positions
+from ..streamer import FirstTokenStreamer
+from .positions import group_time_text, time_offsets
 from .preprocess import VisionGeometry, frames_to_pairs, patchify
-from .tiny import TINY_NAME, ensure_tiny_model
 
-log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SUPPORTED_TYPES = ("qwen2_5_vl",)
 VIDEO_PLACEHOLDER = "\x00video\x00"
 
 
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    new_tokens: int
-    ttft_s: float
-    total_s: float
-
-
-class _FirstTokenStreamer:
-    """Records when the first new token appears and streams decoded text to a callback."""
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
-        self.tokenizer = tokenizer
-        self.on_text = on_text
-        self.first_token_at: float | None = None
-        self.ids: list[int] = []
-        self._sent = 0
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first hands over the prompt ids
-            self._prompt_seen = True
-            return
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        self.ids.extend(value.flatten().tolist())
-        if self.on_text is not None:
-            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-            if len(text) > self._sent and not text.endswith("\ufffd"):
-                self.on_text(text[self._sent:])
-                self._sent = len(text)
-
-    def end(self) -> None:
-        """Nothing buffered: `put` already flushed everything printable."""
-
-
-class QwenVL:
-    """A loaded Qwen2.5-VL with the pieces the pipeline uses."""
+class Qwen2_5_VL:
+    """A loaded Qwen2.5-VL behind the `VideoLM` seam (stream/vlm/base.py)."""
 
     def __init__(self, model, tokenizer, name: str, random_weights: bool, max_pixels: int):
         self.model = model.eval()
@@ -80,24 +46,21 @@ class QwenVL:
         self.eos_ids = self._eos_ids()
         self.vision_start_id = int(model.config.vision_start_token_id)
         self.vision_end_id = int(model.config.vision_end_token_id)
+        self.video_token_id = int(model.config.video_token_id)
 
     @classmethod
-    def load(cls, model: str = TINY_NAME, dtype: str = "float32", device: str = "cpu",
-             max_pixels: int = 448 * 448, cache: Path | None = None) -> "QwenVL":
-        """Load by hub id or local path through `from_pretrained`; `tiny-random` is built first."""
-        from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    def from_pretrained(cls, path: str, name: str, dtype: torch.dtype, device: str, max_pixels: int,
+                        random_weights: bool) -> "Qwen2_5_VL":
+        """Load a checkpoint directory or hub id (stream/vlm/registry.py picks this family)."""
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        random_weights = model == TINY_NAME
-        path = str(ensure_tiny_model(cache)) if random_weights else model
-        config = AutoConfig.from_pretrained(path)
-        if config.model_type not in SUPPORTED_TYPES:
-            raise ValueError(f"model {model!r} is a {config.model_type!r}; supported: {', '.join(SUPPORTED_TYPES)}")
         tokenizer = AutoTokenizer.from_pretrained(path)
-        net = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
-        log.info("loaded %s (%s, %s)%s", model, dtype, device, " with RANDOM weights" if random_weights else "")
-        return cls(net, tokenizer, name=model, random_weights=random_weights, max_pixels=max_pixels)
+        net = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        return cls(net, tokenizer, name=name, random_weights=random_weights, max_pixels=max_pixels)
+
+    @property
+    def group_size(self) -> int:
+        return self.geometry.temporal_patch_size
 
     @property
     def device(self) -> torch.device:
@@ -115,9 +78,9 @@ class QwenVL:
 
     @torch.inference_mode()
     def encode(self, groups: list[list[np.ndarray]]) -> list[torch.Tensor]:
-        """Frame groups (each up to `temporal_patch_size` RGB frames) -> one [gh/2, gw/2, D]
-        token grid per group. Groups of one size go through the tower in one call: Qwen's
-        vision attention is per temporal group, so this equals encoding them one by one."""
+        """Frame groups (each up to `group_size` RGB frames) -> one [gh/2, gw/2, D] token grid
+        per group. Groups of one size go through the tower in one call: Qwen's vision attention
+        is per temporal group, so this equals encoding them one by one."""
         out: list[torch.Tensor | None] = [None] * len(groups)
         stacks = [frames_to_pairs(g, self.geometry) for g in groups]
         by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -142,20 +105,43 @@ class QwenVL:
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids.to(self.device)).cpu()
 
-    def question_embeds(self, question: str) -> torch.Tensor:
+    def question_embeds(self, text: str) -> torch.Tensor:
         """The LLM input-embedding rows of the question's tokens [L, D] (for query-aware pruning)."""
-        return self.embed_ids(self.tokenize(question)).float()
+        return self.embed_ids(self.tokenize(text)).float()
 
-    def chat_parts(self, system: str, user: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chat template rendered around the video: (ids before the video, ids after it up
-        to the assistant prompt). The caller adds the vision start/end tokens."""
+    def chat_parts(self, system: str, after_video: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chat template rendered around the video: (ids before it, ids after it up to the
+        assistant prompt). The video opens the user turn, so the ids before it depend on the
+        system prompt only. The caller adds the vision start/end tokens."""
         text = self.tokenizer.apply_chat_template(
             [{"role": "system", "content": system},
-             {"role": "user", "content": f"{VIDEO_PLACEHOLDER}\n{user}"}],
+             {"role": "user", "content": f"{VIDEO_PLACEHOLDER}{after_video}"}],
             tokenize=False, add_generation_prompt=True,
         )
         before, after = text.split(VIDEO_PLACEHOLDER)
         return self.tokenize(before), self.tokenize(after)
+
+    def layout(self, seen: TokenSet, question: str, settings: LayoutSettings) -> Prompt:
+        """The prompt for `question` over the kept tokens `seen` (in temporal order), with the
+        video placed before everything that varies per question."""
+        t0, t1 = float(seen.pts.min()), float(seen.pts.max())
+        span = f"Video from {t0:.1f} s to {t1:.1f} s of the stream." if settings.timestamps == "mrope" else ""
+        before, after = self.chat_parts(settings.system_prompt, f"{span}\n{question}")
+        vs, ve = torch.tensor([self.vision_start_id]), torch.tensor([self.vision_end_id])
+        parts: list[TextPart | VisualPart] = [TextPart(before)]
+        if settings.timestamps == "mrope":
+            parts += [TextPart(vs), _visual(seen, time_offsets(seen.pts, t0, self.tokens_per_second)), TextPart(ve)]
+        else:
+            for g in seen.groups().tolist():
+                sub = seen.select(torch.nonzero(seen.group == g).flatten())
+                parts += [TextPart(torch.cat([self.tokenize(group_time_text(float(sub.pts[0]))), vs])),
+                          _visual(sub, torch.zeros(len(sub), dtype=torch.long)), TextPart(ve)]
+        prefix_len = sum(_length(p) for p in parts)
+        parts.append(TextPart(after))
+        embeds, positions = self.embed_parts(parts)
+        ids = torch.cat([p.ids if isinstance(p, TextPart) else torch.full((len(p.tokens),), self.video_token_id)
+                         for p in parts])
+        return Prompt(inputs_embeds=embeds, position_ids=positions, prefix_len=prefix_len, ids=ids, parts=tuple(parts))
 
     @torch.inference_mode()
     def embed_parts(self, parts: list[TextPart | VisualPart]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,17 +157,28 @@ class QwenVL:
         return embeds, build_positions(parts).unsqueeze(1).to(self.device)
 
     @torch.inference_mode()
-    def generate(self, embeds: torch.Tensor, positions: torch.Tensor, max_new_tokens: int,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
-        """Greedy decoding over `inputs_embeds` with explicit positions and attention mask."""
-        streamer = _FirstTokenStreamer(self.tokenizer, on_text)
+    def generate(self, prompt: Prompt, max_new_tokens: int, on_text: Callable[[str], None] | None = None,
+                 cache: Any = None) -> Generation:
+        """Greedy decoding over `inputs_embeds` with explicit positions and attention mask.
+
+        `cache` (a transformers `Cache`) may hold the KV of the prompt's first tokens, at most
+        `prefix_len` of them: `generate` prefills only the rest, then crops the cache back, so
+        the caller keeps its prefix."""
+        held = 0 if cache is None else cache.get_seq_length()
+        if held > prompt.prefix_len:
+            raise ValueError(f"the cache holds {held} tokens, more than the prompt's prefix of {prompt.prefix_len}")
+        streamer = FirstTokenStreamer(self.tokenizer, on_text)
         t0 = time.perf_counter()
-        out = self.model.generate(
-            inputs_embeds=embeds, position_ids=positions,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
-            max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-            eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
-        )
+        try:
+            out = self.model.generate(
+                inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids,
+                attention_mask=torch.ones(prompt.inputs_embeds.shape[:2], dtype=torch.long, device=self.device),
+                past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
+            )
+        finally:
+            if cache is not None and cache.get_seq_length() > held:
+                cache.crop(held - cache.get_seq_length())
         total = time.perf_counter() - t0
         ids = out[0].tolist()
         while ids and ids[-1] in self.eos_ids:
@@ -189,3 +186,11 @@ class QwenVL:
         text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         ttft = (streamer.first_token_at - t0) if streamer.first_token_at else total
         return Generation(text=text, new_tokens=len(out[0]), ttft_s=ttft, total_s=total)
+
+
+def _visual(s: TokenSet, t: torch.Tensor) -> VisualPart:
+    return VisualPart(tokens=s.tokens, t=t, row=s.row, col=s.col, extras=dict(s.extras) or None)
+
+
+def _length(part: TextPart | VisualPart) -> int:
+    return int(part.ids.numel()) if isinstance(part, TextPart) else len(part.tokens)

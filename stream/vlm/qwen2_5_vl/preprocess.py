@@ -2,8 +2,9 @@
 
 Resize to a pixel budget with the processor's `smart_resize` rule (sides multiples of
 patch*merge), bicubic via PIL as the PIL image processor does, rescale, normalise with CLIP
-mean/std, then patchify a frame pair into the [T*gh*gw, C*2*P*P] rows the vision tower takes
-(REFERENCE.md "transformers 5.x and the Qwen VLMs").
+mean/std, then patchify a frame pair into the [T*gh*gw, C*2*P*P] rows the vision tower takes.
+In numpy because transformers' video and fast image processors need torchvision, which has no
+CPU build here.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """A tiny random Qwen2.5-VL and an in-process tokenizer, for tests and the offline demo.
 
-No weights can be downloaded here, so `tiny-random` builds a model from a small config
-(REFERENCE.md "Tiny configs"), trains a byte-level BPE tokenizer in-process, saves both to a
-cache directory and returns that directory: the caller then loads it through the same
-`from_pretrained` path a real checkpoint takes. Seeded, so every build is identical.
+No weights can be downloaded here, so `tiny-random` builds a model from a small config (sized
+like transformers' own model tests), trains a byte-level BPE tokenizer in-process,
+saves both to a cache directory and returns that directory: stream/vlm/registry.py then loads it
+through the same `from_pretrained` path a real checkpoint takes. Seeded, so every build is identical.
 """
 from __future__ import annotations
 
@@ -31,11 +31,6 @@ _CORPUS = (
     "describe the scene. how many objects are there? when did the car arrive? the light is on. "
     "0 1 2 3 4 5 6 7 8 9 seconds minutes hour camera frame memory answer question."
 )
-
-
-def cache_dir() -> Path:
-    """Where built models live: $STREAMPRUNE_CACHE, else ~/.cache/streamprune."""
-    return Path(os.environ.get("STREAMPRUNE_CACHE", Path.home() / ".cache" / "streamprune"))
 
 
 def build_tokenizer(vocab_size: int = 384):
@@ -84,11 +79,11 @@ def tiny_config(tokenizer, vocab_size: int = 512):
     )
 
 
-def ensure_tiny_model(root: Path | None = None, seed: int = 0) -> Path:
-    """Build (once) and save the tiny model + tokenizer; return the directory to load from."""
+def ensure_tiny_model(root: Path, seed: int = 0) -> Path:
+    """Build (once) and save the tiny model + tokenizer under `root`; return the directory to load from."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    path = (root or cache_dir()) / TINY_NAME
+    path = root / TINY_NAME
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
     log.info("building tiny random Qwen2.5-VL in %s", path)
