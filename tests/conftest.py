@@ -18,6 +18,6 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vlm(model_cache):
-    from stream.vlm.qwen import QwenVL
+    from stream.vlm.registry import load_model
 
-    return QwenVL.load("tiny-random", cache=model_cache)
+    return load_model("tiny-random", cache=model_cache)

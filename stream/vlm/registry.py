@@ -1,0 +1,64 @@
+"""Which family serves a checkpoint, chosen by its `config.model_type`.
+
+Adding a family is one folder under stream/vlm/ and one line in `FAMILIES`. Families are imported
+only when a checkpoint of theirs is loaded. `tiny-random` names a test model that is built into
+the cache first and then loaded through the same `from_pretrained` path as a real checkpoint.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .base import VideoLM
+
+log = logging.getLogger(__name__)
+
+FAMILIES = {
+    "qwen2_5_vl": "stream.vlm.qwen2_5_vl:Qwen2_5_VL",
+}
+TINY_MODELS = {  # name -> builder(root) returning the directory it saved the model in
+    "tiny-random": "stream.vlm.qwen2_5_vl.tiny:ensure_tiny_model",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _resolve(target: str):
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def cache_dir() -> Path:
+    """Where built models live: $STREAMPRUNE_CACHE, else ~/.cache/streamprune."""
+    return Path(os.environ.get("STREAMPRUNE_CACHE", Path.home() / ".cache" / "streamprune"))
+
+
+def checkpoint_path(name: str, cache: Path | None = None) -> str:
+    """What `from_pretrained` loads for `name`: a test model's directory (built once into
+    `cache`), else `name` itself (a hub id or a local directory)."""
+    if name in TINY_MODELS:
+        return str(_resolve(TINY_MODELS[name])(cache or cache_dir()))
+    return name
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", max_pixels: int = 448 * 448,
+               cache: Path | None = None) -> VideoLM:
+    """Load a checkpoint (hub id, local directory, or a `TINY_MODELS` name) into its family."""
+    from transformers import AutoConfig
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    path = checkpoint_path(name, cache)
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type not in FAMILIES:
+        raise ConfigError(f"model {name!r} is a {model_type!r} checkpoint; supported model types: {', '.join(FAMILIES)}")
+    random_weights = name in TINY_MODELS
+    vlm = _resolve(FAMILIES[model_type]).from_pretrained(path, name=name, dtype=DTYPES[dtype], device=device,
+                                                      max_pixels=max_pixels, random_weights=random_weights)
+    log.info("loaded %s as %s (%s, %s)%s", name, model_type, dtype, device,
+             " with RANDOM weights" if random_weights else "")
+    return vlm
