@@ -1,12 +1,20 @@
-"""The Qwen vision path, our M-RoPE positions, and generation over pruned token subsets."""
+"""The model seam and the Qwen2.5-VL family: the vision path, our M-RoPE positions and prompt
+layout against the model's own forward, generation over pruned token subsets and over a
+prefilled prefix cache, and picking the family by model type."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from stream.vlm.positions import TextPart, VisualPart, build_positions, time_offsets
-from stream.vlm.preprocess import VisionGeometry, frames_to_pairs, patchify, smart_resize
+from pruning import FrameTokens, TokenMemory, get_pruner
+from stream.errors import ConfigError
+from stream.vlm.base import LayoutSettings, Prompt, VideoLM
+from stream.vlm.positions import TextPart, VisualPart, build_positions
+from stream.vlm.qwen2_5_vl.positions import time_offsets
+from stream.vlm.qwen2_5_vl.preprocess import VisionGeometry, frames_to_pairs, patchify, smart_resize
+from stream.vlm.registry import FAMILIES, load_model
 
 
 def _frames(n, h=120, w=160, seed=0):
@@ -102,14 +110,107 @@ def test_generate_over_sparse_reordered_subset_matches_manual_greedy(vlm):
     group, row, col = idx // (h * w), (idx % (h * w)) // w, idx % w
     gen = torch.Generator().manual_seed(0)
     keep = torch.randperm(tokens.shape[0], generator=gen)[:40]  # sparse and out of raster order
-    pre, post = vlm.chat_parts("You watch a camera.", "what is happening?")
-    parts = [TextPart(pre), VisualPart(tokens[keep], group[keep] * 2, row[keep], col[keep]), TextPart(post)]
-    embeds, positions = vlm.embed_parts(parts)
+    pre, post = vlm.chat_parts("You watch a camera.", "\nwhat is happening?")
+    parts = (TextPart(pre), VisualPart(tokens[keep], group[keep] * 2, row[keep], col[keep]), TextPart(post))
+    embeds, positions = vlm.embed_parts(list(parts))
+    ids = torch.cat([pre, torch.full((len(keep),), vlm.video_token_id), post])
+    prompt = Prompt(embeds, positions, prefix_len=len(pre) + len(keep), ids=ids, parts=parts)
     steps = 12
     with torch.inference_mode():
         manual = _manual_greedy(vlm, embeds, positions, steps)
-    got = vlm.generate(embeds, positions, max_new_tokens=steps)
+    got = vlm.generate(prompt, max_new_tokens=steps)
     assert got.new_tokens == len(manual)
     expect = vlm.tokenizer.decode([i for i in manual if i not in vlm.eos_ids], skip_special_tokens=True).strip()
     assert got.text == expect
     assert 0 < got.ttft_s <= got.total_s
+
+
+def _dense_memory(vlm, n_groups=3, fps=2.0):
+    """A memory holding every token of `n_groups` groups of a short clip, and the clip's frames."""
+    frames = _frames(n_groups * vlm.group_size)
+    grids = vlm.encode([frames[i:i + vlm.group_size] for i in range(0, len(frames), vlm.group_size)])
+    mem = TokenMemory(10_000, get_pruner("recent"), recent_groups=1)
+    for g, grid in enumerate(grids):
+        mem.add(FrameTokens(g, g * vlm.group_size / fps, grid))
+    return mem, frames
+
+
+def test_the_family_is_a_video_lm(vlm):
+    assert isinstance(vlm, VideoLM)
+    assert vlm.group_size == 2 and vlm.hidden_size == 64 and vlm.random_weights and vlm.name == "tiny-random"
+
+
+@pytest.mark.parametrize("mode", ["mrope", "text"])
+def test_layout_of_a_dense_clip_equals_the_official_forward(vlm, mode):
+    """Our embeds and positions give the logits of the model's own forward over the same ids and
+    pixels (a short clip, where transformers' `get_rope_index` still follows the training rule)."""
+    fps = 2.0
+    mem, frames = _dense_memory(vlm, fps=fps)
+    prompt = vlm.layout(mem.snapshot(), "what is happening?", LayoutSettings(timestamps=mode))
+    pixels, (t, gh, gw) = patchify(frames_to_pairs(frames, vlm.geometry), vlm.geometry)
+    grid_thw = torch.tensor([[t, gh, gw]] if mode == "mrope" else [[1, gh, gw]] * t)
+    ids = prompt.ids.unsqueeze(0)
+    types = (ids == vlm.video_token_id).int() * 2
+    per_grid = torch.full((len(grid_thw),), vlm.group_size / fps)
+    with torch.inference_mode():
+        ref_pos, _ = vlm.model.model.get_rope_index(ids, mm_token_type_ids=types, video_grid_thw=grid_thw,
+                                                    second_per_grid_ts=per_grid)
+        vlm.model.model.rope_deltas = None
+        ref = vlm.model(input_ids=ids, pixel_values_videos=torch.from_numpy(pixels), video_grid_thw=grid_thw,
+                        second_per_grid_ts=per_grid, mm_token_type_ids=types,
+                        attention_mask=torch.ones_like(ids)).logits
+        ours = vlm.model(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids,
+                         attention_mask=torch.ones_like(ids)).logits
+    assert torch.equal(prompt.position_ids, ref_pos)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["mrope", "text"])
+def test_two_questions_on_an_unchanged_memory_share_the_prompt_prefix(vlm, mode):
+    mem, _ = _dense_memory(vlm)
+    settings = LayoutSettings(timestamps=mode)
+    a = vlm.layout(mem.snapshot(), "what is happening?", settings)
+    b = vlm.layout(mem.snapshot(), "Is anyone at the door, and when did the truck leave?", settings)
+    n = a.prefix_len
+    assert b.prefix_len == n and len(a) != len(b)
+    assert torch.equal(a.ids[:n], b.ids[:n])
+    assert torch.equal(a.inputs_embeds[:, :n], b.inputs_embeds[:, :n])
+    assert torch.equal(a.position_ids[..., :n], b.position_ids[..., :n])
+    for p in (a, b):  # the prefix ends exactly at the end of the video block
+        assert int(p.ids[n - 1]) == vlm.vision_end_id
+        assert int((p.ids[:n] == vlm.video_token_id).sum()) == len(mem)
+        assert not bool((p.ids[n:] == vlm.video_token_id).any()) and vlm.vision_start_id not in p.ids[n:].tolist()
+    suffix = vlm.tokenizer.decode(a.ids[n:])
+    span = "Video from 0.0 s to 2.0 s of the stream.\n" if mode == "mrope" else "\n"
+    assert suffix.startswith(span + "what is happening?")
+
+
+def test_generate_on_a_prefilled_prefix_cache_equals_a_full_prefill(vlm):
+    from transformers import DynamicCache
+
+    mem, _ = _dense_memory(vlm)
+    settings = LayoutSettings()
+    first = vlm.layout(mem.snapshot(), "what is happening?", settings)
+    cache = DynamicCache(config=vlm.model.config)
+    n = first.prefix_len
+    with torch.inference_mode():
+        vlm.model(inputs_embeds=first.inputs_embeds[:, :n], position_ids=first.position_ids[..., :n],
+                  attention_mask=torch.ones(1, n, dtype=torch.long), past_key_values=cache, use_cache=True)
+    for question in ("what is happening?", "when did the car arrive?"):
+        prompt = vlm.layout(mem.snapshot(), question, settings)
+        cached = vlm.generate(prompt, max_new_tokens=8, cache=cache)
+        full = vlm.generate(prompt, max_new_tokens=8)
+        assert (cached.text, cached.new_tokens) == (full.text, full.new_tokens)
+        assert cache.get_seq_length() == n  # the caller's prefix is left as it was
+
+
+def test_an_unsupported_model_type_is_a_clear_config_error(tmp_path):
+    from transformers import Qwen2Config
+
+    Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_model(str(tmp_path))
+    assert str(e.value) == (f"model {str(tmp_path)!r} is a 'qwen2' checkpoint; "
+                            f"supported model types: {', '.join(FAMILIES)}")
+    assert "qwen2_5_vl" in str(e.value)
