@@ -1,0 +1,77 @@
+"""The query handler over the model seam: answers carry their evidence, budgets and token limits
+come from the question first, an empty memory is a request error, and `aask` runs on the
+handler's own thread."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from pruning import FrameTokens, TokenMemory, get_pruner
+from stream.errors import RequestError
+from stream.events import Question
+from stream.query import QueryHandler, QuerySettings
+
+
+def _memory(vlm, groups=4) -> TokenMemory:
+    mem = TokenMemory(1000, get_pruner("recent"), recent_groups=1)
+    gen = torch.Generator().manual_seed(0)
+    for g in range(groups):
+        mem.add(FrameTokens(g, g * 1.0, torch.randn(3, 4, vlm.hidden_size, generator=gen)))
+    return mem
+
+
+@pytest.mark.parametrize("mode", ["mrope", "text"])
+def test_an_answer_carries_its_evidence(vlm, mode):
+    mem = _memory(vlm)
+    handler = QueryHandler(vlm, mem, QuerySettings(timestamps=mode, max_new_tokens=4))
+    try:
+        answer = handler.ask(Question("what is happening?"))
+    finally:
+        handler.close()
+    assert answer.question == "what is happening?" and isinstance(answer.text, str)
+    assert (answer.groups, answer.t_start, answer.t_end) == (4, 0.0, 3.0)
+    assert answer.tokens_used == answer.memory_tokens == len(mem) == 48
+    assert answer.prompt_tokens > answer.tokens_used and 1 <= answer.new_tokens <= 4
+    assert 0 < answer.ttft_s <= answer.total_s
+    assert (answer.camera, answer.model, answer.pruner, answer.id) == ("", "", "", None)  # the camera fills them
+
+
+def test_budget_and_token_limit_come_from_the_question_first(vlm):
+    handler = QueryHandler(vlm, _memory(vlm), QuerySettings(llm_budget=30, max_new_tokens=3))
+    try:
+        own = handler.ask(Question("what?", llm_budget=10, max_new_tokens=1))
+        default = handler.ask(Question("what?"))
+    finally:
+        handler.close()
+    assert (own.tokens_used, own.new_tokens) == (10, 1)
+    assert default.tokens_used == 30 and 1 <= default.new_tokens <= 3
+
+
+def test_an_empty_memory_is_a_request_error(vlm):
+    handler = QueryHandler(vlm, TokenMemory(100, get_pruner("recent")), QuerySettings())
+    try:
+        with pytest.raises(RequestError) as e:
+            handler.ask(Question("what happened?"))
+    finally:
+        handler.close()
+    assert e.value.code == "empty_memory"
+
+
+def test_a_bad_timestamps_mode_is_refused(vlm):
+    with pytest.raises(ValueError, match="timestamps must be one of mrope, text"):
+        QueryHandler(vlm, _memory(vlm), QuerySettings(timestamps="srt"))
+
+
+async def test_aask_answers_on_the_handler_thread_and_streams_text(vlm):
+    handler = QueryHandler(vlm, _memory(vlm), QuerySettings(max_new_tokens=6))
+    threads = set()
+    try:
+        answer = await handler.aask(Question("what is happening?"),
+                                    on_text=lambda _: threads.add(threading.current_thread().name))
+        again = handler.ask(Question("what is happening?"))
+    finally:
+        handler.close()
+    assert threads and all(name.startswith("llm") for name in threads)
+    assert (answer.text, answer.new_tokens, answer.prompt_tokens) == (again.text, again.new_tokens, again.prompt_tokens)
