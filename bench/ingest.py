@@ -26,7 +26,8 @@ from pathlib import Path
 
 from stream.config import from_dict
 from stream.pipeline import CameraPipeline
-from stream.vlm.qwen import QwenVL
+from stream.vlm.base import VideoLM
+from stream.vlm.registry import load_model
 
 from .common import SEED_PRUNERS, Report, Stat, Table, Target, finish, load_average, run_alone, set_threads
 from .ttft import QWEN2_05B, LLMSize, build_sized, pick_dtype
@@ -57,7 +58,7 @@ class IngestSettings:
                    capacity=256, recent_groups=1, max_new_tokens=4)
 
 
-async def _run_one(s: IngestSettings, vlm: QwenVL, label: str, duration_s: float) -> dict:
+async def _run_one(s: IngestSettings, vlm: VideoLM, label: str, duration_s: float) -> dict:
     cfg = from_dict({
         "name": f"bench-{label}",
         "source": {"kind": "synthetic", "fps": s.source_fps, "duration_s": duration_s, "seed": 0,
@@ -159,7 +160,7 @@ def run(s: IngestSettings, out_dir: Path) -> Report:
     t = Table("Ingest under questions", ["run", "groups/s", "frames in/due", "dropped frames", "max backlog",
                                          "ingest latency s", "encode ms/group", "prune ms/group", "answers",
                                          "answer latency s", "max gap during answers s", "max gap otherwise s"])
-    models = [(lambda: QwenVL.load("tiny-random"), [(label, label, s.duration_s) for label in s.pruners])]
+    models = [(lambda: load_model("tiny-random"), [(label, label, s.duration_s) for label in s.pruners])]
     if s.big is not None:
         dtype, why = pick_dtype("auto")
         report.notes.append(f"The {s.big.label} LLM runs in {why}; that run lasts {s.big_duration_s:g} s.")

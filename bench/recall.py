@@ -3,7 +3,7 @@
 Scripted synthetic streams (`make_script`: 30-s scenes split by cuts, objects entering, moving
 and leaving, a sign appearing, a brief 1-2 s object, a flickering lamp, lighting drift, sensor
 noise) are rendered at 2 fps and encoded ONCE per seed through the tiny model's real vision
-path (`QwenVL.encode`); the encoded groups are then replayed into `TokenMemory` with every
+path (`VideoLM.encode`); the encoded groups are then replayed into `TokenMemory` with every
 pruner at every budget (the pruners only ever see `FrameTokens`).
 
 A budget is a share of the dense tokens of the whole stream and bounds everything the memory
@@ -30,7 +30,8 @@ import torch
 
 from pruning import FrameTokens, TokenMemory
 from stream.sources.synthetic import SyntheticSource
-from stream.vlm.preprocess import VisionGeometry, smart_resize
+from stream.vlm.base import VideoLM
+from stream.vlm.qwen2_5_vl.preprocess import VisionGeometry, smart_resize
 
 from .common import (ALL_PRUNERS, SEED_PRUNERS, Report, Stat, Table, Target, TimedPruner, finish,
                      load_average, run_alone, variant)
@@ -147,26 +148,27 @@ def ground_truth(s: RecallSettings, seed: int, group_size: int = 2) -> Truth:
     return Truth((h, w), n_groups, tuple(events), distractor)
 
 
-_VLM = None
+_VLM: dict[int, VideoLM] = {}  # by max_pixels
 _GROUPS: dict[str, torch.Tensor] = {}
 
 
 def encode_stream(s: RecallSettings, seed: int, path: str) -> dict:
     """Worker: render the stream at `fps`, encode pairs of frames with the tiny model, save
     the [T, H, W, D] groups to `path`."""
-    global _VLM
-    from stream.vlm.qwen import QwenVL
+    from stream.vlm.registry import load_model
 
-    if _VLM is None or _VLM.geometry.max_pixels != s.max_pixels:
-        _VLM = QwenVL.load("tiny-random", max_pixels=s.max_pixels)
+    if s.max_pixels not in _VLM:
+        _VLM.clear()
+        _VLM[s.max_pixels] = load_model("tiny-random", max_pixels=s.max_pixels)
+    vlm = _VLM[s.max_pixels]
     src = _source(s, seed)
-    tp = _VLM.geometry.temporal_patch_size
+    tp = vlm.group_size
     t0 = time.perf_counter()
     frames = [src.render(k / s.fps) for k in range(src.n_frames)]
     groups = [frames[i:i + tp] for i in range(0, len(frames), tp)]
     out = []
     for i in range(0, len(groups), s.encode_batch):
-        out += _VLM.encode(groups[i:i + s.encode_batch])
+        out += vlm.encode(groups[i:i + s.encode_batch])
     grid = torch.stack(out)
     torch.save(grid, path)
     return {"seed": seed, "groups": int(grid.shape[0]), "grid": list(grid.shape[1:3]), "dim": int(grid.shape[3]),
@@ -216,9 +218,9 @@ def run(s: RecallSettings, out_dir: Path) -> Report:
     started, load0 = time.perf_counter(), load_average()
     raw_dir = out_dir / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
-    from stream.vlm.tiny import ensure_tiny_model
+    from stream.vlm.registry import checkpoint_path
 
-    ensure_tiny_model()
+    checkpoint_path("tiny-random")  # built here once, before the workers load it
     h, w = token_grid(s)
     truths = {seed: ground_truth(s, seed) for seed in s.seeds}
     paths = {seed: str(raw_dir / f"recall_seed{seed}_{h}x{w}.pt") for seed in s.seeds}

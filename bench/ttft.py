@@ -25,9 +25,12 @@ import torch
 
 import pruning
 from pruning import FrameTokens, TokenMemory
+from stream.events import Question
 from stream.query import QueryHandler, QuerySettings
 from stream.sources.synthetic import SyntheticSource
-from stream.vlm.qwen import QwenVL
+from stream.vlm.base import VideoLM
+from stream.vlm.qwen2_5_vl import Qwen2_5_VL
+from stream.vlm.registry import load_model
 
 from .common import Report, Stat, Table, Target, finish, load_average, run_alone, set_threads
 
@@ -89,12 +92,12 @@ def pick_dtype(requested: str) -> tuple[torch.dtype, str]:
     return torch.float32, f"float32, not bf16: {probe}; this CPU has no native bf16 matmul"
 
 
-def build_sized(size: LLMSize, dtype: torch.dtype, max_pixels: int) -> QwenVL:
+def build_sized(size: LLMSize, dtype: torch.dtype, max_pixels: int) -> Qwen2_5_VL:
     """A random-init Qwen2.5-VL whose LLM has `size`, behind the tiny vision tower (its
     projector emitting `size.hidden`), with the tiny in-process tokenizer."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from stream.vlm.tiny import SPECIAL_TOKENS, build_tokenizer
+    from stream.vlm.qwen2_5_vl.tiny import SPECIAL_TOKENS, build_tokenizer
 
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -114,12 +117,12 @@ def build_sized(size: LLMSize, dtype: torch.dtype, max_pixels: int) -> QwenVL:
                               vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True, **special)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
-    return QwenVL(model, tokenizer, name=size.label, random_weights=True, max_pixels=max_pixels)
+    return Qwen2_5_VL(model, tokenizer, name=size.label, random_weights=True, max_pixels=max_pixels)
 
 
-def memories(s: TTFTSettings, vlm: QwenVL) -> dict[str, TokenMemory]:
+def memories(s: TTFTSettings, vlm: VideoLM) -> dict[str, TokenMemory]:
     """The span encoded once, held densely and at each fraction."""
-    tp = vlm.geometry.temporal_patch_size
+    tp = vlm.group_size
     src = SyntheticSource(duration_s=max(1.0, s.span_groups * tp / s.fps), fps=s.fps, seed=s.seed, width=s.width,
                           height=s.height)
     frames = [src.render(k / s.fps) for k in range(s.span_groups * tp)]
@@ -136,17 +139,18 @@ def memories(s: TTFTSettings, vlm: QwenVL) -> dict[str, TokenMemory]:
     return mems
 
 
-def time_model(s: TTFTSettings, vlm: QwenVL) -> dict[str, dict]:
+def time_model(s: TTFTSettings, vlm: VideoLM) -> dict[str, dict]:
     """Per memory: tokens, and per repeat prefill and TTFT (memories interleaved per repeat)."""
     mems = memories(s, vlm)
     handlers = {k: QueryHandler(vlm, m, QuerySettings(max_new_tokens=1)) for k, m in mems.items()}
     out = {k: {"visual_tokens": 0, "prompt_tokens": 0, "prefill_s": [], "ttft_s": []} for k in mems}
     try:
-        handlers[list(mems)[-1]].ask(s.question)
+        question = Question(s.question)
+        handlers[list(mems)[-1]].ask(question)
         for _ in range(s.repeats):
             for k, hq in handlers.items():
                 t0 = time.perf_counter()
-                a = hq.ask(s.question)
+                a = hq.ask(question)
                 wall = time.perf_counter() - t0
                 out[k]["visual_tokens"], out[k]["prompt_tokens"] = a.tokens_used, a.prompt_tokens
                 out[k]["prefill_s"].append(a.ttft_s)
@@ -172,7 +176,7 @@ def run(s: TTFTSettings, out_dir: Path) -> Report:
     started, load0 = time.perf_counter(), load_average()
     set_threads(s.threads)
     report = Report("ttft", "Time to first token, dense vs pruned", s)
-    models = [("tiny random Qwen2.5-VL (float32)", lambda: QwenVL.load("tiny-random", max_pixels=s.max_pixels))]
+    models = [("tiny random Qwen2.5-VL (float32)", lambda: load_model("tiny-random", max_pixels=s.max_pixels))]
     if s.big is not None:
         dtype, why = pick_dtype(s.dtype)
         report.notes.append(f"Dtype of the {s.big.label} LLM: {why}.")
