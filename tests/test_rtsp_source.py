@@ -12,6 +12,7 @@ import pytest
 from pruning import TokenMemory, get_pruner
 from rtsp_fixtures import CLIP_FRAMES, StateLog, free_port, until
 from stream.encoder import RollingEncoder
+from stream.events import Question
 from stream.query import QueryHandler, QuerySettings
 from stream.sampler import Sampler
 from stream.sources import Backoff, RtspSource, SourceError
@@ -112,7 +113,7 @@ async def test_server_killed_and_restarted_on_the_same_port(rtsp_servers, vlm):
         await until(lambda: source.state == "reconnecting", 5, "the loss to be noticed")
         last_before = cam.sampled[-1].pts
         settings = QuerySettings(max_new_tokens=4)
-        answer = await asyncio.wait_for(QueryHandler(vlm, cam.memory, settings).aask("What happened?"), 60)
+        answer = await asyncio.wait_for(QueryHandler(vlm, cam.memory, settings).aask(Question("What happened?")), 60)
         assert source.state == "reconnecting", "the answer must come from memory during the outage"
         assert answer.tokens_used > 0 and answer.t_end <= last_before and isinstance(answer.text, str)
         await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - killed)))
