@@ -1,5 +1,5 @@
-"""Benchmarks that show the trade-offs against the performance targets of docs/DESIGN.md
-("Performance targets"): evidence kept, cost per group, memory, time to answer, sustained
+"""Benchmarks that show the trade-offs against the performance goals of docs/DESIGN.md
+("Performance goals"): evidence kept, cost per group, memory, time to answer, sustained
 ingest. `python -m bench.run_all` (or `make bench`) runs them all and writes
 `bench/results/*.md` and PNG plots; each module also runs alone (`python -m bench.recall`).
 

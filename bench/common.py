@@ -90,8 +90,8 @@ def _cell(c: Any) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    """One performance target (docs/DESIGN.md): met or missed, with the figure measured and, if
-    missed, why."""
+    """One performance goal (docs/DESIGN.md, "Performance goals"): met or missed, with the
+    figure measured and, if missed, why."""
 
     benchmark: str
     subject: str

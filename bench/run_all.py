@@ -1,5 +1,5 @@
 """Run every benchmark and write bench/results/: one .md per benchmark, the PNG plots,
-raw/*.json, and summary.md with every performance target of docs/DESIGN.md met or missed.
+raw/*.json, and summary.md with every performance goal of docs/DESIGN.md met or missed.
 
 The timing-sensitive benchmarks (cost, TTFT, ingest) run first and alone; recall and memory
 growth then use two worker processes. Missed targets are reported, not turned into a failure.
