@@ -98,11 +98,12 @@ def span_of(units: torch.Tensor) -> Span:
     """The span of unit rows [p, D], keeping the longest prefix whose Gram matrix is
     numerically positive definite (greedy picks are independent, but rounding may say not)."""
     gram = (units @ units.T).to(torch.float64)
-    chol, info = torch.linalg.cholesky_ex(gram)
-    p = int(info) - 1 if int(info) > 0 else units.shape[0]
-    if p < units.shape[0]:
-        units, chol = units[:p], torch.linalg.cholesky(gram[:p, :p])
-    return Span(units, chol)
+    p = units.shape[0]
+    while True:  # a shorter prefix can round differently again, so re-check each one
+        chol, info = torch.linalg.cholesky_ex(gram[:p, :p])
+        if int(info) == 0:
+            return Span(units[:p], chol)
+        p = int(info) - 1
 
 
 def block_scores(
