@@ -130,7 +130,8 @@ def test_run_takes_typed_questions_while_streaming_and_ctrl_d_ends_it(tmp_path, 
         evidence = proc.stdout.readline()
         _read_until(proc.stderr, "[camera] t=", proc)  # the periodic status line
         proc.stdin.close()  # Ctrl-D: the 10-minute stream ends now
-        out, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        out, err = proc.stdout.read(), proc.stderr.read()
     finally:
         proc.kill()
     assert "covering" in evidence
