@@ -1,8 +1,8 @@
-"""The MQTT service against a real mosquitto: ask/answer, bad input, broker restarts, watches, load.
+"""The MQTT front door against a real mosquitto: ask/answer, bad input, broker restarts, watches,
+load, clean stops and connection errors.
 
-Watches are driven by `ScriptedCamera`, a deterministic stand-in implementing the camera
-interface the service uses: it answers "Yes" exactly when the synthetic scene's ground truth
-has the target in view (the tiny random model cannot judge a scene).
+The cameras are `ScriptedCamera`s (tests/scripted_camera.py): real camera services (door, watches,
+bus) whose answers come from a synthetic scene's ground truth instead of a model.
 """
 from __future__ import annotations
 
@@ -10,20 +10,22 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import time
+import logging
+from dataclasses import fields
 
 import cv2
 import numpy as np
-from hypothesis import given
-from hypothesis import settings as settings_h
-from hypothesis import strategies as st
+import pytest
 
 from mqtt_broker import Listener, retained, unique_prefix
+from scripted_camera import ScriptedCamera, running
 from sinks.mqtt import MqttService
-from sinks.mqtt_settings import MqttSettings, WatchSpec
-from sinks.watches import WatchState, parse_yes_no
-from stream.answer import QueryError
+from sinks.mqtt.protocol import answer_from_payload
+from stream.door import DoorSettings
+from stream.events import Answer, Status
+from stream.mqtt_settings import MqttSettings
 from stream.sources.synthetic import COLOURS, Actor, Script, SyntheticSource
+from stream.watches import WatchSpec
 
 ANSWER_FIELDS = {"id", "camera", "question", "answer", "t_start", "t_end", "groups", "tokens_used", "ttft_s",
                  "total_s", "model", "pruner", "timestamp"}
@@ -32,43 +34,6 @@ ANSWER_FIELDS = {"id", "camera", "question", "answer", "t_start", "t_end", "grou
 def settings(broker, prefix: str, **over) -> MqttSettings:
     return MqttSettings(**{"enabled": True, "host": broker.host, "port": broker.port, "prefix": prefix,
                            "reconnect_min_s": 0.1, "reconnect_max_s": 0.5, **over})
-
-
-class ScriptedCamera:
-    """The camera interface, answering from ground truth: "Yes" when `says_yes(stream time)`.
-
-    Stream time runs at `speed` x wall clock from construction; `delay` is the answer latency.
-    """
-
-    def __init__(self, name: str, says_yes=lambda t: True, source: SyntheticSource | None = None,
-                 speed: float = 1.0, delay: float = 0.0):
-        self.name, self.says_yes, self.source, self.speed, self.delay = name, says_yes, source, speed, delay
-        self.t0 = time.monotonic()
-        self.asked: list[str] = []
-
-    def stream_s(self) -> float:
-        return (time.monotonic() - self.t0) * self.speed
-
-    async def answer(self, question, llm_budget=None, max_new_tokens=None, request_id=None) -> dict:
-        if llm_budget is not None and llm_budget < 1:
-            raise QueryError("bad_llm_budget", f"llm_budget must be a positive integer, got {llm_budget!r}")
-        self.asked.append(question)
-        await asyncio.sleep(self.delay)
-        t = self.stream_s()
-        return {"type": "answer", "camera": self.name, "model": "scripted", "pruner": "none",
-                "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(), "id": request_id,
-                "text": "Yes, it is in view." if self.says_yes(t) else "No.", "question": question,
-                "ttft_s": 0.001, "total_s": self.delay + 0.001, "tokens_used": 12, "groups_covered": 2,
-                "t_start": max(0.0, t - 1.0), "t_end": t, "memory_tokens": 24}
-
-    def status_record(self) -> dict:
-        return {"type": "status", "camera": self.name, "stream_s": self.stream_s(), "frames_in": 0}
-
-    def latest_jpeg(self) -> bytes | None:
-        if self.source is None:
-            return None
-        image = self.source.render(min(self.stream_s(), self.source.duration_s))
-        return cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
 
 
 @contextlib.asynccontextmanager
@@ -83,13 +48,14 @@ async def serving(service: MqttService, timeout: float = 10.0):
         await asyncio.wait_for(task, 10)
 
 
-def pipeline_answer(camera: str, n: int) -> dict:
-    """An answer record as the pipeline emits it for a scripted question."""
-    return {"type": "answer", "camera": camera, "model": "m", "pruner": "p", "timestamp": "2026-01-01T00:00:00Z",
-            "text": f"answer {n}", "question": f"scripted {n}", "ttft_s": 0.1, "total_s": 0.2, "tokens_used": 1,
-            "groups_covered": 1, "t_start": 0.0, "t_end": 1.0, "memory_tokens": 1}
+def other_door_answer(camera: str, n: int) -> Answer:
+    """An answer the camera gave through another door (a scripted question of the CLI)."""
+    return Answer(text=f"answer {n}", question=f"scripted {n}", t_start=0.0, t_end=1.0, groups=1, tokens_used=1,
+                  memory_tokens=1, prompt_tokens=3, new_tokens=2, ttft_s=0.1, total_s=0.2, camera=camera,
+                  model="m", pruner="p", origin="script")
 
 
+@pytest.mark.skip(reason="ported by lead")
 async def test_ask_over_mqtt_answers_on_answer_topic_and_reply_to(broker, vlm):
     from stream.config import from_dict
     from stream.pipeline import CameraPipeline
@@ -141,6 +107,43 @@ async def test_ask_over_mqtt_answers_on_answer_topic_and_reply_to(broker, vlm):
     assert (await retained(broker, f"{prefix}/status")).text == "offline"  # the clean stop says so
 
 
+async def test_ask_answers_on_the_answer_topic_and_reply_to_as_the_camera_answered(broker):
+    cam = ScriptedCamera("cam")
+    prefix = unique_prefix()
+    service = MqttService(settings(broker, prefix), {"cam": cam})
+    async with Listener(broker, f"{prefix}/#", "replies/q1") as L, running(cam, sink=service), serving(service):
+        ask, answers = f"{prefix}/cam/ask", f"{prefix}/cam/answer"
+        request = {"id": "q1", "question": "What is in view?", "llm_budget": 40, "max_new_tokens": 3,
+                   "reply_to": "replies/q1"}
+        await L.publish(ask, json.dumps(request))
+        a, r = (await L.next_on(answers)).json(), (await L.next_on("replies/q1")).json()
+        assert a == r and ANSWER_FIELDS <= set(a)
+        assert answer_from_payload(a) == cam.answers[0]  # field by field what the camera's door returned
+        assert a["id"] == "q1" and a["camera"] == "cam" and a["question"] == "What is in view?"
+        assert a["answer"] == "Yes, it is in view." and a["origin"] == "mqtt"
+        assert dt.datetime.fromisoformat(a["timestamp"]).tzinfo is not None
+
+        await L.publish(ask, "  Is anyone there?  ")  # plain text is the question
+        plain = (await L.next_on(answers, after=1)).json()
+        assert plain["question"] == "Is anyone there?" and plain["id"] is None
+
+        await L.publish(ask, json.dumps({"id": "q1", "question": "What is in view?"}))  # a repeat: silent
+        await L.publish(ask, json.dumps({"id": "q2", "question": "And now?"}))
+        assert (await L.next_on(answers, after=2)).json()["id"] == "q2"
+        await cam.bus.publish(other_door_answer("cam", 7))  # the camera's answers to other doors go out too
+        assert (await L.next_on(answers, after=3)).json()["question"] == "scripted 7"
+        assert [m.json()["id"] for m in L.on(answers)] == ["q1", None, "q2", None]
+        assert service.counters["duplicates"] == 1 and service.counters["answers"] == 3
+        assert not L.on(f"{prefix}/cam/error") and cam.door.errors["duplicate"] == 1
+
+        assert (await retained(broker, f"{prefix}/status")).text == "online"
+        await cam.bus.publish(cam.status())
+        status = (await L.until(lambda: [m for m in L.on(f"{prefix}/cam/status") if
+                                         m.json()["mqtt"].get("answers") == 3], what="a fresh status"))[0].json()
+        assert status["answers"] == 3 and status["queued"] == 0 and status["errors"] == {"duplicate": 1}
+    assert (await retained(broker, f"{prefix}/status")).text == "offline"  # the clean stop says so
+
+
 BAD_INPUTS = [  # (topic leaf, payload, error code, request id in the error)
     ("cam/ask", b"{not json", "bad_json", None),
     ("cam/ask", b"\xff\xfe\x00", "bad_encoding", None),
@@ -157,7 +160,13 @@ BAD_INPUTS = [  # (topic leaf, payload, error code, request id in the error)
     ("cam/ask", json.dumps({"id": "t7", "question": "x" * 101}), "question_too_long", "t7"),
     ("cam/ask", json.dumps({"id": "t8", "question": "ok?", "pad": "y" * 3000}), "payload_too_large", None),
     ("cam/ask", json.dumps({"id": "t9", "question": "ok?", "llm_budget": 0}), "bad_llm_budget", "t9"),
+    # text UTF-8 cannot carry (a lone surrogate escape) is refused wherever it is, never crashes
+    ("cam/ask", b'{"id": "\\ud800", "question": "hi"}', "bad_request", None),
+    ("cam/ask", b'{"id": "s1", "question": "\\udfff?"}', "bad_request", "s1"),
+    ("cam/ask", b'{"id": "s2", "question": "ok?", "reply_to": "r/\\ud800"}', "bad_request", "s2"),
+    ("cam/ask", b'{"id": "s3", "question": "ok?", "extra": {"\\ud800": [1]}}', "bad_request", "s3"),
     ("nosuch/ask", json.dumps({"id": "t10", "question": "ok?"}), "unknown_camera", "t10"),
+    ("nosuch/ask", b'{"id": "\\ud800", "question": "hi"}', "bad_request", None),
     ("cam/watch/set", json.dumps({"op": "add", "name": "w", "question": "q?"}), "bad_watch", None),
     ("cam/watch/set", json.dumps({"op": "add", "name": "w", "question": "q?", "every_s": -1}), "bad_watch", None),
     ("cam/watch/set", json.dumps({"op": "add", "name": "w", "question": "q?", "every_s": "often"}), "bad_watch", None),
@@ -169,33 +178,45 @@ BAD_INPUTS = [  # (topic leaf, payload, error code, request id in the error)
     ("cam/watch/set", json.dumps({"op": "explode"}), "bad_watch", None),
     ("cam/watch/set", b"add a watch please", "bad_watch", None),
     ("cam/watch/set", json.dumps({"op": "remove", "name": "nope"}), "unknown_watch", None),
+    ("cam/watch/set", b'{"id": "\\ud800", "op": "list"}', "bad_request", None),
+    ("cam/watch/set", b'{"id": "s4", "op": "add", "name": "\\ud800", "question": "q?", "every_s": 5}',
+     "bad_request", "s4"),
     ("nosuch/watch/set", json.dumps({"op": "list"}), "unknown_camera", None),
 ]
 
 
+def error_topic(prefix: str, camera: str) -> str:
+    """Where a refusal goes: the camera's error topic, or the service's for a camera it does not serve."""
+    return f"{prefix}/{camera}/error" if camera == "cam" else f"{prefix}/error"
+
+
 async def test_every_bad_input_gets_its_error_and_a_counter_then_a_question_works(broker):
     prefix = unique_prefix()
-    service = MqttService(settings(broker, prefix, max_question_chars=100, max_payload_bytes=2048),
-                          {"cam": ScriptedCamera("cam")})
+    cam = ScriptedCamera("cam", door=DoorSettings(max_question_chars=100))
+    service = MqttService(settings(broker, prefix, max_payload_bytes=2048), {"cam": cam})
     async with Listener(broker, f"{prefix}/#", "r/#") as L:
         # a retained request (it would come back on every reconnect) is refused, not answered
-        await L.publish(f"{prefix}/cam/ask", json.dumps({"id": "r1", "question": "ok?"}), retain=True)
-        await L.next_on(f"{prefix}/cam/ask")
-        async with serving(service):
-            assert (await L.next_on(f"{prefix}/cam/error")).json()["code"] == "retained_request"
+        for camera in ("cam", "nosuch"):
+            await L.publish(f"{prefix}/{camera}/ask", json.dumps({"id": "r1", "question": "ok?"}), retain=True)
+            await L.next_on(f"{prefix}/{camera}/ask")
+        async with running(cam, sink=service), serving(service):
+            for camera in ("cam", "nosuch"):
+                e = (await L.next_on(error_topic(prefix, camera))).json()
+                assert (e["code"], e["camera"], e["id"]) == ("retained_request", camera, None)
             await _bad_inputs_then_a_question(L, prefix, service)
+    assert not service.counters["unsendable"] and not service.counters["connection_failures"]
 
 
 async def _bad_inputs_then_a_question(L: Listener, prefix: str, service: MqttService) -> None:
     for i, (leaf, payload, code, rid) in enumerate(BAD_INPUTS):
         camera = leaf.split("/")[0]
-        errors = f"{prefix}/{camera}/error"
+        errors = error_topic(prefix, camera)
         before = len(L.on(errors))
         await L.publish(f"{prefix}/{leaf}", payload)
         e = (await L.next_on(errors, after=before)).json()
         assert (e["code"], e["id"], e["camera"]) == (code, rid, camera), (i, e)
         assert e["message"], e
-    expected = {"errors.retained_request": 1}
+    expected = {"errors.retained_request": 2}
     for _, _, code, _ in BAD_INPUTS:
         expected[f"errors.{code}"] = expected.get(f"errors.{code}", 0) + 1
     assert {k: v for k, v in service.counters.items() if k.startswith("errors.")} == expected
@@ -208,11 +229,77 @@ async def _bad_inputs_then_a_question(L: Listener, prefix: str, service: MqttSer
     assert service.connected.is_set() and service.counters["connects"] == 1
 
 
+async def test_a_camera_level_too_long_for_its_reply_topics_is_refused_on_the_service_error_topic(broker):
+    """The ask topic fits MQTT's 65,535 bytes; `<prefix>/<camera>/error` would not: no topic is
+    built from a camera name that is not served, and the service goes on."""
+    prefix = unique_prefix()
+    cam = ScriptedCamera("cam")
+    service = MqttService(settings(broker, prefix), {"cam": cam})
+    name = "c" * (65535 - len(f"{prefix}//ask"))  # the longest an ask topic can have
+    other = "w" * (65535 - len(f"{prefix}//watch/set"))
+    async with Listener(broker, f"{prefix}/#") as L, running(cam, sink=service), serving(service):
+        await L.publish(f"{prefix}/{name}/ask", json.dumps({"id": "long", "question": "hi"}))
+        await L.publish(f"{prefix}/{other}/watch/set", json.dumps({"id": "long-w", "op": "list"}))
+        await L.until(lambda: L.on(f"{prefix}/error")[1:], what="two errors")
+        errors = [m.json() for m in L.on(f"{prefix}/error")]
+        assert [(e["code"], e["id"], e["camera"]) for e in errors] == [
+            ("unknown_camera", "long", name), ("unknown_camera", "long-w", other)]
+        assert all(len(e["message"]) < 200 for e in errors)  # the name is shortened in the text
+        await L.publish(f"{prefix}/cam/ask", json.dumps({"id": "after", "question": "Still there?"}))
+        assert (await L.next_on(f"{prefix}/cam/answer")).json()["id"] == "after"
+        assert service.connected.is_set() and (await retained(broker, f"{prefix}/status")).text == "online"
+        assert service.counters["connects"] == 1 and not service.counters["connection_failures"]
+        assert not service.counters["unsendable"]
+
+
+async def test_an_unexpected_error_in_a_connection_is_logged_counted_and_retried(broker, caplog):
+    class FailsOnce(MqttService):
+        """Our own bug in the middle of a connection, once."""
+
+        failed = False
+
+        async def _session(self, client):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("a bug")
+            await super()._session(client)
+
+    prefix = unique_prefix()
+    cam = ScriptedCamera("cam")
+    service = FailsOnce(settings(broker, prefix), {"cam": cam})
+    with caplog.at_level(logging.ERROR, logger="sinks.mqtt.service"):
+        async with Listener(broker, f"{prefix}/#") as L, running(cam, sink=service), serving(service):
+            assert service.counters["connection_failures"] == 1 and service.counters["connects"] == 1
+            await L.publish(f"{prefix}/cam/ask", json.dumps({"id": "q", "question": "Up?"}))
+            assert (await L.next_on(f"{prefix}/cam/answer")).json()["id"] == "q"
+    failure = next(r for r in caplog.records if r.exc_info)
+    assert "retrying" in failure.getMessage() and failure.exc_info[0] is RuntimeError
+
+
+async def test_status_carries_the_camera_status_as_it_is_now_and_the_service_counters(broker):
+    cam = ScriptedCamera("cam")
+    prefix = unique_prefix()
+    service = MqttService(settings(broker, prefix), {"cam": cam})
+    status = f"{prefix}/cam/status"
+    async with Listener(broker, f"{prefix}/#") as L, running(cam, sink=service), serving(service):
+        first = (await L.next_on(status)).json()  # from the camera at start
+        assert set(first) == {*(f.name for f in fields(Status)), "mqtt"} and first["source"]["state"] == "streaming"
+        await cam.source_state("reconnecting")
+        changed = (await L.next_on(status, after=1)).json()
+        assert changed["source"]["state"] == "reconnecting" and changed["mqtt"]["connects"] == 1
+        await asyncio.sleep(0.3)
+        await cam.bus.publish(cam.status())  # a status tick: its source block is live, not the change's
+        tick = (await L.next_on(status, after=2)).json()
+        assert tick["source"]["state"] == "reconnecting" and tick["source"]["state_age_s"] >= 0.3
+    assert json.loads((await retained(broker, status)).payload)["source"] == tick["source"]
+
+
 async def test_watches_added_listed_and_removed_at_runtime(broker):
     prefix = unique_prefix()
-    service = MqttService(settings(broker, prefix), {"cam": ScriptedCamera("cam", says_yes=lambda t: False)},
-                          watches=[WatchSpec(name="from config", question="Anything?", every_s=60.0)])
-    async with Listener(broker, f"{prefix}/#", "r/list") as L, serving(service):
+    cam = ScriptedCamera("cam", says_yes=lambda t: False)
+    cam.watches.add(WatchSpec(name="from config", question="Anything?", camera="cam", every_s=60.0))
+    service = MqttService(settings(broker, prefix), {"cam": cam})
+    async with Listener(broker, f"{prefix}/#", "r/list") as L, running(cam, sink=service), serving(service):
         watches_topic = f"{prefix}/cam/watches"
         assert [w["name"] for w in (await L.next_on(watches_topic)).json()["watches"]] == ["from config"]
         spec = {"op": "add", "name": "door", "question": "Is the door open?", "every_s": 0.5, "on_scene_change": True,
@@ -230,6 +317,7 @@ async def test_watches_added_listed_and_removed_at_runtime(broker):
         assert [w["name"] for w in (await L.next_on(watches_topic, after=3)).json()["watches"]] == ["from config"]
         assert [w["name"] for w in json.loads((await retained(broker, watches_topic)).payload)["watches"]] == [
             "from config"]
+    assert not L.on(f"{prefix}/cam/answer")  # a watch's checks are not answers to anyone
 
 
 def _scene() -> SyntheticSource:
@@ -247,9 +335,9 @@ async def test_watch_fires_once_respects_cooldown_and_publishes_a_snapshot(broke
     speed = 2.0  # stream seconds per wall second: in view at 0.5-1.5, 2-3 and 4-4.75 s of wall time
     cam = ScriptedCamera("cam", says_yes=lambda t: any(source.boxes_at(t)), source=source, speed=speed)
     prefix = unique_prefix()
-    watch = WatchSpec(name="red circle", question="Is there a red circle?", every_s=0.1, cooldown_s=3.0)
-    service = MqttService(settings(broker, prefix), {"cam": cam}, watches=[watch])
-    async with Listener(broker, f"{prefix}/#") as L, serving(service):
+    cam.watches.add(WatchSpec(name="red circle", question="Is there a red circle?", every_s=0.1, cooldown_s=3.0))
+    service = MqttService(settings(broker, prefix), {"cam": cam})
+    async with Listener(broker, f"{prefix}/#") as L, running(cam, sink=service), serving(service):
         events, snapshots = f"{prefix}/cam/event", f"{prefix}/cam/snapshot"
         first = (await L.next_on(events)).json()
         await asyncio.sleep(max(0.0, 5.2 - cam.stream_s() / speed))
@@ -260,9 +348,9 @@ async def test_watch_fires_once_respects_cooldown_and_publishes_a_snapshot(broke
     assert first["watch"] == "red circle" and first["answer"].startswith("Yes") and first["trigger"] == "yes"
     assert first["t_start"] <= first["t_end"] and first["question"] == "Is there a red circle?"
     assert first["snapshot"] == snapshots and first["camera"] == "cam" and first["id"] != second["id"]
-    c = service.counters
+    c = cam.watches.counters
     assert c["watch_fire"] == 2 and c["watch_cooldown"] >= 3 and c["watch_duplicate"] >= 3 and c["watch_clear"] >= 3
-    assert c["events"] == 2 and c["watch_errors"] == 0
+    assert service.counters["events"] == 2 and c["watch_errors"] == 0
     # each event is preceded by its snapshot: the frame at that moment, the red circle in the middle
     order = [m.topic for m in L.messages if m.topic in (events, snapshots)]
     assert order == [snapshots, events, snapshots, events]
@@ -275,25 +363,26 @@ async def test_watch_fires_once_respects_cooldown_and_publishes_a_snapshot(broke
 
 async def test_scene_change_watch_fires_on_scene_changes_only(broker):
     prefix = unique_prefix()
-    service = MqttService(settings(broker, prefix), {"cam": ScriptedCamera("cam")},
-                          watches=[WatchSpec(name="cut", question="Is it a new scene?", on_scene_change=True,
-                                             cooldown_s=0.0)])
-    async with Listener(broker, f"{prefix}/#") as L, serving(service):
+    cam = ScriptedCamera("cam")
+    cam.watches.add(WatchSpec(name="cut", question="Is it a new scene?", on_scene_change=True, cooldown_s=0.0))
+    service = MqttService(settings(broker, prefix), {"cam": cam})
+    async with Listener(broker, f"{prefix}/#") as L, running(cam, sink=service), serving(service):
         await asyncio.sleep(0.3)
-        assert service.counters["watch_checks"] == 0  # no timer: nothing asked yet
-        await service.emit({"type": "scene_change", "camera": "cam", "pts": 3.0, "group": 3})
+        assert cam.watches.counters["watch_checks"] == 0  # no timer: nothing asked yet
+        await cam.scene_change(3, 3.0)
         assert (await L.next_on(f"{prefix}/cam/event")).json()["watch"] == "cut"
-        await service.emit({"type": "scene_change", "camera": "cam", "pts": 9.0, "group": 9})
-        await L.until(lambda: service.counters["watch_checks"] == 2, what="the second check")
+        await cam.scene_change(9, 9.0)
+        await L.until(lambda: cam.watches.counters["watch_checks"] == 2, what="the second check")
         await asyncio.sleep(0.2)
-        assert len(L.on(f"{prefix}/cam/event")) == 1 and service.counters["watch_duplicate"] == 1
+        assert len(L.on(f"{prefix}/cam/event")) == 1 and cam.watches.counters["watch_duplicate"] == 1
 
 
 async def test_broker_restart_reconnects_and_delivers_what_the_outage_produced(broker):
     prefix = unique_prefix()
     cam = ScriptedCamera("cam", delay=0.3)
+    cam.watches.add(WatchSpec(name="cut", question="New scene?", on_scene_change=True))
     service = MqttService(settings(broker, prefix, outbox_size=10, reconnect_min_s=1.0, reconnect_max_s=1.0),
-                          {"cam": cam}, watches=[WatchSpec(name="cut", question="New scene?", on_scene_change=True)])
+                          {"cam": cam})
     failures = lambda: service.counters["connection_failures"]  # noqa: E731
 
     def answered(listener: Listener) -> set[str]:
@@ -313,7 +402,7 @@ async def test_broker_restart_reconnects_and_delivers_what_the_outage_produced(b
         assert not service.connected.is_set()
         return listener
 
-    async with serving(service):
+    async with running(cam, sink=service), serving(service):
         async with Listener(broker, f"{prefix}/#") as L:
             for i in range(3):
                 await L.publish(f"{prefix}/cam/ask", json.dumps({"id": f"o{i}", "question": f"q{i}?"}))
@@ -321,8 +410,8 @@ async def test_broker_restart_reconnects_and_delivers_what_the_outage_produced(b
 
         async def first_outage():
             for n in range(2):
-                await service.emit(pipeline_answer("cam", n))
-            await service.emit({"type": "scene_change", "camera": "cam", "pts": 1.0, "group": 1})
+                await cam.bus.publish(other_door_answer("cam", n))
+            await cam.scene_change(1, 1.0)
             while service.counters["answers"] < 3 or service.counters["events"] < 1:
                 await asyncio.sleep(0.02)
             assert service.outbox_len == 6  # 3 + 2 answers, 1 event (no frame, so no snapshot)
@@ -340,7 +429,7 @@ async def test_broker_restart_reconnects_and_delivers_what_the_outage_produced(b
 
         async def second_outage():  # more than the outbox holds: the oldest are dropped, and counted
             for n in range(10, 25):
-                await service.emit(pipeline_answer("cam", n))
+                await cam.bus.publish(other_door_answer("cam", n))
 
         L = await outage_then_listen(second_outage)
         try:
@@ -355,8 +444,9 @@ async def test_broker_restart_reconnects_and_delivers_what_the_outage_produced(b
 
 async def test_hundred_questions_at_once_each_get_an_answer_or_busy(broker):
     prefix = unique_prefix()
-    service = MqttService(settings(broker, prefix, queue_size=4), {"cam": ScriptedCamera("cam", delay=0.02)})
-    async with Listener(broker, f"{prefix}/#") as L, serving(service):
+    cam = ScriptedCamera("cam", delay=0.02, door=DoorSettings(queue_size=4))
+    service = MqttService(settings(broker, prefix), {"cam": cam})
+    async with Listener(broker, f"{prefix}/#") as L, running(cam, sink=service), serving(service):
         await asyncio.gather(*(L.publish(f"{prefix}/cam/ask", json.dumps({"id": f"n{i}", "question": f"q{i}?"}))
                                for i in range(100)))
         answers, errors = f"{prefix}/cam/answer", f"{prefix}/cam/error"
@@ -371,44 +461,28 @@ async def test_hundred_questions_at_once_each_get_an_answer_or_busy(broker):
     assert service.counters["answers"] == len(answered) and service.counters["errors.busy"] == len(busy)
 
 
-async def test_a_clean_stop_refuses_waiting_questions_and_goes_offline(broker):
+@pytest.mark.parametrize("camera_stops_first", [False, True], ids=["service-stops", "camera-then-service-stop"])
+async def test_a_clean_stop_refuses_waiting_questions_and_goes_offline(broker, camera_stops_first):
+    """Whichever stops first, each question still waiting gets one `unavailable` (from the
+    service, or from the camera's door through the bus) before `offline`."""
     prefix = unique_prefix()
-    service = MqttService(settings(broker, prefix), {"cam": ScriptedCamera("cam", delay=30.0)})
-    async with Listener(broker, f"{prefix}/#") as L:
-        async with serving(service):
+    cam = ScriptedCamera("cam", delay=30.0)
+    service = MqttService(settings(broker, prefix), {"cam": cam})
+    async with Listener(broker, f"{prefix}/#", "r/#") as L:
+        async with contextlib.AsyncExitStack() as stack:
+            if camera_stops_first:  # the CLI's order: cameras stop, then the front doors
+                await stack.enter_async_context(serving(service))
+                await stack.enter_async_context(running(cam, sink=service))
+            else:
+                await stack.enter_async_context(running(cam, sink=service))
+                await stack.enter_async_context(serving(service))
             for i in range(3):
-                await L.publish(f"{prefix}/cam/ask", json.dumps({"id": f"w{i}", "question": "Slow?"}))
-            await L.until(lambda: service.counters["requests"] == 3, what="the questions")
+                await L.publish(f"{prefix}/cam/ask", json.dumps({"id": f"w{i}", "question": "Slow?",
+                                                                 "reply_to": f"r/w{i}"}))
+            await L.until(lambda: cam.door.queued == 2, what="the questions")
         await L.until(lambda: L.on(f"{prefix}/status")[1:], what="offline")
         errors = [m.json() for m in L.on(f"{prefix}/cam/error")]
+        await L.until(lambda: len([m for m in L.messages if m.topic.startswith("r/")]) == 3, what="reply_to copies")
     assert sorted(e["id"] for e in errors) == ["w0", "w1", "w2"]  # one being answered, two waiting
     assert {e["code"] for e in errors} == {"unavailable"} and L.on(f"{prefix}/status")[-1].text == "offline"
-
-
-@settings_h(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.floats(0.0, 5.0), st.sampled_from([True, False, None])), max_size=40),
-       st.floats(0.0, 10.0))
-def test_watch_trigger_fires_on_turning_true_outside_the_cooldown(answers, cooldown):
-    """Transcription of the rule: a match fires iff no event yet or (a non-match came after the
-    last event and the cooldown since it has passed)."""
-    w = WatchState(WatchSpec(name="w", question="q?", every_s=1.0, cooldown_s=cooldown), "cam", 0.0)
-    now, last_fired, cleared = 0.0, None, True
-    for gap, matched in answers:
-        now += gap
-        outcome = w.step(matched, now)
-        fires = matched is True and cleared and (last_fired is None or now - last_fired >= cooldown)
-        assert (outcome == "fire") == fires, (outcome, now, last_fired, cleared)
-        if fires:
-            last_fired, cleared = now, False
-        elif matched is False:
-            cleared = True
-
-
-def test_yes_no_parsing():
-    assert parse_yes_no("Yes, the door is open.") is True
-    assert parse_yes_no("no.") is False
-    assert parse_yes_no("Nope") is False
-    assert parse_yes_no("The door: YES") is True
-    assert parse_yes_no("I cannot tell; not sure") is None
-    assert parse_yes_no("Nobody knows") is None  # a word, not a prefix
-    assert parse_yes_no("") is None
+    assert service.counters["errors.unavailable"] == 3

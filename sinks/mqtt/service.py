@@ -1,0 +1,425 @@
+"""The MQTT front door: questions and watch changes in; answers, errors, events and health out.
+
+Topics, under `prefix` (default "streamprune"); payloads in protocol.py, examples in README.md "MQTT":
+  <prefix>/<camera>/ask        in   JSON {"id", "question", "llm_budget"?, "max_new_tokens"?, "reply_to"?}
+                                    or plain text (the question)
+  <prefix>/<camera>/answer     out  every answer the camera gives (through any door; a watch's checks
+                                    excepted), QoS 1; an MQTT question's answer also on its `reply_to`
+  <prefix>/<camera>/error      out  {"id", "camera", "code", "message", ...} for every request not
+                                    answered (also on `reply_to`), QoS 1
+  <prefix>/error               out  the same, for requests to a camera this service does not serve
+  <prefix>/<camera>/event      out  a watch fired, QoS 1
+  <prefix>/<camera>/snapshot   out  retained JPEG of the newest frame when an event fired, QoS 1
+  <prefix>/<camera>/watch/set  in   {"op": "add" | "remove" | "list", ...}
+  <prefix>/<camera>/watches    out  retained list of the camera's watches
+  <prefix>/<camera>/status     out  retained camera status (its source's health as it is now) and
+                                    the service's counters
+  <prefix>/status              out  retained "online"; "offline" on a clean stop and, as the
+                                    will, when the process dies
+
+Questions go through the camera's one door (`CameraService.ask`): limits, `busy`, de-duplication
+and `unavailable` at the camera's stop are the door's, and the door publishes the answer or the
+refusal on the camera's bus, which brings it here. The service itself adds only the `reply_to`
+copies and the refusals it makes before a question reaches a camera (bad payloads, unknown
+cameras, retained requests); a `duplicate` is counted, not answered. At a clean stop of the
+service, questions it still waits on get `unavailable`. Bad input is answered on an error topic
+and counted (`counters["errors.<code>"]`); nothing a client sends stops the service, and no
+topic is ever built from a name that is not a served camera's. A request published with the
+retain flag is refused: the broker would hand it to us again on every reconnect.
+
+Delivery: everything goes out at QoS 1 through one bounded outbox that outlives connections, so
+what is produced while the broker is away is published after reconnecting (oldest dropped and
+counted beyond `outbox_size`); retained topics keep only their newest value and are published
+again on every connect (a broker restarted without persistence has forgotten them). QoS 1 is
+at least once: a message in flight when the connection drops may arrive twice. Every topic and
+payload is checked before it is queued, so nothing queued can be refused by the client. The
+connection loop reconnects with doubling delay capped at `reconnect_max_s`, forever, and
+survives any error (logged and counted); `run()` returns only after `close()`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import reprlib
+import socket
+import uuid
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiomqtt
+
+from stream.bus import Sink
+from stream.camera_api import CameraService
+from stream.errors import ConfigError, RequestError
+from stream.events import Answer, Event, RequestFailed, SourceState, Status, WatchFired
+from stream.mqtt_settings import MqttSettings, camera_topic_problem, check_settings
+
+from .protocol import (ANSWER, ASK, ERROR, EVENT, MAX_PAYLOAD_BYTES, OFFLINE, ONLINE, SNAPSHOT, STATUS,
+                       WATCH_SET, WATCHES, Ask, ProtocolError, Topics, answer_payload, encode, error_payload,
+                       event_payload, parse_ask, parse_watch_change, refusal, status_payload, topic_problem,
+                       watches_payload, with_id)
+
+log = logging.getLogger(__name__)
+
+FLUSH_ON_STOP_S = 2.0  # a clean stop waits this long for pending messages before going offline
+CLOSE_TIMEOUT_S = 10.0  # a loaded machine can take seconds to flush and say offline
+NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # paho leaves Nagle on: +40 ms per small message
+WATCH_ORIGIN = "watch"  # Question.origin of a watch's checks: their outcome is the event, not an answer
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """An MQTT question a camera is answering (or queueing)."""
+
+    camera: str
+    ask: Ask
+
+
+class MqttService(Sink):
+    """Serves `cameras` on a broker: `run()` until `close()`. Subscribe it to every camera's bus."""
+
+    name = "mqtt"
+
+    def __init__(self, settings: MqttSettings, cameras: Mapping[str, CameraService]):
+        self.settings = check_settings(settings)
+        for name, camera in cameras.items():
+            if camera.name != name:
+                raise ValueError(f"camera {camera.name!r} is served under the name {name!r}")
+            if (problem := camera_topic_problem(settings.prefix, name)) is not None:
+                raise ConfigError(f"{name!r} {problem}", "name")
+        self.cameras = dict(cameras)
+        self.topics = Topics(settings.prefix)
+        self.counters: Counter = Counter()
+        self.connected = asyncio.Event()
+        self._outbox: deque[_Outgoing] = deque()
+        self._retained: dict[str, bytes] = {}
+        self._dirty: dict[str, None] = {}  # retained topics to publish, in order
+        self._asks: dict[asyncio.Task, _Waiting] = {}
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._done = asyncio.Event()
+        self._running = False
+
+    @property
+    def outbox_len(self) -> int:
+        return len(self._outbox)
+
+    # -- events from the cameras' buses --
+
+    async def handle(self, event: Event) -> None:
+        camera = getattr(event, "camera", None)
+        if camera not in self.cameras:
+            return
+        if isinstance(event, Answer):
+            if event.origin != WATCH_ORIGIN:
+                self._send(self.topics.camera(camera, ANSWER), encode(answer_payload(event)))
+        elif isinstance(event, RequestFailed):
+            self._send(self.topics.camera(camera, ERROR), encode(error_payload(event)))
+        elif isinstance(event, Status):
+            self._publish_status(event)
+        elif isinstance(event, SourceState):
+            self._publish_status(self.cameras[camera].status())
+        elif isinstance(event, WatchFired):
+            snapshot = self.topics.camera(camera, SNAPSHOT) if event.snapshot else None
+            if snapshot is not None:
+                self._send(snapshot, event.snapshot, retain=True)
+            self._send(self.topics.camera(camera, EVENT), encode(event_payload(event, snapshot)))
+            self.counters["events"] += 1
+
+    # -- serving --
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect with capped backoff, forever; returns after `close()`."""
+        self._running = True
+        self._done.clear()
+        for name, camera in self.cameras.items():
+            self._publish_status(camera.status())
+            self._publish_watches(name)
+        try:
+            await self._connect_loop()
+        finally:
+            waiting = list(self._asks)
+            for t in waiting:
+                t.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            self._running = False
+            self._done.set()
+
+    async def close(self) -> None:
+        """Stop: waiting questions refused, pending messages sent (briefly), `offline` retained."""
+        self._stop.set()
+        if self._running:
+            try:
+                await asyncio.wait_for(self._done.wait(), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("MQTT service did not stop within %.0f s", CLOSE_TIMEOUT_S)
+
+    def _client(self) -> aiomqtt.Client:
+        s = self.settings
+        tls = None
+        if s.tls:
+            tls = aiomqtt.TLSParameters(ca_certs=_path(s.ca_file), certfile=_path(s.cert_file),
+                                        keyfile=_path(s.key_file))
+        ident = s.client_id or f"streamprune-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        return aiomqtt.Client(s.host, s.port, identifier=ident, username=s.username or None,
+                              password=s.password or None, keepalive=s.keepalive, tls_params=tls,
+                              will=aiomqtt.Will(self.topics.status, OFFLINE, qos=1, retain=True),
+                              socket_options=[NODELAY])
+
+    async def _connect_loop(self) -> None:
+        s = self.settings
+        client: aiomqtt.Client | None = None
+        delay = s.reconnect_min_s
+        while not self._stop.is_set():
+            try:
+                client = client or self._client()
+                async with client:
+                    delay = s.reconnect_min_s
+                    await self._session(client)
+                return
+            except aiomqtt.MqttError as e:
+                log.warning("MQTT broker %s:%d: %s; retrying in %.1f s", s.host, s.port, e, delay)
+            except Exception:
+                client = None  # start afresh: the error may have left the client in any state
+                log.exception("MQTT: the connection to %s:%d failed; retrying in %.1f s", s.host, s.port, delay)
+            self.counters["connection_failures"] += 1
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, s.reconnect_max_s)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        """One connection: announce, subscribe, then read and publish until it drops or we stop."""
+        self.counters["connects"] += 1
+        log.info("MQTT connected to %s:%d as %s", self.settings.host, self.settings.port, client.identifier)
+        await client.publish(self.topics.status, ONLINE, qos=1, retain=True)
+        await client.subscribe([(f, 1) for f in self.topics.requests()])
+        self._dirty.update(dict.fromkeys(self._retained))
+        self._wake.set()
+        self.connected.set()
+        reader, writer = asyncio.create_task(self._reader(client)), asyncio.create_task(self._writer(client))
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait([reader, writer, stop], return_when=asyncio.FIRST_COMPLETED)
+            for t in done - {stop}:
+                t.result()  # the reader's or writer's error: the connection is gone, reconnect
+            if not self._stop.is_set():
+                raise aiomqtt.MqttError("the connection ended")
+            reader.cancel()  # a clean stop: no more requests; what is in the outbox goes out first
+            await self._stop_answering()
+            try:
+                await asyncio.wait_for(self._drain(writer, client), FLUSH_ON_STOP_S)
+            except TimeoutError:
+                log.warning("MQTT: %d messages not delivered at stop", len(self._outbox))
+            await client.publish(self.topics.status, OFFLINE, qos=1, retain=True)
+        finally:
+            self.connected.clear()
+            for t in (reader, writer, stop):
+                t.cancel()
+            await asyncio.gather(reader, writer, stop, return_exceptions=True)
+
+    async def _drain(self, writer: asyncio.Task, client: aiomqtt.Client) -> None:
+        """At a clean stop: the writer finishes what it is sending (never cut off mid-message, which
+        would send that message twice), then whatever is still pending goes out."""
+        self._wake.set()
+        await writer
+        await self._publish_pending(client)
+
+    async def _reader(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            try:
+                self._receive(message.topic.value, bytes(message.payload or b""), message.retain)
+            except Exception:
+                self.counters["errors.internal_error"] += 1
+                log.exception("MQTT: failed on a message on %.200r", message.topic.value)
+
+    async def _writer(self, client: aiomqtt.Client) -> None:
+        """Publishes whatever is pending whenever there is some; returns once stopping and idle."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._publish_pending(client)
+            if self._stop.is_set():
+                return
+
+    async def _publish_pending(self, client: aiomqtt.Client) -> None:
+        """Retained topics first, then the outbox oldest first; an item leaves only once acknowledged.
+
+        No timeout on the acknowledgement: aiomqtt's timeout goes through Python 3.11's
+        `asyncio.wait_for`, which loses a cancellation that races the acknowledgement, and then
+        the writer would outlive its connection. A dead connection ends the reader instead."""
+        while self._dirty or self._outbox:
+            if self._dirty:
+                topic = next(iter(self._dirty))
+                del self._dirty[topic]
+                try:
+                    await client.publish(topic, self._retained[topic], qos=1, retain=True, timeout=math.inf)
+                except BaseException:
+                    self._dirty[topic] = None
+                    raise
+            else:
+                item = self._outbox[0]
+                await client.publish(item.topic, item.payload, qos=1, retain=item.retain, timeout=math.inf)
+                if self._outbox and self._outbox[0] is item:
+                    self._outbox.popleft()
+            self.counters["published"] += 1
+
+    def _sendable(self, topic: str, payload: bytes) -> bool:
+        """Whether the client will take this message; one it would refuse is logged and counted here,
+        never queued (it would fail the connection again on every reconnect)."""
+        problem = topic_problem(topic)
+        if problem is None and len(payload) > MAX_PAYLOAD_BYTES:
+            problem = f"the payload has {len(payload)} bytes"
+        if problem is not None:
+            self.counters["unsendable"] += 1
+            log.error("MQTT: not sending to topic %.200r: %s", topic, problem)
+        return problem is None
+
+    def _send(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        if not self._sendable(topic, payload):
+            return
+        self._outbox.append(_Outgoing(topic, payload, retain))
+        while len(self._outbox) > self.settings.outbox_size:
+            dropped = self._outbox.popleft()
+            self.counters["outbox_dropped"] += 1
+            log.debug("MQTT outbox full: dropped a message for %.200r", dropped.topic)
+        self._wake.set()
+
+    def _retain(self, topic: str, payload: bytes) -> None:
+        if not self._sendable(topic, payload):
+            return
+        self._retained[topic] = payload
+        self._dirty[topic] = None
+        self._wake.set()
+
+    def _publish_status(self, status: Status) -> None:
+        self._retain(self.topics.camera(status.camera, STATUS), encode(status_payload(status, self.counters)))
+
+    def _publish_watches(self, camera: str) -> dict:
+        listing = watches_payload(camera, self.cameras[camera].watches.describe())
+        self._retain(self.topics.camera(camera, WATCHES), encode(listing))
+        return listing
+
+    # -- requests --
+
+    def _receive(self, topic: str, payload: bytes, retain: bool) -> None:
+        request = self.topics.request(topic)
+        if request is None:  # nothing else is subscribed to
+            return
+        camera, leaf = request
+        if retain:  # sent before we subscribed, and again on every reconnect: stale, never acted on
+            self._refuse(camera, RequestError("retained_request", "requests must not be retained; clear it with "
+                                              "an empty retained message on the topic it was sent to"))
+        elif leaf == ASK:
+            self._ask(camera, payload)
+        elif leaf == WATCH_SET:
+            self._watch_set(camera, payload)
+
+    def _unknown(self, camera: str) -> RequestError:
+        return RequestError("unknown_camera", f"no camera named {reprlib.repr(camera)}; "
+                            f"cameras: {', '.join(self.cameras)}")
+
+    def _ask(self, camera: str, payload: bytes) -> None:
+        self.counters["requests"] += 1
+        try:
+            ask = parse_ask(payload, self.settings.max_payload_bytes, self.topics)
+        except ProtocolError as e:
+            self._refuse(camera, e, e.id, e.reply_to)
+            return
+        q = ask.question
+        if camera not in self.cameras:
+            self._refuse(camera, self._unknown(camera), q.id, ask.reply_to, q.text)
+            return
+        task = asyncio.create_task(self._answer(camera, ask))
+        self._asks[task] = _Waiting(camera, ask)
+        task.add_done_callback(self._asks.pop)
+
+    async def _answer(self, camera: str, ask: Ask) -> None:
+        """One question through the camera's door; the door publishes the outcome on the camera's
+        topics (through the bus), this adds the `reply_to` copy."""
+        q = ask.question
+        try:
+            answer = await self.cameras[camera].ask(q)
+        except RequestError as e:
+            if e.code == "duplicate":
+                self.counters["duplicates"] += 1
+                log.info("MQTT: request %r to %s seen already; not answered again", q.id, camera)
+                return
+            self.counters[f"errors.{e.code}"] += 1
+            log.info("MQTT: %s request %r not answered: %s (%s)", camera, q.id, e.message, e.code)
+            if ask.reply_to:
+                self._send(ask.reply_to, encode(error_payload(refusal(camera, e, q.id, q.text))))
+            return
+        except Exception:
+            log.exception("MQTT: asking %s %r failed", camera, q.text)
+            self._refuse(camera, RequestError("internal_error", "the camera failed to answer; see the service log"),
+                         q.id, ask.reply_to, q.text)
+            return
+        self.counters["answers"] += 1
+        if ask.reply_to:
+            self._send(ask.reply_to, encode(answer_payload(answer)))
+
+    async def _stop_answering(self) -> None:
+        """At a clean stop, questions still waiting on a camera get `unavailable`, not silence."""
+        waiting = dict(self._asks)
+        for t in waiting:
+            t.cancel()
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        for w, result in zip(waiting.values(), results):
+            if isinstance(result, asyncio.CancelledError):
+                q = w.ask.question
+                self._refuse(w.camera, RequestError("unavailable", "the service is stopping; ask again later"),
+                             q.id, w.ask.reply_to, q.text)
+
+    def _refuse(self, camera: str, error: RequestError, id: str | int | None = None, reply_to: str | None = None,
+                question: str = "") -> None:
+        """A request this service refused itself: on the camera's error topic (`<prefix>/error` when
+        no camera has that name) and on `reply_to`."""
+        self.counters[f"errors.{error.code}"] += 1
+        log.info("MQTT: %.80r request %r not answered: %s (%s)", camera, id, error.message, error.code)
+        payload = encode(error_payload(refusal(camera, error, id, question)))
+        self._send(self.topics.camera(camera, ERROR) if camera in self.cameras else self.topics.error, payload)
+        if reply_to:
+            self._send(reply_to, payload)
+
+    def _watch_set(self, camera: str, payload: bytes) -> None:
+        """Add, remove or list a camera's watches; the retained listing follows every change."""
+        self.counters["watch_requests"] += 1
+        try:
+            change = parse_watch_change(payload, self.settings.max_payload_bytes, self.topics)
+        except ProtocolError as e:
+            self._refuse(camera, e, e.id, e.reply_to)
+            return
+        try:
+            cam = self.cameras.get(camera)
+            if cam is None:
+                raise self._unknown(camera)
+            if change.op == "add":
+                try:
+                    cam.watches.add(change.spec(camera))
+                except ConfigError as e:
+                    raise RequestError("bad_watch", str(e)) from None
+            elif change.op == "remove" and (not isinstance(change.name, str) or not cam.watches.remove(change.name)):
+                raise RequestError("unknown_watch", f"camera {camera!r} has no watch named {reprlib.repr(change.name)}")
+        except RequestError as e:
+            self._refuse(camera, e, change.id, change.reply_to)
+            return
+        listing = self._publish_watches(camera)
+        if change.reply_to:
+            self._send(change.reply_to, encode(with_id(listing, change.id)))
+
+
+def _path(p: str) -> str | None:
+    return str(Path(p).expanduser()) if p else None
