@@ -1,6 +1,6 @@
 """Benchmark 5: sustained ingest with questions.
 
-The real pipeline (`CameraPipeline`): a realtime 30 fps 640x480 synthetic camera, the sampler
+The real camera service (`stream.camera.Camera`): a realtime 30 fps 640x480 synthetic camera, the sampler
 at 2 fps (`latest` policy, as for a live camera), the tiny model's rolling encoder, the pruner
 and the memory; a question every 5 s of wall time through the query handler while frames keep
 coming. Recorded: when each group lands in the memory, the sampler's and encoder's counters,
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stream.config import from_dict
-from stream.pipeline import CameraPipeline
+from stream.camera import Camera
+from stream.events import Question
 from stream.vlm.base import VideoLM
 from stream.vlm.registry import load_model
 
@@ -68,17 +69,17 @@ async def _run_one(s: IngestSettings, vlm: VideoLM, label: str, duration_s: floa
         "query": {"max_new_tokens": s.max_new_tokens},
         "output": {"status_interval_s": 0.0},
     })
-    pipe = CameraPipeline(cfg, vlm)
-    pipe.source.render(0.0)  # builds the source's cached background and noise before the clock starts
+    cam = Camera(cfg, vlm)
+    cam.source.render(0.0)  # builds the source's cached background and noise before the clock starts
     landed: list[tuple[float, float]] = []
-    inner = pipe.encoder.on_group
+    inner = cam.encoder.on_group
 
-    def on_group(group) -> None:
+    def on_group(group, frames) -> None:
         landed.append((time.monotonic(), group.pts))
         if inner is not None:
-            inner(group)
+            inner(group, frames)
 
-    pipe.encoder.on_group = on_group
+    cam.encoder.on_group = on_group
     answers: list[tuple[float, float]] = []
 
     async def ask_every() -> None:
@@ -86,23 +87,21 @@ async def _run_one(s: IngestSettings, vlm: VideoLM, label: str, duration_s: floa
         while True:
             delay = start + k * s.question_every_s - time.monotonic()
             try:
-                await asyncio.wait_for(pipe.finished.wait(), max(0.0, delay))
+                await asyncio.wait_for(cam.finished.wait(), max(0.0, delay))
                 return
             except TimeoutError:
                 pass
             t0 = time.monotonic()
-            await pipe.ask(s.question)
+            await cam.ask(Question(s.question, origin="bench"))
             t1 = time.monotonic()
             answers.append((t0, t1))
             k = max(k + 1, int((t1 - start) // s.question_every_s) + 1)
 
     start = time.monotonic()
-    try:
-        await asyncio.gather(pipe.run(), ask_every())
-    finally:
-        pipe.close()
-    return {"landed": landed, "answers": answers, "start": start, "group_size": pipe.encoder.group_size,
-            "summary": pipe.summary(), "max_backlog": pipe.encoder.stats.max_backlog}
+    async with cam:
+        await asyncio.gather(cam.finished.wait(), ask_every())
+    return {"landed": landed, "answers": answers, "start": start, "group_size": cam.encoder.group_size,
+            "summary": cam.summary(), "max_backlog": cam.encoder.stats.max_backlog}
 
 
 def analyse(r: dict, sample_fps: float, stall_factor: float, frames_due: int) -> dict:

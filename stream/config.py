@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pruning
+from pruning.base import describe_range
 
 from .errors import ConfigError
 from .mqtt_settings import MqttSettings, check_settings, topic_level_problem
@@ -173,7 +174,12 @@ def pruner_params(name: str, params: dict, path: str) -> dict:
         default = defaults[key]
         tp = type(default) if default is not None else (float if isinstance(value, float) else int)
         lo, hi = ranges.get(key, (None, None))
-        out[key] = convert(value, tp, f"{path}.{key}", {"min": lo, "max": hi})
+        try:
+            out[key] = convert(value, tp, f"{path}.{key}", {"min": lo, "max": hi})
+        except ConfigError as e:
+            if "out of range" not in e.detail:
+                raise
+            raise ConfigError(f"{value!r} is out of range; accepted: {describe_range(lo, hi)}", f"{path}.{key}") from None
     return out
 
 

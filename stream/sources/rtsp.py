@@ -1,6 +1,6 @@
 """Live streams through PyAV: `AVLiveSource` (any live input FFmpeg opens) and `RtspSource`.
 
-Measured here (see REFERENCE.md "RTSP, webcams, files"): FFmpeg's RTSP demuxer never
+Measured on the build machines: FFmpeg's RTSP demuxer never
 reconnects, a killed server just ends the packet iteration over TCP, and a frozen one blocks a
 read forever unless a timeout is set. So every open and read is bounded: the `timeout` socket
 option (half of `stall_timeout_s`, because a timed-out read is retried once inside FFmpeg) and

@@ -146,7 +146,7 @@ class SyntheticConfig(SourceConfig):
     kind: str = choice("synthetic", default="synthetic")
     fps: float = bounded(10.0, 0.1, 240)  # frames rendered per second
     duration_s: float = bounded(60.0, 1.0, 86400 * 7)  # length of the scripted scene
-    seed: int = 0  # the scene script and noise
+    seed: int = bounded(0, 0, None)  # the scene script and noise
     width: int = bounded(640, 32, 7680)
     height: int = bounded(480, 32, 4320)
     realtime: bool = False  # pace to wall clock (a live camera); False = as fast as rendered
