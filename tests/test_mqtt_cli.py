@@ -108,7 +108,6 @@ def test_shipped_mqtt_config_validates():
     ("[mqtt]\nca_file = \"/etc/hostname\"\n", "mqtt.ca_file: set only with tls = true"),
     ("[mqtt]\nreconnect_min_s = 5.0\nreconnect_max_s = 1.0\n", "mqtt.reconnect_max_s: must be >= reconnect_min_s"),
     ("name = \"a/b\"\n[mqtt]\nenabled = true\n", "name: 'a/b' must not contain '/'"),
-    ("[[watches]]\nname = \"w\"\nquestion = \"q\"\nevery_s = 5.0\n", "watches: standing questions run in the MQTT"),
     ("[mqtt]\nenabled = true\n[[watches]]\nname = \"w\"\nquestion = \"q\"\n",
      "watches[0].every_s: the watch has no schedule"),
     ("[mqtt]\nenabled = true\n[[watches]]\nname = \"w\"\nquestion = \"q\"\nevery_s = \"often\"\n",
