@@ -153,7 +153,7 @@ class Camera:
             try:
                 await asyncio.wait_for(self.finished.wait(), interval_s)
             except TimeoutError:
-                await self.publish(self.status())
+                await self.publish(self.status(new_window=True))
 
     async def _scripted_questions(self) -> None:
         """Ask each configured question once the stream reaches its `at_s` (or at the end)."""
@@ -204,14 +204,16 @@ class Camera:
     def memory_map(self) -> MemoryMap:
         return memory_map(self.memory)
 
-    def status(self) -> Status:
-        """Live counters; rates are since the previous call."""
+    def status(self, new_window: bool = False) -> Status:
+        """Live counters; fps over the window since the last status tick (the ticker passes
+        `new_window=True`, so other readers do not shorten its window)."""
         now = time.monotonic()
         s, e = self.sampler.stats, self.encoder.stats
         span = max(now - self._rates.at, 1e-9)
         fps_in = (s.frames_in - self._rates.frames_in) / span
         fps_out = (s.frames_out - self._rates.frames_out) / span
-        self._rates = _Rates(now, s.frames_in, s.frames_out)
+        if new_window:
+            self._rates = _Rates(now, s.frames_in, s.frames_out)
         last = self.door.last_answer
         return Status(
             camera=self.name, stream_s=self.stream_s, fps_in=fps_in, fps_out=fps_out, frames_in=s.frames_in,

@@ -131,8 +131,9 @@ class Door:
             await asyncio.wait([work, stopped], return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
-        if not work.done():
-            work.cancel()
+            if not work.done():  # stopping, or the asker went away: nobody waits for this answer
+                work.cancel()
+        if work.cancelled():
             raise RequestError("unavailable", "the camera is stopping; ask again later")
         try:
             answer = work.result()
