@@ -6,8 +6,9 @@ order); one more is refused at once with `busy`. A question whose `id` was accep
 `dedup_window_s` is refused with `duplicate` (front doors may stay silent on it). Once `stop()`
 is called, waiting and in-flight questions get `unavailable`. Anything else that goes wrong while
 answering is our bug: it is logged with its traceback and the asker gets `internal_error`.
-Every answer is published as an `Answer` and every refusal (but `duplicate`, and a watch's own
-checks, which the watch logs) as a `RequestFailed`, so every sink sees every door's traffic.
+Every answer is published as an `Answer` and every refusal (but `duplicate`) as a
+`RequestFailed`, so every sink sees every door's traffic; a watch's own checks are not (their
+outcome is a `WatchFired` event, and the watch logs its refusals).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .events import Answer, Event, Question, RequestFailed
 log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 200
+WATCH_ORIGIN = "watch"  # a watch's own checks: their outcome is a WatchFired event, not an answer
 MAX_NEW_TOKENS = 1024
 
 
@@ -94,11 +96,11 @@ class Door:
             answer = await self._ask(question, on_text)
         except RequestError as e:
             self.errors[e.code] += 1
-            if self.publish is not None and e.code != "duplicate" and question.origin != "watch":
+            if self.publish is not None and e.code != "duplicate" and question.origin != WATCH_ORIGIN:
                 text = question.text if isinstance(question.text, str) else ""
                 await self.publish(RequestFailed(self.camera, e.code, e.message, question.id, text, question.origin))
             raise
-        if self.publish is not None:
+        if self.publish is not None and question.origin != WATCH_ORIGIN:
             await self.publish(answer)
         return answer
 

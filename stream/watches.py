@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
+from .door import WATCH_ORIGIN
 from .errors import ConfigError, RequestError
 from .events import Answer, Event, Question, WatchFired
 from .validation import bounded, choice
@@ -182,7 +183,7 @@ class Watches:
         self.counters["watch_checks"] += 1
         try:
             answer = await self.ask(Question(spec.question + ASK_SUFFIX, llm_budget=spec.llm_budget or None,
-                                             max_new_tokens=spec.max_new_tokens, origin="watch"))
+                                             max_new_tokens=spec.max_new_tokens, origin=WATCH_ORIGIN))
         except RequestError as e:
             self.counters["watch_errors"] += 1
             log.info("watch %r on %s: %s (%s)", spec.name, self.camera, e.message, e.code)

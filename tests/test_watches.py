@@ -35,3 +35,31 @@ def test_yes_no_parsing():
     assert parse_yes_no("I cannot tell; not sure") is None
     assert parse_yes_no("Nobody knows") is None  # a word, not a prefix
     assert parse_yes_no("") is None
+
+
+async def test_a_watch_fires_into_jsonl_with_mqtt_off(tmp_path):
+    import asyncio
+    import json
+
+    from scripted_camera import ScriptedCamera, running
+
+    from sinks.jsonl import JsonlSink
+
+    cam = ScriptedCamera("door", says_yes=lambda t: t >= 0.5)
+    cam.watches.add(WatchSpec(name="person", question="Is anyone at the door?", every_s=0.1, cooldown_s=60.0))
+    out = tmp_path / "events.jsonl"
+    sink = JsonlSink(out)
+    async with running(cam, sink=sink):
+        for _ in range(100):
+            if out.exists() and '"type": "event"' in out.read_text():
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # later checks still say yes: no second event
+    await sink.close()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    events = [e for e in lines if e["type"] == "event"]
+    assert len(events) == 1
+    (e,) = events
+    assert (e["camera"], e["watch"], e["question"], e["trigger"]) == ("door", "person", "Is anyone at the door?", "yes")
+    assert e["answer"] == "Yes, it is in view." and "snapshot" not in e and e["t_end"] >= 0.5
+    assert [x["type"] for x in lines] == ["event"]  # the watch's checks themselves are not answers

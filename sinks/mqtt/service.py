@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 FLUSH_ON_STOP_S = 2.0  # a clean stop waits this long for pending messages before going offline
 CLOSE_TIMEOUT_S = 10.0  # a loaded machine can take seconds to flush and say offline
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # paho leaves Nagle on: +40 ms per small message
-WATCH_ORIGIN = "watch"  # Question.origin of a watch's checks: their outcome is the event, not an answer
 
 
 @dataclass(frozen=True)
@@ -122,8 +121,7 @@ class MqttService(Sink):
         if camera not in self.cameras:
             return
         if isinstance(event, Answer):
-            if event.origin != WATCH_ORIGIN:
-                self._send(self.topics.camera(camera, ANSWER), encode(answer_payload(event)))
+            self._send(self.topics.camera(camera, ANSWER), encode(answer_payload(event)))
         elif isinstance(event, RequestFailed):
             self._send(self.topics.camera(camera, ERROR), encode(error_payload(event)))
         elif isinstance(event, Status):
