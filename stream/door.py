@@ -129,13 +129,15 @@ class Door:
             raise RequestError("unavailable", "the camera is stopping; ask again later")
         work = asyncio.ensure_future(self.answerer(q, on_text))
         stopped = asyncio.ensure_future(self._stopped.wait())
+        abandoned = False
         try:
             await asyncio.wait([work, stopped], return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
             if not work.done():  # stopping, or the asker went away: nobody waits for this answer
                 work.cancel()
-        if work.cancelled():
+                abandoned = True
+        if abandoned:
             raise RequestError("unavailable", "the camera is stopping; ask again later")
         try:
             answer = work.result()
