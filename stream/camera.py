@@ -220,7 +220,7 @@ class Camera:
             frames_out=s.frames_out, dropped=s.dropped + e.groups_dropped * self.encoder.group_size,
             groups_encoded=e.groups_encoded, memory_tokens=len(self.memory), tokens_seen=self.memory.tokens_seen,
             encode_ms=e.encode_ms, prune_ms=e.prune_ms, backlog=e.backlog, queued=self.door.queued,
-            answers=self.door.answers, errors=dict(self.door.errors), watches=len(self.watches),
+            answers=self.door.answers, errors=dict(self.door.errors), watches=len(self.watches), watch_counters=dict(self.watches.counters),
             last_answer_s=last.total_s if last else None, source=self.source.health(),
         )
 

@@ -171,6 +171,7 @@ class Status(Event):
     answers: int
     errors: dict = field(default_factory=dict)  # request errors by code
     watches: int = 0
+    watch_counters: dict = field(default_factory=dict)  # watch_checks, watch_fire, watch_cooldown, ...
     last_answer_s: float | None = None
     source: dict = field(default_factory=dict)
     timestamp: str = field(default_factory=utc_now)

@@ -59,7 +59,7 @@ class ScriptedCamera:
         return Status(camera=self.name, stream_s=self.stream_s(), fps_in=0.0, fps_out=0.0, frames_in=0,
                       frames_out=0, dropped=0, groups_encoded=0, memory_tokens=24, tokens_seen=24, encode_ms=0.0,
                       prune_ms=0.0, backlog=0, queued=self.door.queued, answers=self.door.answers,
-                      errors=dict(self.door.errors), watches=len(self.watches),
+                      errors=dict(self.door.errors), watches=len(self.watches), watch_counters=dict(self.watches.counters),
                       source={"state": self.state, "state_age_s": time.monotonic() - self._state_since})
 
     def latest_jpeg(self) -> bytes | None:

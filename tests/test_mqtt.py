@@ -343,6 +343,11 @@ async def test_watch_fires_once_respects_cooldown_and_publishes_a_snapshot(broke
         first = (await L.next_on(events)).json()
         await asyncio.sleep(max(0.0, 5.2 - cam.stream_s() / speed))
         assert len(L.on(events)) == 2, [m.json() for m in L.on(events)]
+        await service.handle(cam.status())
+        status = (await L.until(lambda: [m for m in L.on(f"{prefix}/cam/status")
+                                         if m.json()["watch_counters"].get("watch_fire") == 2],
+                                what="the watch counters in the status"))[0].json()
+        assert status["watches"] == 1 and status["watch_counters"]["watch_checks"] >= 10
     second = L.on(events)[1].json()
     # once when it turns true (1 s), not again while it stays true, not at 4 s (cooldown), again at 8 s
     assert 1.0 <= first["t_end"] < 3.0 and 8.0 <= second["t_end"] < 9.5
