@@ -121,7 +121,7 @@ class Camera:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.encoder.close()
+        await asyncio.to_thread(self.encoder.close)  # waits for a batch in flight: off the event loop
         self.queries.close()
 
     async def done(self) -> None:

@@ -156,8 +156,9 @@ def _camera_data(top: dict, cam: dict) -> dict:
     memory = cam.get("memory", {})
     if isinstance(memory, dict) and "pruner" in memory and "params" not in memory:
         merged["memory"] = {**merged["memory"], "params": {}}  # another pruner's params do not carry over
-    visuals = merged.get("output", {}).get("visuals_dir", "")
-    if visuals and "visuals_dir" not in cam.get("output", {}):
+    output, own = merged.get("output"), cam.get("output")
+    visuals = output.get("visuals_dir", "") if isinstance(output, dict) else ""
+    if visuals and isinstance(visuals, str) and not (isinstance(own, dict) and "visuals_dir" in own):
         merged["output"] = {**merged["output"], "visuals_dir": str(Path(visuals) / str(cam.get("name", "")))}
     return merged
 

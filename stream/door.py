@@ -17,7 +17,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import RequestError
 from .events import Answer, Event, Question, RequestFailed
@@ -52,9 +52,7 @@ def validate(q: Question, max_question_chars: int) -> Question:
                                          or not 1 <= q.max_new_tokens <= MAX_NEW_TOKENS):
         raise RequestError("bad_max_new_tokens",
                            f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {q.max_new_tokens!r}")
-    if text == q.text:
-        return q
-    return Question(text, q.id, q.llm_budget, q.max_new_tokens, q.origin)
+    return q if text == q.text else replace(q, text=text)
 
 
 OnText = Callable[[str], None]
