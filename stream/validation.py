@@ -1,10 +1,13 @@
 """Validating TOML/JSON tables into frozen dataclasses, torch-free so sinks can use it too.
 
-A field's metadata may name its accepted values (`choice`) or range (`bounded`). A bad field is
-reported by its dotted path and what is accepted, as a `ConfigError`.
+A field's metadata may name its accepted values (`choice`) or range (`bounded`). A float field
+must be a finite number: TOML and Python's JSON accept NaN and infinity, and NaN passes every
+range check. A bad field is reported by its dotted path and what is accepted, as a
+`ConfigError`.
 """
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
 from typing import Any
@@ -41,6 +44,8 @@ def convert(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any]) -> A
         return dict(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", path)
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"expected a finite number, got {value!r}", path)
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{value!r} is not accepted; accepted values: {', '.join(meta['choices'])}", path)
     lo, hi = meta.get("min"), meta.get("max")
