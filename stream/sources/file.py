@@ -8,17 +8,30 @@ demuxer error (a truncated file) ends the pass, counted in `stats.errors`. A res
 pixel-format change just yields RGB frames of the new size. `decode_video` is that packet loop,
 shared with the live PyAV sources.
 
-pts is seconds since the stream's start time (index / fps when a frame has none) and is kept
-strictly increasing: a timestamp that goes back (the next loop, a concatenated file restarting
-its clock) continues one frame duration after the previous frame.
+A decoded frame that FFmpeg flags corrupt (damage the decoder concealed) counts too, once per
+damage: a flagged frame within `REORDER_DEPTH` packets of a damage already counted is that one.
+
+pts is seconds since the stream's start time, in presentation order and strictly increasing.
+The decoder's frame order is the display order, but a container that stores decode order only
+(AVI with packed B-frames) or a muxer that wrote pts = dts labels frames with their neighbours'
+times, so the times of the next `REORDER_DEPTH` frames are handed out smallest first; a
+duplicate moves up by a thousandth of a frame. A frame without a pts takes its dts, else the
+newest time plus one frame (index / fps for a file without timestamps). Only a jump back of
+more than `REORDER_DEPTH` frames is a clock restart (the next loop, a concatenated file): the
+stream continues one frame duration after the previous frame, and a file's last pts stays
+within a frame of its duration.
 """
 from __future__ import annotations
 
 import errno
+import heapq
+import math
 import os
-from collections.abc import AsyncIterator, Generator
+from collections import deque
+from collections.abc import AsyncIterator, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import av
 import numpy as np
@@ -28,6 +41,9 @@ from ..validation import bounded, choice
 from .base import Pacer, Source, SourceConfig, SourceError, StateCallback, iterate_in_thread
 
 DEFAULT_FPS = 30.0  # frame duration when the stream declares no rate
+REORDER_DEPTH = 8  # frames: how far decoder output may stray from pts order and still be put back
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -131,21 +147,56 @@ class FileSource(Source):
             if container.duration is not None:
                 self.duration_s = container.duration / av.time_base
             start = stream.start_time or 0
-            position = -step
-            try:
-                for frame in decode_video(container, self):
-                    if self.closed:
-                        return
-                    if frame is None:
-                        continue
-                    if frame.pts is None:
-                        position += step
-                    else:
-                        position = float((frame.pts - start) * stream.time_base)
-                    yield position, step, frame.to_ndarray(format="rgb24")
-            except av.error.FFmpegError as exc:
-                self.record_error(f"demuxing stopped early: {exc}")
+            for position, frame in presentation_times(self._stamped(container, stream, start), step):
+                if self.closed:
+                    return
+                yield position, step, frame.to_ndarray(format="rgb24")
 
+    def _stamped(self, container: av.container.InputContainer, stream: av.VideoStream,
+                 start: int) -> Generator[tuple[float | None, av.VideoFrame], None, None]:
+        """(file seconds or None, frame) in decoder order; a demuxer error ends the pass, counted."""
+        try:
+            for frame in decode_video(container, self):
+                if self.closed:
+                    return
+                if frame is None:
+                    continue
+                ts = frame.pts if frame.pts is not None else frame.dts
+                yield (None if ts is None else float((ts - start) * stream.time_base)), frame
+        except av.error.FFmpegError as exc:
+            self.record_error(f"demuxing stopped early: {exc}")
+
+
+def presentation_times(stamped: Iterable[tuple[float | None, T]], step: float,
+                       depth: int = REORDER_DEPTH) -> Generator[tuple[float, T], None, None]:
+    """Decoder-order (seconds or None, item) -> (seconds, item): the items keep their order, the
+    seconds of the next `depth` items are handed out smallest first and strictly increase
+    (a duplicate moves up by step / 1000). None is the newest time plus `step` (0 first).
+    A jump back of more than `depth` steps is a restarted clock: what waits is handed out and
+    the new clock's times follow as they are."""
+    waiting: deque[T] = deque()
+    times: list[float] = []
+    newest = last = -math.inf
+
+    def hand_out() -> tuple[float, T]:
+        nonlocal last
+        last = max(heapq.heappop(times), last + step / 1000)
+        return last, waiting.popleft()
+
+    for t, item in stamped:
+        if t is None:
+            t = 0.0 if newest == -math.inf else newest + step
+        elif t < newest - depth * step:
+            while waiting:
+                yield hand_out()
+            newest = last = -math.inf
+        newest = max(newest, t)
+        heapq.heappush(times, t)
+        waiting.append(item)
+        if len(waiting) > depth:
+            yield hand_out()
+    while waiting:
+        yield hand_out()
 
 def decode_video(
     container: av.container.InputContainer, source: Source
@@ -153,19 +204,29 @@ def decode_video(
     """The frames of the container's first video stream, and None after each packet that gave
     none (so a live reader can watch the clock). Packets the decoder rejects are skipped and
     packets the demuxer flags corrupt are decoded anyway, each counted once as a decode error
-    on `source`; demuxer errors propagate."""
+    on `source`, and so is a frame the decoder flags corrupt unless a damage was counted within
+    the last `REORDER_DEPTH` packets (then it is that damage showing); demuxer errors propagate."""
     if not container.streams.video:
         raise SourceError(f"no video stream in {container.name}")
     stream = container.streams.video[0]
+    counted = 0  # packets left during which a flagged frame is a damage already counted
     for packet in container.demux(stream):
+        counted = max(0, counted - 1)
         try:
             frames = packet.decode()
         except av.error.FFmpegError as exc:
             source.record_decode_error(f"skipped an undecodable packet at dts {packet.dts}: {exc}")
+            counted = REORDER_DEPTH
             yield None
             continue
         if packet.is_corrupt:
             source.record_decode_error(f"decoded a packet flagged corrupt at dts {packet.dts}")
+            counted = REORDER_DEPTH
         if not frames:
             yield None
-        yield from frames
+        for frame in frames:
+            if frame.is_corrupt:
+                if not counted:
+                    source.record_decode_error(f"decoded a frame flagged corrupt at pts {frame.pts}")
+                counted = REORDER_DEPTH
+            yield frame
