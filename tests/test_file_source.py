@@ -1,4 +1,5 @@
-"""FileSource on real H.264 clips encoded here with PyAV: content, pts, looping, pacing, damage."""
+"""FileSource on real clips encoded here with PyAV: content, pts (also where the decoder hands
+frames out of pts order), looping, pacing, damage."""
 from __future__ import annotations
 
 import asyncio
@@ -6,12 +7,14 @@ import random
 import threading
 import time
 
+import av
 import numpy as np
 import pytest
 
-from clips import picture, write_h264
+from clips import picture, write_h264, write_mp4_pts_as_dts, write_packed_avi, write_video
 
 from stream.sources import FileSource, SourceError
+from stream.sources.file import presentation_times
 
 FPS = 10
 
@@ -56,6 +59,75 @@ async def test_missing_pts_fall_back_to_index_over_fps(tmp_path):
     frames = await read(FileSource(path))
     assert [f.pts for f in frames] == pytest.approx([i / FPS for i in range(20)])
     assert all(close_to(f.image, p) for f, p in zip(frames, pictures))
+
+
+REORDERED = [pytest.param(write_packed_avi, "avi", id="avi-packed-b-frames"),
+             pytest.param(write_mp4_pts_as_dts, "mp4", id="mp4-pts-written-as-dts")]
+
+
+def decoder_pts(path) -> list[int]:
+    with av.open(str(path)) as container:
+        return [f.pts for f in container.decode(video=0)]
+
+
+@pytest.mark.parametrize(("write", "suffix"), REORDERED)
+async def test_times_follow_presentation_order_when_the_decoder_reorders(tmp_path, write, suffix):
+    """These files' frames come out of the decoder labelled with their neighbours' times; when
+    each step back pushed a permanent offset, 6.0 s were stamped up to 11.8 s (AVI) and 14.4 s
+    (MP4)."""
+    path = tmp_path / f"clip.{suffix}"
+    pictures = write(path, [picture(i, 160, 120) for i in range(60)], FPS)
+    raw = decoder_pts(path)
+    assert len(raw) == 60 and any(b < a for a, b in zip(raw, raw[1:]))  # the breakage is there
+    source = FileSource(path)
+    frames = await read(source)
+    pts = [f.pts for f in frames]
+    assert len(frames) == 60 and source.stats.errors == 0
+    assert np.diff(pts) == pytest.approx(np.full(59, 1 / FPS))
+    assert source.duration_s == pytest.approx(6.0) and pts[-1] == pytest.approx(6.0, abs=1 / FPS + 1e-9)
+    assert all(close_to(f.image, p) for f, p in zip(frames, pictures))
+
+
+@pytest.mark.parametrize(("write", "suffix"), REORDERED)
+async def test_loop_over_a_reordered_file_continues_each_pass(tmp_path, write, suffix):
+    path = tmp_path / f"clip.{suffix}"
+    pictures = write(path, [picture(i, 160, 120) for i in range(30)], FPS)
+    source = FileSource(path, loop=True)
+    frames = await read(source, limit=75)
+    assert source.loops == 2
+    assert np.diff([f.pts for f in frames]) == pytest.approx(np.full(74, 1 / FPS))
+    assert close_to(frames[30].image, pictures[0]) and close_to(frames[74].image, pictures[14])
+
+
+def test_presentation_times_sort_within_the_window_and_restart_on_a_long_jump_back():
+    step = 0.1
+    decoded = [0.0, 0.3, 0.1, 0.2, 0.6, 0.4, 0.5, 0.5, None, 0.2, 0.1, 0.3]
+    out = list(presentation_times(zip(decoded, range(12)), step, depth=2))
+    assert [i for _, i in out] == list(range(12))  # the decoder's order is the display order
+    times = [t for t, _ in out]
+    assert times[:9] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5001, 0.6, 0.7])  # None: newest + step
+    assert times[9:] == pytest.approx([0.1, 0.2, 0.3])  # back beyond 2 steps: a new clock
+    assert list(presentation_times(zip([None] * 3, "abc"), step)) == [(0.0, "a"), (0.1, "b"), (pytest.approx(0.2), "c")]
+
+
+async def test_frames_the_decoder_flags_corrupt_are_counted_once_each(tmp_path):
+    plain, damaged = tmp_path / "plain.avi", tmp_path / "damaged.avi"
+    write_video(plain, [picture(i, 160, 120) for i in range(40)], FPS, codec="mpeg4")
+    with av.open(str(plain)) as src, av.open(str(damaged), "w") as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for i, packet in enumerate(p for p in src.demux(video=0) if p.size):
+            if i in (10, 25):  # the second half of the picture's data is noise: concealed, flagged
+                data = bytearray(bytes(packet))
+                data[len(data) // 2 :] = random.Random(i).randbytes(len(data) - len(data) // 2)
+                noisy = av.Packet(bytes(data))
+                noisy.pts, noisy.dts, noisy.time_base = packet.pts, packet.dts, packet.time_base
+                packet = noisy
+            packet.stream = stream
+            out.mux(packet)
+    source = FileSource(damaged)
+    frames = await read(source)
+    assert len(frames) == 40 and source.stats.decode_errors == 2 == source.stats.errors
+    assert "flagged corrupt" in source.stats.last_error
 
 
 async def test_loop_keeps_pts_increasing_and_repeats_content(tmp_path):
