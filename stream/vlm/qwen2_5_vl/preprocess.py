@@ -3,6 +3,9 @@
 Resize to a pixel budget with the processor's `smart_resize` rule (sides multiples of
 patch*merge), bicubic via PIL as the PIL image processor does, rescale, normalise with CLIP
 mean/std, then patchify a frame pair into the [T*gh*gw, C*2*P*P] rows the vision tower takes.
+A frame longer than `MAX_ASPECT` times its width (2000x8), which the processor refuses, is first
+letterboxed with black to that ratio, so a camera with an odd size still gets encoded; every
+other frame is processed exactly as the processor does (tiny ones are scaled up to the budget).
 In numpy because transformers' video and fast image processors need torchvision, which has no
 CPU build here.
 """
@@ -16,6 +19,7 @@ from PIL import Image
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+MAX_ASPECT = 200  # smart_resize refuses a longer side more than this many times the shorter
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,9 @@ class VisionGeometry:
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """The Qwen processor's target size: sides divisible by `factor`, area within the budget."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio must be below 200, got {max(height, width) / min(height, width):.1f}")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise ValueError(
+            f"aspect ratio must be below {MAX_ASPECT}, got {max(height, width) / min(height, width):.1f}")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -52,8 +57,22 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def letterbox(image: np.ndarray) -> np.ndarray:
+    """Pad the short side with black, centred, until the long side is at most `MAX_ASPECT`
+    times it; other frames are returned as they are."""
+    h, w = image.shape[:2]
+    short = math.ceil(max(h, w) / MAX_ASPECT)
+    if min(h, w) >= short:
+        return image
+    before = (short - min(h, w)) // 2
+    pad = (before, short - min(h, w) - before)
+    return np.pad(image, (pad, (0, 0), (0, 0)) if h < w else ((0, 0), pad, (0, 0)))
+
+
 def resize_frame(image: np.ndarray, geo: VisionGeometry) -> np.ndarray:
-    """H x W x 3 uint8 -> the budgeted size, bicubic (PIL), still uint8."""
+    """H x W x 3 uint8 -> the budgeted size, bicubic (PIL), still uint8 (letterboxed first if
+    too long for the processor)."""
+    image = letterbox(image)
     h, w = image.shape[:2]
     th, tw = smart_resize(h, w, geo.factor, geo.min_pixels, geo.max_pixels)
     if (th, tw) == (h, w):
