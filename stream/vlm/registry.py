@@ -37,12 +37,47 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STREAMPRUNE_CACHE", Path.home() / ".cache" / "streamprune"))
 
 
+LOCAL_PREFIXES = ("/", "./", "../", "~")  # a name starting so is a path, never a hub id
+
+
+def local_checkpoint_problem(name: str) -> str | None:
+    """Why `name`, meant as a local checkpoint, cannot be loaded, or None (a usable directory, a
+    hub id or a test model). A name is meant as local when it exists or starts like a path:
+    without this, a mistyped path reaches the hub client as a malformed repo id."""
+    if name in TINY_MODELS:
+        return None
+    path = Path(name).expanduser()
+    if not (path.exists() or name.startswith(LOCAL_PREFIXES)):
+        return None
+    if not path.exists():
+        return f"no such checkpoint directory: {name}"
+    if not path.is_dir():
+        return f"{name} is a file; expected a checkpoint directory (with config.json)"
+    if not (path / "config.json").is_file():
+        return f"{name} has no config.json; expected a checkpoint directory"
+    return None
+
+
 def checkpoint_path(name: str, cache: Path | None = None) -> str:
     """What `from_pretrained` loads for `name`: a test model's directory (built once into
     `cache`), else `name` itself (a hub id or a local directory)."""
     if name in TINY_MODELS:
         return str(_resolve(TINY_MODELS[name])(cache or cache_dir()))
-    return name
+    if (problem := local_checkpoint_problem(name)) is not None:
+        raise ConfigError(problem)
+    return str(Path(name).expanduser())
+
+
+def model_config(name: str, cache: Path | None = None):
+    """The checkpoint's transformers config (no weights are read), for checks before loading."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(checkpoint_path(name, cache))
+
+
+def hidden_size(config) -> int:
+    """Width of a visual token in the memory: the LLM's hidden size (the merger projects to it)."""
+    return int(config.get_text_config().hidden_size)
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", max_pixels: int = 448 * 448,
