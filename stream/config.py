@@ -63,6 +63,7 @@ class QueryConfig:
     max_question_chars: int = bounded(500, 1, 100_000)
     queue_size: int = bounded(4, 1, 10_000)  # questions waiting per camera; beyond it: `busy`
     dedup_window_s: float = bounded(600.0, 0.0, 86_400.0)  # a repeated question id in it is answered once
+    watch_share: float = bounded(0.5, 0.05, 1.0)  # most of the LLM's time the camera's watches may take
     timestamps: str = choice(*TIMESTAMP_MODES, default="mrope")
     system_prompt: str = DEFAULT_SYSTEM
 

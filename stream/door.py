@@ -9,13 +9,26 @@ answering is our bug: it is logged with its traceback and the asker gets `intern
 Every answer is published as an `Answer` and every refusal (but `duplicate`) as a
 `RequestFailed`, so every sink sees every door's traffic; a watch's own checks are not (their
 outcome is a `WatchFired` event, and the watch logs its refusals).
+
+Watch checks (origin `watch`) come second, so standing questions cannot starve people:
+- they wait in a line of their own (also `queue_size` long; past it the check gets `busy`), so
+  they never take a user question's place; the idle LLM goes to a waiting user question first;
+- a user question that arrives while a watch check is being answered preempts it: the check
+  stops at its next generated token and gets `preempted` (the watch asks again later), so a
+  question waits at most for the prompt of the check in flight, not for its whole answer;
+- watch checks get at most `watch_share` of the LLM's time: the LLM time of watch checks in the
+  last `watch_window_s` (stretched to fit one check: at least its expected length / share) plus
+  the expected length of the next one must fit in `watch_share` of the window, else the check
+  waits, with the LLM idle for whoever asks. The expected length is the last completed check's.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -34,6 +47,8 @@ class DoorSettings:
     max_question_chars: int = 500
     queue_size: int = 4  # questions that may wait while one is answered; beyond: `busy`
     dedup_window_s: float = 600.0  # a repeated id within it is `duplicate`; 0 = off
+    watch_share: float = 0.5  # most of the LLM's time watch checks may take (1 = no limit)
+    watch_window_s: float = 10.0  # the sliding window the share is measured over
 
 
 def validate(q: Question, max_question_chars: int) -> Question:
@@ -60,6 +75,10 @@ Answerer = Callable[[Question, "OnText | None"], Awaitable[Answer]]  # (question
 Publish = Callable[[Event], Awaitable[None]]
 
 
+class _Preempted(Exception):
+    """Raised on the LLM's thread to stop a watch check's generation: a user question is waiting."""
+
+
 class Door:
     """Serialises questions to `answerer` with the rules above; counts what it refused by code."""
 
@@ -73,19 +92,32 @@ class Door:
         self.errors: Counter = Counter()
         self.answers = 0
         self.last_answer: Answer | None = None
-        self._lock = asyncio.Lock()
-        self._waiting = 0
+        self._busy = False  # a question holds the LLM
+        self._serving_watch = False  # ... and it is a watch check
+        self._users: deque[asyncio.Future] = deque()  # waiting user questions' turns, oldest first
+        self._checks: deque[asyncio.Future] = deque()  # waiting watch checks' turns, oldest first
+        self._preempt = threading.Event()  # read on the LLM's thread by the check in flight
+        self._watch_runs: deque[tuple[float, float]] = deque()  # LLM time of watch checks: (start, end)
+        self._watch_expected = 0.0  # LLM seconds the next watch check is expected to take
+        self._retry: asyncio.TimerHandle | None = None  # a waiting check's next look at the share
         self._seen: dict[str | int, float] = {}  # accepted ids, oldest first
         self._stopped = asyncio.Event()
 
     @property
     def queued(self) -> int:
-        """Questions waiting behind the one being answered."""
-        return self._waiting
+        """Questions (watch checks included) waiting behind the one being answered."""
+        return len(self._users) + len(self._checks)
 
     def stop(self) -> None:
         """From now on every waiting, in-flight or new question gets `unavailable`."""
         self._stopped.set()
+        if self._retry is not None:
+            self._retry.cancel()
+        for line in (self._users, self._checks):
+            while line:
+                turn = line.popleft()
+                if not turn.done():
+                    turn.set_exception(RequestError("unavailable", "the camera is stopping; ask again later"))
 
     async def ask(self, question: Question, on_text: OnText | None = None) -> Answer:
         """The answer, or the RequestError saying why there is none (both also published).
@@ -108,24 +140,100 @@ class Door:
             raise RequestError("unavailable", "the camera is stopping; ask again later")
         if self._is_duplicate(q.id):
             raise RequestError("duplicate", f"a question with id {q.id!r} was accepted already")
-        if self._lock.locked() and self._waiting >= self.settings.queue_size:
-            raise RequestError("busy", f"{self._waiting} questions are waiting already; ask again later")
+        watch = q.origin == WATCH_ORIGIN
+        if watch and len(self._checks) >= self.settings.queue_size:
+            raise RequestError("busy", f"{len(self._checks)} watch checks are waiting already; ask again later")
+        if not watch and self._busy and len(self._users) >= self.settings.queue_size:
+            raise RequestError("busy", f"{len(self._users)} questions are waiting already; ask again later")
         if q.id is not None and self.settings.dedup_window_s > 0:
             self._seen[q.id] = self.clock()
-        self._waiting += 1
+        await self._turn(watch)
         try:
-            await self._lock.acquire()
+            return await self._answer(q, on_text, watch)
         finally:
-            self._waiting -= 1
-        try:
-            return await self._answer(q, on_text)
-        finally:
-            self._lock.release()
+            self._release()
 
-    async def _answer(self, q: Question, on_text: OnText | None) -> Answer:
+    async def _turn(self, watch: bool) -> None:
+        """Until this question holds the LLM (see the module docstring for who goes first)."""
+        line = self._checks if watch else self._users
+        turn = asyncio.get_running_loop().create_future()
+        line.append(turn)
+        if not watch and self._serving_watch:
+            self._preempt.set()
+        self._dispatch()
+        try:
+            await turn
+        except asyncio.CancelledError:  # the asker went away
+            if turn.cancelled():
+                with contextlib.suppress(ValueError):
+                    line.remove(turn)
+            elif turn.exception() is None:  # granted just before: hand the LLM on
+                self._release()
+            raise
+
+    def _dispatch(self) -> None:
+        """Give an idle LLM to the oldest waiting user question, else to the oldest waiting
+        watch check once the share allows (looking again when it will)."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._busy:
+            return
+        for line in (self._users, self._checks):
+            while line and line[0].done():  # cancelled while waiting
+                line.popleft()
+        if self._users:
+            self._grant(self._users.popleft(), watch=False)
+        elif self._checks:
+            wait = self._share_wait(self.clock())
+            if wait > 0:
+                self._retry = asyncio.get_running_loop().call_later(wait, self._dispatch)
+            else:
+                self._grant(self._checks.popleft(), watch=True)
+
+    def _grant(self, turn: asyncio.Future, watch: bool) -> None:
+        self._busy, self._serving_watch = True, watch
+        self._preempt.clear()
+        turn.set_result(None)
+
+    def _release(self) -> None:
+        self._busy = self._serving_watch = False
+        self._dispatch()
+
+    def _window(self) -> float:
+        """The share's window: `watch_window_s`, stretched so that one expected check fits."""
+        return max(self.settings.watch_window_s, self._watch_expected / self.settings.watch_share)
+
+    def _watch_time(self, now: float, window: float) -> float:
+        """LLM seconds watch checks took within (now - window, now]."""
+        while self._watch_runs and self._watch_runs[0][1] <= now - window:
+            self._watch_runs.popleft()
+        return sum(end - max(start, now - window) for start, end in self._watch_runs)
+
+    def _share_wait(self, now: float) -> float:
+        """Seconds before a watch check may start (0: now). The watch time in the window falls
+        by at most a second per second, so the answer is a lower bound; `_dispatch` looks again."""
+        share = self.settings.watch_share
+        if share >= 1.0:
+            return 0.0
+        window = self._window()
+        over = self._watch_time(now, window) + self._watch_expected - share * window
+        return max(over, 0.001) if over > 0 else 0.0
+
+    def _preemptible(self, on_text: OnText | None) -> OnText:
+        """`on_text` for a watch check: stops its generation once a user question waits."""
+        def stream(text: str) -> None:
+            if self._preempt.is_set():
+                raise _Preempted
+            if on_text is not None:
+                on_text(text)
+        return stream
+
+    async def _answer(self, q: Question, on_text: OnText | None, watch: bool) -> Answer:
         if self._stopped.is_set():
             raise RequestError("unavailable", "the camera is stopping; ask again later")
-        work = asyncio.ensure_future(self.answerer(q, on_text))
+        started = self.clock()
+        work = asyncio.ensure_future(self.answerer(q, self._preemptible(on_text) if watch else on_text))
         stopped = asyncio.ensure_future(self._stopped.wait())
         abandoned = False
         try:
@@ -135,15 +243,22 @@ class Door:
             if not work.done():  # stopping, or the asker went away: nobody waits for this answer
                 work.cancel()
                 abandoned = True
+            if watch:
+                self._watch_runs.append((started, self.clock()))
         if abandoned:
             raise RequestError("unavailable", "the camera is stopping; ask again later")
         try:
             answer = work.result()
         except RequestError:
             raise
+        except _Preempted:
+            log.debug("watch check %r preempted by a question", q.text)
+            raise RequestError("preempted", "a question came first; the watch asks again later") from None
         except Exception:
             log.exception("answering %r failed", q.text)
             raise RequestError("internal_error", "the camera failed to answer; see the service log") from None
+        if watch:
+            self._watch_expected = self._watch_runs[-1][1] - started
         self.answers += 1
         self.last_answer = answer
         return answer
