@@ -22,6 +22,7 @@ from .camera_api import MemoryMap
 from .config import Config
 from .door import Door, DoorSettings, OnText
 from .encoder import RollingEncoder
+from .errors import ConfigError
 from .events import Answer, Event, GroupAdded, Question, SceneChange, SourceState, Status
 from .memory_map import memory_map
 from .query import QueryHandler, QuerySettings
@@ -71,11 +72,16 @@ class Camera:
             llm_budget=q.llm_budget, max_new_tokens=q.max_new_tokens, timestamps=q.timestamps,
             system_prompt=q.system_prompt))
         self.door = Door(self.name, self._answer, self.publish, DoorSettings(
-            max_question_chars=q.max_question_chars, queue_size=q.queue_size, dedup_window_s=q.dedup_window_s))
-        self.watches = Watches(self.name, self.ask, self.publish, self.latest_jpeg)
-        for spec in cfg.watches:
+            max_question_chars=q.max_question_chars, queue_size=q.queue_size, dedup_window_s=q.dedup_window_s,
+            watch_share=q.watch_share))
+        self.watches = Watches(self.name, self.ask, self.publish, self.latest_jpeg,
+                               max_question_chars=q.max_question_chars)
+        for i, spec in enumerate(cfg.watches):
             if spec.camera in ("", self.name):
-                self.watches.add(replace(spec, camera=self.name))
+                try:
+                    self.watches.add(replace(spec, camera=self.name))
+                except ConfigError as e:  # a question too long for this camera's limit
+                    raise e.under(f"watches[{i}]") from None
         self.latest_frame: Frame | None = None
         self.finished = asyncio.Event()  # ingest ended (the source ended or failed)
         self.error: BaseException | None = None  # why ingest ended, when it failed

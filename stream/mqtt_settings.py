@@ -6,6 +6,7 @@ front door a question comes through; these settings are only about the broker an
 """
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,15 @@ def camera_topic_problem(prefix: str, camera: str) -> str | None:
     return None
 
 
+def _check_ca_file(path: str) -> None:
+    """Load the CA bundle as the TLS connection will: a bad one is a config error now, not a
+    handshake that fails on every reconnect attempt."""
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(Path(path).expanduser()))
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"{path} is not a usable CA bundle (PEM certificates): {e}", "ca_file") from None
+
+
 def check_settings(s: MqttSettings) -> MqttSettings:
     """Rules across `[mqtt]` fields (a usable prefix, TLS files that exist); raises ConfigError
     with the field's name as its path."""
@@ -84,6 +94,8 @@ def check_settings(s: MqttSettings) -> MqttSettings:
             raise ConfigError("set only with tls = true", name)
         if path and not Path(path).expanduser().is_file():
             raise ConfigError(f"no such file: {path}", name)
+    if s.ca_file:
+        _check_ca_file(s.ca_file)
     if s.key_file and not s.cert_file:
         raise ConfigError("needs cert_file", "key_file")
     if s.password and not s.username:
