@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 class EncoderStats:
     groups_encoded: int = 0
     groups_dropped: int = 0
+    groups_failed: int = 0  # lost to an encode, prune or on_group error (ingest restarts)
     batches: int = 0
     encode_ms: float = 0.0  # per group, last batch
     prune_ms: float = 0.0  # per group, last batch
@@ -57,7 +58,9 @@ class RollingEncoder:
         self._next_group = 0
 
     async def run(self, frames: AsyncIterable[Frame]) -> None:
-        """Group frames and encode until the frame stream ends; then drain what waits."""
+        """Group frames and encode until the frame stream ends; then drain what waits. An error
+        ends the call; calling it again (a restart) keeps the groups still waiting and the
+        counters, and loses only the group being collected."""
         wake = asyncio.Event()
         space = asyncio.Event()
         space.set()
@@ -113,30 +116,37 @@ class RollingEncoder:
         self.stats.max_backlog = max(self.stats.max_backlog, self.stats.backlog)
 
     def _encode_batch(self, batch: list[list[Frame]]) -> None:
-        """Worker thread: encode a batch of groups and add them to the memory in order."""
-        t0 = time.perf_counter()
-        grids = self.vlm.encode([[f.image for f in g] for g in batch])
-        enc_ms = (time.perf_counter() - t0) * 1e3 / len(batch)
-        prune_ms = 0.0
-        for frames, grid in zip(batch, grids):
-            reset_at = self.reset_at_pts
-            if reset_at is not None and frames[0].pts >= reset_at:
-                self.memory.reset_stream()
-                self.reset_at_pts = None
-            tokens = FrameTokens(index=self._next_group, pts=frames[0].pts, tokens=grid)
-            self._next_group += 1
-            res = self.memory.add(tokens)
-            prune_ms += res.prune_ms
-            if self.on_group is not None:
-                self.on_group(tokens, frames)
+        """Worker thread: encode a batch of groups and add them to the memory in order. Counters
+        move per group, so a failure part-way (a pruner or `on_group` raising) leaves them true
+        to the memory; the groups of the batch not yet added are lost and counted as failed."""
         s = self.stats
-        s.groups_encoded += len(batch)
-        s.batches += 1
-        s.encode_ms = enc_ms
-        s.prune_ms = prune_ms / len(batch)
-        s.encode_ms_total += enc_ms * len(batch)
-        s.prune_ms_total += prune_ms
-        s.newest_pts = batch[-1][0].pts
+        added = 0
+        try:
+            t0 = time.perf_counter()
+            grids = self.vlm.encode([[f.image for f in g] for g in batch])
+            s.encode_ms = (time.perf_counter() - t0) * 1e3 / len(batch)
+            s.batches += 1
+            prune_ms = 0.0
+            for frames, grid in zip(batch, grids):
+                reset_at = self.reset_at_pts
+                if reset_at is not None and frames[0].pts >= reset_at:
+                    self.memory.reset_stream()
+                    self.reset_at_pts = None
+                tokens = FrameTokens(index=self._next_group, pts=frames[0].pts, tokens=grid)
+                res = self.memory.add(tokens)
+                self._next_group += 1
+                added += 1
+                prune_ms += res.prune_ms
+                s.groups_encoded += 1
+                s.encode_ms_total += s.encode_ms
+                s.prune_ms_total += res.prune_ms
+                s.prune_ms = prune_ms / added
+                s.newest_pts = frames[0].pts
+                if self.on_group is not None:
+                    self.on_group(tokens, frames)
+        except Exception:
+            s.groups_failed += len(batch) - added
+            raise
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
