@@ -33,7 +33,13 @@ def format_status(s: Status) -> str:
         f"[{s.camera}] t={s.stream_s:.1f}s in {s.fps_in:.1f} fps, out {s.fps_out:.1f} fps, "
         f"dropped {s.dropped}, memory {s.memory_tokens} tokens, "
         f"enc {s.encode_ms:.0f} ms/group, prune {s.prune_ms:.1f} ms/group, backlog {s.backlog}{last}{source}"
+        + "".join(format_task(name, t) for name, t in s.tasks.items() if t.get("failures"))
     )
+
+
+def format_task(name: str, t: dict) -> str:
+    """A supervised task that has failed, so a crash shows on the status line (else nothing)."""
+    return f", task {name} {t['state']} ({t['failures']} failure(s), {t['restarts']} restart(s): {printable(str(t['last_error']))})"
 
 
 class ConsoleSink(Sink):

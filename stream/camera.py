@@ -3,8 +3,18 @@ one door for its questions, its watches and scripted questions, and its event bu
 
 Use it as an async context manager: entering starts ingest, the status ticker, the watches and
 the scripted questions; leaving stops them, and questions still waiting get `unavailable`.
+
 Front doors call `ask(Question)`; sinks subscribe to `bus`. Ingest never waits for a question
 and a question never waits for ingest (the encoder and the LLM run on their own threads).
+
+Those four tasks are supervised (stream/supervisor.py): a crash is logged, shown in
+`status().tasks` and the task restarts with backoff, until it fails too often (`failed`; the
+scripted questions fail at once, as a restart would ask them again). A
+restarted ingest keeps the memory and continues the same frame stream (only the group being
+collected and a batch that failed are lost). If the source itself raised (a bug, not a world
+error: those it survives, or gives up on with `SourceError`, which fails ingest for good) it is
+reopened: a live source continues with pts after the last frame, a file or synthetic clip is
+read again from its start and the frames it already delivered are skipped.
 """
 from __future__ import annotations
 
@@ -22,13 +32,15 @@ from .camera_api import MemoryMap
 from .config import Config
 from .door import Door, DoorSettings, OnText
 from .encoder import RollingEncoder
-from .errors import ConfigError
+from .errors import ConfigError, SourceError
 from .events import Answer, Event, GroupAdded, Question, SceneChange, SourceState, Status
 from .memory_map import memory_map
 from .query import QueryHandler, QuerySettings
 from .sampler import Sampler
 from .scenes import SceneDetector
+from .sources.base import Source
 from .sources.registry import make_source
+from .supervisor import FAILED, FINAL, RestartPolicy, Resumable, Supervisor, TaskState
 from .types import Frame
 from .vlm.base import VideoLM
 from .watches import Watches
@@ -36,6 +48,8 @@ from .watches import Watches
 log = logging.getLogger(__name__)
 
 THUMB_WIDTH = 96
+INGEST, STATUS, WATCHES, QUESTIONS = "ingest", "status", "watches", "questions"
+PTS_GAP_S = 1e-3  # between the last frame before a reopened live source and its first
 
 
 def thumbnail(image, width: int = THUMB_WIDTH):
@@ -54,6 +68,8 @@ class _Rates:
 class Camera:
     """One camera as a service (see the module docstring)."""
 
+    restart_policy = RestartPolicy()  # for its supervised tasks
+
     def __init__(self, cfg: Config, vlm: VideoLM, bus: Bus | None = None):
         self.cfg = cfg
         self.name = cfg.name
@@ -61,8 +77,7 @@ class Camera:
         self.bus = bus if bus is not None else Bus()
         self.pruner = pruning.get_pruner(cfg.memory.pruner, **cfg.memory.params)
         self.memory = pruning.TokenMemory(cfg.memory.capacity, self.pruner, cfg.memory.recent_groups)
-        self.source = make_source(cfg.source, cfg.name)
-        self.source.on_state = self._on_source_state
+        self.source = self.open_source()
         self.sampler = Sampler(self.source, cfg.sampler.fps, cfg.sampler.policy, cfg.sampler.queue)
         self.encoder = RollingEncoder(vlm, self.memory, drop_when_behind=self.sampler.policy == "latest",
                                       on_group=self._on_group)
@@ -83,13 +98,14 @@ class Camera:
                 except ConfigError as e:  # a question too long for this camera's limit
                     raise e.under(f"watches[{i}]") from None
         self.latest_frame: Frame | None = None
-        self.finished = asyncio.Event()  # ingest ended (the source ended or failed)
-        self.error: BaseException | None = None  # why ingest ended, when it failed
+        self.finished = asyncio.Event()  # ingest ended (the source ended, ingest failed for good, or a stop)
+        self.error: BaseException | None = None  # why ingest failed for good; None while it runs or ended well
+        self.supervisor = Supervisor(f"camera {self.name}", self._task_changed, self.restart_policy)
         self._rates = _Rates(time.monotonic(), 0, 0)
         self._started = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: list[asyncio.Task] = []
-        self._scripted: asyncio.Task | None = None
+        self._frames_in: Resumable[Frame] | None = None
+        self._pts_offset = 0.0  # added to a reopened live source's pts
 
     # -- the door --
 
@@ -110,11 +126,11 @@ class Camera:
 
     async def __aenter__(self) -> "Camera":
         self._loop = asyncio.get_running_loop()
-        self._tasks = [asyncio.create_task(self._ingest(), name=f"{self.name}-ingest"),
-                       asyncio.create_task(self._tick(self.cfg.output.status_interval_s), name=f"{self.name}-status"),
-                       asyncio.create_task(self.watches.run(), name=f"{self.name}-watches")]
-        self._scripted = asyncio.create_task(self._scripted_questions(), name=f"{self.name}-scripted")
-        self._tasks.append(self._scripted)
+        sup = self.supervisor
+        sup.start(INGEST, self._ingest, fatal=(SourceError,))
+        sup.start(STATUS, lambda: self._tick(self.cfg.output.status_interval_s))
+        sup.start(WATCHES, self.watches.run)
+        sup.start(QUESTIONS, self._scripted_questions, policy=replace(sup.policy, max_failures=0))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -124,27 +140,53 @@ class Camera:
         """Refuse new and waiting questions (`unavailable`), stop ingest and the schedules."""
         self.door.stop()
         self.source.close()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.supervisor.stop()
+        if self._frames_in is not None:
+            await self._frames_in.aclose()
+        self.finished.set()
+        await self.publish(self.status())
         await asyncio.to_thread(self.encoder.close)  # waits for a batch in flight: off the event loop
         self.queries.close()
 
     async def done(self) -> None:
         """Until ingest has ended and the scripted questions are answered."""
         await self.finished.wait()
-        if self._scripted is not None:
-            await asyncio.gather(self._scripted, return_exceptions=True)
+        await self.supervisor.wait(QUESTIONS)
+
+    def open_source(self) -> Source:
+        """The source the config describes, reporting to this camera; called again to reopen it."""
+        source = make_source(self.cfg.source, self.name)
+        source.on_state = self._on_source_state
+        return source
 
     async def _ingest(self) -> None:
-        try:
-            await self.encoder.run(self._frames())
-        except Exception as e:
-            self.error = e
-            log.error("camera %s: ingest stopped: %s", self.name, e, exc_info=not isinstance(e, OSError))
-        finally:
-            self.finished.set()
-            await self.publish(self.status())
+        """One run of source -> sampler -> encoder; the supervisor calls it again after a failure,
+        and it continues the same frame stream (an ended one: to encode the groups still
+        waiting), or reopens the source when that stream raised."""
+        if self._frames_in is None:
+            self._frames_in = Resumable(self._frames())
+        elif self._frames_in.error is not None:
+            self._reopen()
+        await self.encoder.run(self._frames_in)
+
+    def _reopen(self) -> None:
+        """A new source in place of one that raised, continuing after its last frame (module docstring)."""
+        position = self.source.stats.position_s
+        last = None if position is None else position + self._pts_offset
+        self.source = self.open_source()
+        if last is not None and self.source.live:
+            self._pts_offset = last + PTS_GAP_S
+            self.encoder.reset_at_pts = self._pts_offset  # a new connection: its first group has no predecessor
+        log.warning("camera %s: source reopened, continuing after pts %s", self.name, last)
+        self.sampler.source = self._continued(self.source, None if self.source.live else last)
+        self._frames_in = Resumable(self._frames())
+
+    async def _continued(self, source: Source, skip_to: float | None):
+        """`source`'s frames with the live pts offset, from after `skip_to` (None: all)."""
+        offset = self._pts_offset
+        async for frame in source:
+            if skip_to is None or frame.pts > skip_to:
+                yield replace(frame, pts=frame.pts + offset) if offset else frame
 
     async def _frames(self):
         async for frame in self.sampler:
@@ -160,6 +202,18 @@ class Camera:
                 await asyncio.wait_for(self.finished.wait(), interval_s)
             except TimeoutError:
                 await self.publish(self.status(new_window=True))
+
+    async def _task_changed(self, task: TaskState) -> None:
+        """The supervisor's report: the end of ingest ends the stream, and every change goes out
+        as a status (so MQTT's retained status and the JSONL show a task failing, and why)."""
+        if task.name == INGEST and task.state in FINAL:
+            if task.state == FAILED:  # let go of the camera or file: nothing reads it any more
+                self.error = task.error
+                self.source.close()
+                if self._frames_in is not None:
+                    await self._frames_in.aclose()
+            self.finished.set()
+        await self.publish(self.status())
 
     async def _scripted_questions(self) -> None:
         """Ask each configured question once the stream reaches its `at_s` (or at the end)."""
@@ -188,8 +242,9 @@ class Camera:
     async def _on_source_state(self, source_name: str, old: str, new: str, stats: dict) -> None:
         """Source health to the sinks; a reconnect resets the pruner's stream state at the first
         group of the new connection (its first group has no predecessor)."""
-        if old == "reconnecting" and new == "streaming":
-            self.encoder.reset_at_pts = stats.get("stream_start_pts")
+        start = stats.get("stream_start_pts")
+        if old == "reconnecting" and new == "streaming" and start is not None:
+            self.encoder.reset_at_pts = start + self._pts_offset
         await self.publish(SourceState(self.name, old, new, self.source.health()))
 
     # -- what front doors and sinks may read --
@@ -228,6 +283,7 @@ class Camera:
             encode_ms=e.encode_ms, prune_ms=e.prune_ms, backlog=e.backlog, queued=self.door.queued,
             answers=self.door.answers, errors=dict(self.door.errors), watches=len(self.watches), watch_counters=dict(self.watches.counters),
             last_answer_s=last.total_s if last else None, source=self.source.health(),
+            tasks=self.supervisor.states(),
         )
 
     def summary(self) -> dict:

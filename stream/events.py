@@ -150,7 +150,10 @@ class GroupAdded(Event):
 @dataclass(frozen=True)
 class Status(Event):
     """A camera's live counters. `source` is the source's health now (state, frames,
-    last_frame_age_s, reconnects, ...), never a copy kept from its last state change."""
+    last_frame_age_s, reconnects, ...), never a copy kept from its last state change. `tasks`
+    is how its supervised tasks fare (stream/supervisor.py): {name: {"state": running |
+    restarting | failed | done | stopped, "restarts", "failures", "last_error"}}, so a reader
+    of the retained status sees a task that failed and why."""
 
     type: ClassVar[str] = "status"
 
@@ -174,4 +177,5 @@ class Status(Event):
     watch_counters: dict = field(default_factory=dict)  # watch_checks, watch_fire, watch_cooldown, ...
     last_answer_s: float | None = None
     source: dict = field(default_factory=dict)
+    tasks: dict = field(default_factory=dict)
     timestamp: str = field(default_factory=utc_now)
