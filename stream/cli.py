@@ -155,10 +155,10 @@ async def run_pipeline(cfg: Config, interactive: bool) -> int:
     for sink in visuals:
         for path in sink.written:
             print(f"wrote {path}", flush=True)
-    failed = [c for c in cameras.values() if c.error is not None]
+    failed = [c for c in cameras.values() if c.error is not None]  # ingest failed for good; a stop is no failure
     for camera in failed:
         print(f"camera {camera.name} stopped: {camera.error}", file=sys.stderr, flush=True)
-    return 1 if failed and len(failed) == len(cameras) and not stop.is_set() else 0
+    return 1 if failed and len(failed) == len(cameras) else 0
 
 
 async def _stopped(task: asyncio.Task) -> None:
