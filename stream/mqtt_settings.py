@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
@@ -23,7 +23,7 @@ class MqttSettings:
     enabled: bool = False
     host: str = "localhost"
     port: int = bounded(1883, 1, 65535)
-    client_id: str = ""  # "" = streamprune-<host>-<pid>-<random>
+    client_id: str = ""  # "" = streamprune-<host>-<prefix>: stable, so the broker keeps our session
     username: str = ""  # "" = anonymous
     password: str = ""
     tls: bool = False
@@ -36,6 +36,11 @@ class MqttSettings:
     outbox_size: int = bounded(1000, 1, 1_000_000)  # messages kept while the broker is away
     reconnect_min_s: float = bounded(0.5, 0.01, 60.0)  # first retry delay; doubles per failure
     reconnect_max_s: float = bounded(30.0, 0.1, 3600.0)  # cap of that delay
+    session_expiry_s: int = bounded(3600, 0, 7 * 86_400)  # broker keeps our requests this long while we are away; 0 = off
+    reply_to_allow: list[str] = field(default_factory=list)  # topic filters a reply_to must match; [] = <prefix>/reply/#
+    max_in_flight: int = bounded(16, 1, 1000)  # QoS 1 messages awaiting acknowledgement at once
+    error_rate_per_s: float = bounded(10.0, 0.1, 10_000.0)  # error replies per destination topic, after the burst
+    error_burst: int = bounded(50, 1, 100_000)  # error replies per destination topic at once
 
 
 def _utf8_bytes(value: str) -> int | None:
@@ -66,6 +71,18 @@ def camera_topic_problem(prefix: str, camera: str) -> str | None:
     return None
 
 
+def topic_filter_problem(pattern: str) -> str | None:
+    """Why `pattern` cannot be a `reply_to_allow` filter, or None."""
+    if not pattern or pattern.startswith("$") or "\0" in pattern or _utf8_bytes(pattern) is None:
+        return "is not a topic filter (non-empty text, not starting with '$')"
+    levels = pattern.split("/")
+    if any(("+" in v and v != "+") or ("#" in v and v != "#") for v in levels) or "#" in levels[:-1]:
+        return "is not a topic filter ('+' and '#' stand alone in a level, '#' only last)"
+    if levels[0] in ("+", "#"):
+        return "must start with a fixed level (a reply topic never matches every topic)"
+    return None
+
+
 def _check_ca_file(path: str) -> None:
     """Load the CA bundle as the TLS connection will: a bad one is a config error now, not a
     handshake that fails on every reconnect attempt."""
@@ -86,6 +103,9 @@ def check_settings(s: MqttSettings) -> MqttSettings:
     size = _utf8_bytes(s.prefix)
     if size is None or size + LEAF_ROOM + 2 > MAX_TOPIC_BYTES:
         raise ConfigError("must be valid Unicode text and leave room for the topics under it", "prefix")
+    for i, pattern in enumerate(s.reply_to_allow):
+        if (problem := topic_filter_problem(pattern)) is not None:
+            raise ConfigError(f"{pattern!r} {problem}", f"reply_to_allow[{i}]")
     if s.reconnect_max_s < s.reconnect_min_s:
         raise ConfigError("must be >= reconnect_min_s", "reconnect_max_s")
     for name in ("ca_file", "cert_file", "key_file"):

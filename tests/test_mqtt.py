@@ -69,12 +69,12 @@ async def test_the_real_camera_answers_over_mqtt_as_it_answers_at_the_terminal(b
     cam.bus.subscribe(service)
     async with cam:
         await cam.done()  # the whole 6 s scene is in the memory, unchanged from here on
-        async with Listener(broker, f"{prefix}/#", "replies/q1") as L, serving(service):
+        async with Listener(broker, f"{prefix}/#") as L, serving(service):
             ask, answers = f"{prefix}/cam/ask", f"{prefix}/cam/answer"
             request = {"id": "q1", "question": "What is in view?", "llm_budget": 40, "max_new_tokens": 3,
-                       "reply_to": "replies/q1"}
+                       "reply_to": f"{prefix}/reply/q1"}
             await L.publish(ask, json.dumps(request))
-            a, r = (await L.next_on(answers)).json(), (await L.next_on("replies/q1")).json()
+            a, r = (await L.next_on(answers)).json(), (await L.next_on(f"{prefix}/reply/q1")).json()
             assert a == r and ANSWER_FIELDS <= set(a)
             assert a["id"] == "q1" and a["camera"] == "cam" and a["question"] == "What is in view?"
             assert isinstance(a["answer"], str) and a["model"] == "tiny-random" and a["pruner"] == "echoprune"
@@ -120,11 +120,22 @@ BAD_INPUTS = [  # (topic leaf, payload, error code, request id in the error)
     ("cam/ask", json.dumps({"id": "t3", "question": "ok?", "max_new_tokens": 2.5}), "bad_request", "t3"),
     ("cam/ask", json.dumps({"id": ["x"], "question": "ok?"}), "bad_request", None),
     ("cam/ask", json.dumps({"id": "t4", "question": "ok?", "reply_to": "replies/#"}), "bad_request", "t4"),
+    # a reply_to outside mqtt.reply_to_allow (default <prefix>/reply/#) is refused, not published to
+    ("cam/ask", json.dumps({"id": "t12", "question": "ok?", "reply_to": "homeassistant/cover/garage/set"}),
+     "reply_to_not_allowed", "t12"),
+    ("cam/ask", json.dumps({"id": "t13", "question": "ok?", "reply_to": "zigbee2mqtt/front_door_lock/set"}),
+     "reply_to_not_allowed", "t13"),
+    # numbers are bounded before anything converts them; NaN and Infinity are not JSON
+    ("cam/ask", b'{"id": ' + b"9" * 5000 + b', "question": "ok?"}', "bad_json", None),
+    ("cam/ask", b'{"id": ' + b"9" * 30 + b', "question": "ok?"}', "bad_request", None),
+    ("cam/ask", b'{"id": "t14", "question": "ok?", "llm_budget": ' + b"9" * 1000 + b'}', "bad_llm_budget", "t14"),
+    ("cam/ask", b'{"id": "t15", "question": "ok?", "max_new_tokens": 5000}', "bad_max_new_tokens", "t15"),
+    ("cam/ask", b'{"id": "t16", "question": "ok?", "llm_budget": NaN}', "bad_json", None),
     ("cam/ask", json.dumps({"id": "t5"}), "empty_question", "t5"),
     ("cam/ask", json.dumps({"id": 6, "question": "   "}), "empty_question", 6),
     ("cam/ask", b"", "empty_question", None),
     ("cam/ask", json.dumps({"id": "t7", "question": "x" * 101}), "question_too_long", "t7"),
-    ("cam/ask", json.dumps({"id": "t8", "question": "ok?", "pad": "y" * 3000}), "payload_too_large", None),
+    ("cam/ask", json.dumps({"id": "t8", "question": "ok?", "pad": "y" * 7000}), "payload_too_large", None),
     ("cam/ask", json.dumps({"id": "t9", "question": "ok?", "llm_budget": 0}), "bad_llm_budget", "t9"),
     # text UTF-8 cannot carry (a lone surrogate escape) is refused wherever it is, never crashes
     ("cam/ask", b'{"id": "\\ud800", "question": "hi"}', "bad_request", None),
@@ -146,7 +157,11 @@ BAD_INPUTS = [  # (topic leaf, payload, error code, request id in the error)
     ("cam/watch/set", json.dumps({"op": "remove", "name": "nope"}), "unknown_watch", None),
     ("cam/watch/set", b'{"id": "\\ud800", "op": "list"}', "bad_request", None),
     ("cam/watch/set", b'{"id": "s4", "op": "add", "name": "\\ud800", "question": "q?", "every_s": 5}',
-     "bad_request", "s4"),
+     "bad_watch", "s4"),
+    ("cam/watch/set", b"[]", "bad_watch", None),
+    ("cam/watch/set", b'{"op": "add", "name": "w", "question": "q?", "every_s": Infinity}', "bad_json", None),
+    ("cam/watch/set", b'{"id": "s5", "op": "add", "name": "w", "question": "q?", "every_s": 1e999}', "bad_watch",
+     "s5"),
     ("nosuch/watch/set", json.dumps({"op": "list"}), "unknown_camera", None),
 ]
 
@@ -159,17 +174,21 @@ def error_topic(prefix: str, camera: str) -> str:
 async def test_every_bad_input_gets_its_error_and_a_counter_then_a_question_works(broker):
     prefix = unique_prefix()
     cam = ScriptedCamera("cam", door=DoorSettings(max_question_chars=100))
-    service = MqttService(settings(broker, prefix, max_payload_bytes=2048), {"cam": cam})
-    async with Listener(broker, f"{prefix}/#", "r/#") as L:
-        # a retained request (it would come back on every reconnect) is refused, not answered
+    service = MqttService(settings(broker, prefix, max_payload_bytes=6000), {"cam": cam})
+    async with Listener(broker, f"{prefix}/#") as L:
+        # a retained request left on the broker is never handed to the service: never acted on
         for camera in ("cam", "nosuch"):
             await L.publish(f"{prefix}/{camera}/ask", json.dumps({"id": "r1", "question": "ok?"}), retain=True)
             await L.next_on(f"{prefix}/{camera}/ask")
         async with running(cam, sink=service), serving(service):
+            # one retained while serving is refused once, with its id; an empty retained one clears it silently
             for camera in ("cam", "nosuch"):
+                await L.publish(f"{prefix}/{camera}/ask", json.dumps({"id": "r2", "question": "ok?"}), retain=True)
                 e = (await L.next_on(error_topic(prefix, camera))).json()
-                assert (e["code"], e["camera"], e["id"]) == ("retained_request", camera, None)
+                assert (e["code"], e["camera"], e["id"]) == ("retained_request", camera, "r2")
+                await L.publish(f"{prefix}/{camera}/ask", b"", retain=True)
             await _bad_inputs_then_a_question(L, prefix, service)
+            assert not [m for m in L.messages if m.topic.endswith("/error") and m.json()["id"] == "r1"]
     assert not service.counters["unsendable"] and not service.counters["connection_failures"]
 
 
@@ -182,16 +201,17 @@ async def _bad_inputs_then_a_question(L: Listener, prefix: str, service: MqttSer
         e = (await L.next_on(errors, after=before)).json()
         assert (e["code"], e["id"], e["camera"]) == (code, rid, camera), (i, e)
         assert e["message"], e
-    expected = {"errors.retained_request": 2}
+    expected = {"errors.retained_request": 2}  # the two sent while serving
     for _, _, code, _ in BAD_INPUTS:
         expected[f"errors.{code}"] = expected.get(f"errors.{code}", 0) + 1
     assert {k: v for k, v in service.counters.items() if k.startswith("errors.")} == expected
 
-    await L.publish(f"{prefix}/cam/ask", json.dumps({"id": "ok", "question": "Is it there?", "reply_to": "r/ok"}))
+    await L.publish(f"{prefix}/cam/ask", json.dumps({"id": "ok", "question": "Is it there?", "reply_to": f"{prefix}/reply/ok"}))
     assert (await L.next_on(f"{prefix}/cam/answer")).json()["answer"].startswith("Yes")
     assert [m.json()["id"] for m in L.on(f"{prefix}/cam/answer")] == ["ok"]  # nothing else was answered
-    await L.publish(f"{prefix}/cam/ask", json.dumps({"id": "t11", "question": "", "reply_to": "r/t11"}))
-    assert (await L.next_on("r/t11")).json()["code"] == "empty_question"  # errors also go to reply_to
+    await L.publish(f"{prefix}/cam/ask", json.dumps({"id": "t11", "question": "", "reply_to": f"{prefix}/reply/t11"}))
+    assert (await L.next_on(f"{prefix}/reply/t11")).json()["code"] == "empty_question"  # errors also go to reply_to
+    assert not [m for m in L.messages if not m.topic.startswith(prefix)]  # nothing went anywhere else
     assert service.connected.is_set() and service.counters["connects"] == 1
 
 
@@ -265,7 +285,7 @@ async def test_watches_added_listed_and_removed_at_runtime(broker):
     cam = ScriptedCamera("cam", says_yes=lambda t: False)
     cam.watches.add(WatchSpec(name="from config", question="Anything?", camera="cam", every_s=60.0))
     service = MqttService(settings(broker, prefix), {"cam": cam})
-    async with Listener(broker, f"{prefix}/#", "r/list") as L, running(cam, sink=service), serving(service):
+    async with Listener(broker, f"{prefix}/#") as L, running(cam, sink=service), serving(service):
         watches_topic = f"{prefix}/cam/watches"
         assert [w["name"] for w in (await L.next_on(watches_topic)).json()["watches"]] == ["from config"]
         spec = {"op": "add", "name": "door", "question": "Is the door open?", "every_s": 0.5, "on_scene_change": True,
@@ -274,8 +294,8 @@ async def test_watches_added_listed_and_removed_at_runtime(broker):
         listing = (await L.next_on(watches_topic, after=1)).json()["watches"]
         door = next(w for w in listing if w["name"] == "door")
         assert door["trigger"] == "no" and door["every_s"] == 0.5 and door["camera"] == "cam" and not door["active"]
-        await L.publish(f"{prefix}/cam/watch/set", json.dumps({"op": "list", "id": 7, "reply_to": "r/list"}))
-        reply = (await L.next_on("r/list")).json()
+        await L.publish(f"{prefix}/cam/watch/set", json.dumps({"op": "list", "id": 7, "reply_to": f"{prefix}/reply/list"}))
+        reply = (await L.next_on(f"{prefix}/reply/list")).json()
         assert reply["id"] == 7 and {w["name"] for w in reply["watches"]} == {"from config", "door"}
         event = (await L.next_on(f"{prefix}/cam/event")).json()  # trigger "no": the answer "No." fires it
         assert event["watch"] == "door" and event["answer"] == "No." and event["snapshot"] is None
@@ -439,7 +459,7 @@ async def test_a_clean_stop_refuses_waiting_questions_and_goes_offline(broker, c
     prefix = unique_prefix()
     cam = ScriptedCamera("cam", delay=30.0)
     service = MqttService(settings(broker, prefix), {"cam": cam})
-    async with Listener(broker, f"{prefix}/#", "r/#") as L:
+    async with Listener(broker, f"{prefix}/#") as L:
         async with contextlib.AsyncExitStack() as stack:
             if camera_stops_first:  # the CLI's order: cameras stop, then the front doors
                 await stack.enter_async_context(serving(service))
@@ -449,11 +469,11 @@ async def test_a_clean_stop_refuses_waiting_questions_and_goes_offline(broker, c
                 await stack.enter_async_context(serving(service))
             for i in range(3):
                 await L.publish(f"{prefix}/cam/ask", json.dumps({"id": f"w{i}", "question": "Slow?",
-                                                                 "reply_to": f"r/w{i}"}))
+                                                                 "reply_to": f"{prefix}/reply/w{i}"}))
             await L.until(lambda: cam.door.queued == 2, what="the questions")
         await L.until(lambda: L.on(f"{prefix}/status")[1:], what="offline")
         errors = [m.json() for m in L.on(f"{prefix}/cam/error")]
-        await L.until(lambda: len([m for m in L.messages if m.topic.startswith("r/")]) == 3, what="reply_to copies")
+        await L.until(lambda: len([m for m in L.messages if m.topic.startswith(f"{prefix}/reply/")]) == 3, what="reply_to copies")
     assert sorted(e["id"] for e in errors) == ["w0", "w1", "w2"]  # one being answered, two waiting
     assert {e["code"] for e in errors} == {"unavailable"} and L.on(f"{prefix}/status")[-1].text == "offline"
     assert service.counters["errors.unavailable"] == 3

@@ -49,22 +49,67 @@ def test_text_utf8_cannot_carry_is_escaped_on_the_way_out():
 
 @pytest.mark.parametrize("payload, code, rid, reply_to", [
     (b'{"id": "\\ud800", "question": "hi"}', "bad_request", None, None),
-    (b'{"id": "a", "question": "hi", "reply_to": "p/cam/ask"}', "bad_request", "a", None),
+    (b'{"id": "a", "question": "hi", "reply_to": "p/cam/ask"}', "reply_to_not_allowed", "a", None),
     (b'{"id": "a", "question": "hi", "reply_to": "' + b"x" * (MAX_TOPIC_BYTES + 1) + b'"}', "bad_request", "a", None),
-    (b'{"id": "a", "question": "\\ud800", "reply_to": "r"}', "bad_request", "a", "r"),
+    (b'{"id": "a", "question": "hi", "reply_to": "p/reply/\\ud800"}', "bad_request", "a", None),
+    (b'{"id": "a", "question": "\\ud800", "reply_to": "p/reply/r"}', "bad_request", "a", "p/reply/r"),
     (b'{"id": true, "question": "hi"}', "bad_request", None, None),
+    (b'{"id": "' + b"i" * 201 + b'", "question": "hi"}', "bad_request", None, None),
+    (b'{"id": ' + b"9" * 5000 + b', "question": "hi"}', "bad_json", None, None),
+    (b'{"id": ' + b"9" * 4000 + b', "question": "hi"}', "bad_request", None, None),
+    (b'{"id": 1, "question": "hi", "llm_budget": ' + b"9" * 4000 + b'}', "bad_llm_budget", 1, None),
+    (b'{"id": 1, "question": "hi", "llm_budget": ' + b"9" * 5000 + b'}', "bad_json", None, None),
+    (b'{"id": 1, "question": "hi", "max_new_tokens": 0}', "bad_max_new_tokens", 1, None),
+    (b'{"id": 1, "question": "hi", "llm_budget": NaN}', "bad_json", None, None),
+    (b'{"id": 1, "question": "hi", "max_new_tokens": -Infinity}', "bad_json", None, None),
+    (b'{"id": 1, "question": ["' + b"x" * 5000 + b'"]}', "bad_request", 1, None),
 ])
 def test_a_refused_ask_carries_what_could_be_read_of_it(payload, code, rid, reply_to):
     with pytest.raises(ProtocolError) as e:
         parse_ask(payload, 1 << 20, TOPICS)
     assert (e.value.code, e.value.id, e.value.reply_to) == (code, rid, reply_to)
+    assert len(e.value.message) < 400  # a short excerpt of the request at most
+
+
+@pytest.mark.parametrize("allow, topic, allowed", [
+    ((), "p/reply/me", True), ((), "p/reply/a/b", True), ((), "p/replies", False),
+    ((), "homeassistant/cover/garage/set", False), ((), "zigbee2mqtt/front_door_lock/set", False),
+    (("apps/+/answers",), "apps/phone/answers", True), (("apps/+/answers",), "apps/phone/x/answers", False),
+    (("apps/+/answers",), "p/reply/me", False), (("p/#",), "p/cam/ask", False),  # never a request topic
+])
+def test_reply_to_is_confined_to_the_allowed_filters(allow, topic, allowed):
+    topics = Topics("p", allow)
+    payload = json.dumps({"id": "a", "question": "hi", "reply_to": topic}).encode()
+    if allowed:
+        assert parse_ask(payload, 1 << 20, topics).reply_to == topic
+    else:
+        with pytest.raises(ProtocolError) as e:
+            parse_ask(payload, 1 << 20, topics)
+        assert e.value.code == "reply_to_not_allowed" and topic not in e.value.message
+
+
+@pytest.mark.parametrize("payload, code", [
+    (b"[]", "bad_watch"), (b"list", "bad_watch"), (b'{"op": "add", "name": "\\ud800", "question": "q?"}', "bad_watch"),
+    (b'{"op": "add", "name": "w", "question": "q?", "every_s": NaN}', "bad_json"),
+    (b'{"op": "' + b"x" * 60000 + b'"}', "bad_watch"),
+])
+def test_a_refused_watch_change_gets_bad_watch(payload, code):
+    with pytest.raises(ProtocolError) as e:
+        parse_watch_change(payload, 1 << 20, TOPICS)
+    assert e.value.code == code and len(e.value.message) < 400
+
+
+def test_a_refusal_message_is_cut_short():
+    failed = refusal("cam", RequestError("bad_watch", "x" * 10_000))
+    assert len(failed.message) <= 301
 
 
 def test_an_ask_becomes_a_question_from_mqtt():
-    ask = parse_ask(b'{"id": 3, "question": " hi ", "llm_budget": 9, "max_new_tokens": 4, "reply_to": "r/3"}',
+    ask = parse_ask(b'{"id": 3, "question": " hi ", "llm_budget": 9, "max_new_tokens": 4, "reply_to": "p/reply/3"}',
                     1 << 20, TOPICS)
     q = ask.question
-    assert (q.text, q.id, q.llm_budget, q.max_new_tokens, q.origin, ask.reply_to) == (" hi ", 3, 9, 4, "mqtt", "r/3")
+    assert (q.text, q.id, q.llm_budget, q.max_new_tokens, q.origin, ask.reply_to) == (" hi ", 3, 9, 4, "mqtt",
+                                                                                       "p/reply/3")
     assert parse_ask(b"  plain  ", 1 << 20, TOPICS).question.text == "plain"
 
 

@@ -6,11 +6,16 @@ first version of the service: an answer's text is "answer". Requests are decoded
 `Question` (or a watch change); whatever is wrong with one is a `ProtocolError` carrying the
 request's id and reply topic as far as they could be read, so the refusal can be addressed.
 Every payload is encoded as UTF-8 JSON; text that UTF-8 cannot carry (a lone surrogate from a
-"\\ud800" escape) is refused on the way in and escaped on the way out, never a crash.
+"\\ud800" escape) is refused on the way in and escaped on the way out, never a crash. Numbers are
+bounded before anything converts them (a 5000-digit integer is refused, not a crash), NaN and
+Infinity are not JSON, and an error message quotes a request only as a short, printable excerpt.
+A `reply_to` must match one of the configured filters (`Topics.reply_allow`): a client can make
+the service publish only where the operator allowed it.
 """
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -22,6 +27,11 @@ from stream.validation import build
 from stream.watches import WatchSpec
 
 MAX_PAYLOAD_BYTES = 268_435_455  # MQTT's limit on one message
+MAX_ID_CHARS = 200  # a request id: a string of at most this many characters, or an integer in INT_RANGE
+INT_RANGE = (-(2**63), 2**63 - 1)
+MAX_LLM_BUDGET = 10_000_000  # tokens; larger is surely a mistake (or an attack), not a budget
+EXCERPT_CHARS = 40
+MAX_MESSAGE_CHARS = 300
 
 # the levels under <prefix>/<camera>/
 ASK = "ask"
@@ -53,11 +63,42 @@ class ProtocolError(RequestError):
         self.reply_to = reply_to
 
 
+def excerpt(value: Any) -> str:
+    """A short, printable quote of request content for an error message."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = EXCERPT_CHARS
+    r.maxlist = r.maxdict = 3
+    return "".join(c if c.isprintable() else "?" for c in r.repr(value))
+
+
+def filter_matches(pattern: str, topic: str) -> bool:
+    """Whether MQTT topic filter `pattern` ('+' one level, a final '#' any rest) matches `topic`."""
+    want, have = pattern.split("/"), topic.split("/")
+    for i, level in enumerate(want):
+        if level == "#":
+            return True
+        if i >= len(have) or (level != "+" and level != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+def default_reply_allow(prefix: str) -> tuple[str, ...]:
+    return (f"{prefix}/reply/#",)
+
+
 @dataclass(frozen=True)
 class Topics:
-    """The topic names under `prefix`."""
+    """The topic names under `prefix`; `reply_allow` the filters a `reply_to` must match."""
 
     prefix: str
+    reply_allow: tuple[str, ...] = ()  # () = default_reply_allow(prefix)
+
+    @property
+    def reply_filters(self) -> tuple[str, ...]:
+        return self.reply_allow or default_reply_allow(self.prefix)
+
+    def reply_allowed(self, topic: str) -> bool:
+        return self.request(topic) is None and any(filter_matches(f, topic) for f in self.reply_filters)
 
     @property
     def status(self) -> str:
@@ -109,8 +150,9 @@ def encode(value: Any) -> bytes:
 
 # -- requests --
 
-def decode(payload: bytes, max_bytes: int) -> dict | str:
-    """A JSON object, or the stripped text when the payload does not start with '{' or '['."""
+def decode(payload: bytes, max_bytes: int, not_object: str = "bad_request") -> dict | str:
+    """A JSON object, or the stripped text when the payload does not start with '{' or '['; JSON
+    that is not an object is refused with code `not_object`."""
     if len(payload) > max_bytes:
         raise ProtocolError("payload_too_large", f"the payload has {len(payload)} bytes; the limit is {max_bytes}")
     try:
@@ -120,12 +162,17 @@ def decode(payload: bytes, max_bytes: int) -> dict | str:
     if not text.startswith(("{", "[")):
         return text
     try:
-        body = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ProtocolError("bad_json", f"the payload is not valid JSON: {e}") from None
+        body = json.loads(text, parse_constant=_not_json)
+    except (ValueError, RecursionError) as e:  # ValueError: also an integer of more than 4300 digits
+        raise ProtocolError("bad_json", f"the payload is not valid JSON: {str(e)[:120]}") from None
     if not isinstance(body, dict):
-        raise ProtocolError("bad_request", "expected a JSON object (or the question as plain text)")
+        raise ProtocolError(not_object, "expected a JSON object" + (" (or the question as plain text)"
+                                                                     if not_object == "bad_request" else ""))
     return body
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 def _encodable(value: Any) -> bool:
@@ -146,21 +193,39 @@ def _encodable(value: Any) -> bool:
     return True
 
 
-def _id_and_reply_to(body: dict, topics: Topics) -> tuple[str | int | None, str | None]:
-    """The request's id and reply topic, checked; then every other string in it."""
+def _id_and_reply_to(body: dict, topics: Topics, code: str) -> tuple[str | int | None, str | None]:
+    """The request's id and reply topic, checked; then every other string in it (refused with
+    `code`: the request kind's own code)."""
     rid = body.get("id")
-    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int)) or not _encodable(rid)):
-        raise ProtocolError("bad_request", "id must be a string (valid Unicode text) or an integer")
+    if rid is not None and not _good_id(rid):
+        raise ProtocolError("bad_request", f"id must be a string of at most {MAX_ID_CHARS} characters (valid "
+                            f"Unicode text) or an integer in {INT_RANGE[0]}..{INT_RANGE[1]}")
     reply_to = body.get("reply_to")
     if reply_to is not None:
         if (problem := topic_problem(reply_to)) is not None:
             raise ProtocolError("bad_request", f"reply_to must be a topic name: it {problem}", rid)
-        if topics.request(reply_to) is not None:
-            raise ProtocolError("bad_request", "reply_to must not be a request topic of this service", rid)
+        if not topics.reply_allowed(reply_to):
+            raise ProtocolError("reply_to_not_allowed", "reply_to must match one of "
+                                f"{', '.join(topics.reply_filters)} (mqtt.reply_to_allow)", rid)
     if not _encodable(body):
-        raise ProtocolError("bad_request", "the payload has text that is not valid Unicode (a lone surrogate)",
-                            rid, reply_to)
+        raise ProtocolError(code, "the payload has text that is not valid Unicode (a lone surrogate)", rid, reply_to)
     return rid, reply_to
+
+
+def _good_id(rid: Any) -> bool:
+    if isinstance(rid, str):
+        return len(rid) <= MAX_ID_CHARS and _encodable(rid)
+    return isinstance(rid, int) and not isinstance(rid, bool) and INT_RANGE[0] <= rid <= INT_RANGE[1]
+
+
+def request_id(payload: bytes, max_bytes: int) -> str | int | None:
+    """The id of a request, when it has a readable, valid one (for refusing it as a whole)."""
+    try:
+        body = decode(payload, max_bytes)
+    except ProtocolError:
+        return None
+    rid = body.get("id") if isinstance(body, dict) else None
+    return rid if rid is not None and _good_id(rid) else None
 
 
 @dataclass(frozen=True)
@@ -175,14 +240,18 @@ def parse_ask(payload: bytes, max_bytes: int, topics: Topics) -> Ask:
     body = decode(payload, max_bytes)
     if isinstance(body, str):
         body = {"question": body}
-    rid, reply_to = _id_and_reply_to(body, topics)
+    rid, reply_to = _id_and_reply_to(body, topics, "bad_request")
     text = body.get("question")
     if text is not None and not isinstance(text, str):
-        raise ProtocolError("bad_request", f"question must be a string, got {text!r}", rid, reply_to)
-    for key in ("llm_budget", "max_new_tokens"):
+        raise ProtocolError("bad_request", f"question must be a string, got {excerpt(text)}", rid, reply_to)
+    for key, hi in (("llm_budget", MAX_LLM_BUDGET), ("max_new_tokens", MAX_LLM_BUDGET)):
         value = body.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ProtocolError("bad_request", f"{key} must be an integer, got {value!r}", rid, reply_to)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProtocolError("bad_request", f"{key} must be an integer, got {excerpt(value)}", rid, reply_to)
+        if not 1 <= value <= hi:  # compared, never converted: a 4000-digit integer is just too large
+            raise ProtocolError(f"bad_{key}", f"{key} must be in 1..{hi}", rid, reply_to)
     return Ask(Question(text or "", rid, body.get("llm_budget"), body.get("max_new_tokens"), ORIGIN), reply_to)
 
 
@@ -211,13 +280,14 @@ class WatchChange:
 
 def parse_watch_change(payload: bytes, max_bytes: int, topics: Topics) -> WatchChange:
     """{"op": "add", "name", "question", ...} | {"op": "remove", "name"} | {"op": "list"}."""
-    body = decode(payload, max_bytes)
+    body = decode(payload, max_bytes, not_object="bad_watch")
     if not isinstance(body, dict):
         raise ProtocolError("bad_watch", 'expected a JSON object {"op": "add" | "remove" | "list", ...}')
-    rid, reply_to = _id_and_reply_to(body, topics)
+    rid, reply_to = _id_and_reply_to(body, topics, "bad_watch")
     op = body.get("op")
     if op not in WATCH_OPS:
-        raise ProtocolError("bad_watch", f"op must be \"add\", \"remove\" or \"list\", got {op!r}", rid, reply_to)
+        raise ProtocolError("bad_watch", f"op must be \"add\", \"remove\" or \"list\", got {excerpt(op)}",
+                            rid, reply_to)
     rest = {k: v for k, v in body.items() if k != "op" and k not in _REQUEST_KEYS}
     return WatchChange(op, rest, rid, reply_to)
 
@@ -241,8 +311,10 @@ def answer_from_payload(payload: Mapping[str, Any]) -> Answer:
 
 
 def refusal(camera: str, error: RequestError, id: str | int | None = None, question: str = "") -> RequestFailed:
-    """The RequestFailed for a request this front door refused itself."""
-    return RequestFailed(camera, error.code, error.message, id, question, ORIGIN)
+    """The RequestFailed for a request this front door refused itself (its message cut short:
+    it may quote the request)."""
+    message = error.message if len(error.message) <= MAX_MESSAGE_CHARS else error.message[:MAX_MESSAGE_CHARS] + "…"
+    return RequestFailed(camera, error.code, message, id, question, ORIGIN)
 
 
 def error_payload(failed: RequestFailed) -> dict:

@@ -2,7 +2,8 @@
 
 Topics, under `prefix` (default "streamprune"); payloads in protocol.py, examples in README.md "MQTT":
   <prefix>/<camera>/ask        in   JSON {"id", "question", "llm_budget"?, "max_new_tokens"?, "reply_to"?}
-                                    or plain text (the question)
+                                    or plain text (the question); reply_to must match
+                                    `reply_to_allow` (default <prefix>/reply/#)
   <prefix>/<camera>/answer     out  every answer the camera gives (through any door; a watch's checks
                                     excepted), QoS 1; an MQTT question's answer also on its `reply_to`
   <prefix>/<camera>/error      out  {"id", "camera", "code", "message", ...} for every request not
@@ -25,32 +26,41 @@ cameras, retained requests); a `duplicate` is counted, not answered. At a clean 
 service, questions it still waits on get `unavailable`. Bad input is answered on an error topic
 and counted (`counters["errors.<code>"]`); nothing a client sends stops the service, and no
 topic is ever built from a name that is not a served camera's. A request published with the
-retain flag is refused: the broker would hand it to us again on every reconnect.
+retain flag is refused once, with its id (MQTT 5 "retain as published"); retained requests
+left on the broker are never delivered to us (retain handling 2), so never acted on.
 
-Delivery: everything goes out at QoS 1 through one bounded outbox that outlives connections, so
-what is produced while the broker is away is published after reconnecting (oldest dropped and
-counted beyond `outbox_size`); retained topics keep only their newest value and are published
-again on every connect (a broker restarted without persistence has forgotten them). QoS 1 is
-at least once: a message in flight when the connection drops may arrive twice. Every topic and
-payload is checked before it is queued, so nothing queued can be refused by the client. The
-connection loop reconnects with doubling delay capped at `reconnect_max_s`, forever, and
-survives any error (logged and counted); `run()` returns only after `close()`.
+Delivery: everything goes out at QoS 1, up to `max_in_flight` messages awaiting acknowledgement
+at once, through one bounded outbox that outlives connections (sinks/mqtt/outbox.py), so what is
+produced while the broker is away is published after reconnecting; beyond `outbox_size` error
+replies are dropped before answers and events, and counted. Refusals of malformed requests are
+rate-limited per destination topic (sinks/mqtt/rate_limit.py; counted as `rate_limited`), so a
+flood of bad requests costs the flooder its error replies, not other clients their answers;
+`busy`, `unavailable`, `internal_error` and `empty_memory` are a question's outcome and go out
+like answers. Retained topics
+keep only their newest value and are published again on every connect (a broker restarted
+without persistence has forgotten them). QoS 1 is at least once: a message in flight when the
+connection drops may arrive twice. The session is persistent (a stable client id, MQTT 5 session
+expiry `session_expiry_s`): questions published while the connection is down are delivered by
+the broker when it is back. Every topic and payload is checked before it is queued, so nothing
+queued can be refused by the client. The connection loop reconnects with doubling delay capped
+at `reconnect_max_s`, forever, and survives any error (logged and counted); `run()` returns only
+after `close()`.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
-import os
-import reprlib
 import socket
-import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from stream.bus import Sink
 from stream.camera_api import CameraService
@@ -58,23 +68,25 @@ from stream.errors import ConfigError, RequestError
 from stream.events import Answer, Event, RequestFailed, SourceState, Status, WatchFired
 from stream.mqtt_settings import MqttSettings, camera_topic_problem, check_settings
 
+from .outbox import ANSWERS, ERRORS, Outbox, Outgoing
 from .protocol import (ANSWER, ASK, ERROR, EVENT, MAX_PAYLOAD_BYTES, OFFLINE, ONLINE, SNAPSHOT, STATUS,
                        WATCH_SET, WATCHES, Ask, ProtocolError, Topics, answer_payload, encode, error_payload,
-                       event_payload, parse_ask, parse_watch_change, refusal, status_payload, topic_problem,
-                       watches_payload, with_id)
+                       event_payload, excerpt, parse_ask, parse_watch_change, refusal, request_id, status_payload,
+                       topic_problem, watches_payload, with_id)
+from .rate_limit import RateLimiter
 
 log = logging.getLogger(__name__)
 
 FLUSH_ON_STOP_S = 2.0  # a clean stop waits this long for pending messages before going offline
 CLOSE_TIMEOUT_S = 10.0  # a loaded machine can take seconds to flush and say offline
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # paho leaves Nagle on: +40 ms per small message
+OUTCOME_CODES = frozenset({"busy", "unavailable", "internal_error", "empty_memory"})
+# a request's retain flag as its sender set it; retained requests are never sent to us on subscribing
+REQUEST_OPTIONS = SubscribeOptions(qos=1, retainAsPublished=True, retainHandling=2)
 
 
-@dataclass(frozen=True)
-class _Outgoing:
-    topic: str
-    payload: bytes
-    retain: bool = False
+class _Stored(Outgoing):
+    """A retained topic's value from the service's store (not an outbox message)."""
 
 
 @dataclass(frozen=True)
@@ -98,10 +110,11 @@ class MqttService(Sink):
             if (problem := camera_topic_problem(settings.prefix, name)) is not None:
                 raise ConfigError(f"{name!r} {problem}", "name")
         self.cameras = dict(cameras)
-        self.topics = Topics(settings.prefix)
+        self.topics = Topics(settings.prefix, tuple(settings.reply_to_allow))
         self.counters: Counter = Counter()
         self.connected = asyncio.Event()
-        self._outbox: deque[_Outgoing] = deque()
+        self._outbox = Outbox(settings.outbox_size)
+        self._error_replies = RateLimiter(settings.error_rate_per_s, settings.error_burst)
         self._retained: dict[str, bytes] = {}
         self._dirty: dict[str, None] = {}  # retained topics to publish, in order
         self._asks: dict[asyncio.Task, _Waiting] = {}
@@ -114,6 +127,11 @@ class MqttService(Sink):
     def outbox_len(self) -> int:
         return len(self._outbox)
 
+    @property
+    def client_id(self) -> str:
+        """Stable across restarts, so the broker can keep the session (and our requests) for us."""
+        return self.settings.client_id or f"streamprune-{socket.gethostname()}-{self.settings.prefix}"
+
     # -- events from the cameras' buses --
 
     async def handle(self, event: Event) -> None:
@@ -123,7 +141,7 @@ class MqttService(Sink):
         if isinstance(event, Answer):
             self._send(self.topics.camera(camera, ANSWER), encode(answer_payload(event)))
         elif isinstance(event, RequestFailed):
-            self._send(self.topics.camera(camera, ERROR), encode(error_payload(event)))
+            self._send(self.topics.camera(camera, ERROR), encode(error_payload(event)), lane=_lane(event.code))
         elif isinstance(event, Status):
             self._publish_status(event)
         elif isinstance(event, SourceState):
@@ -169,27 +187,27 @@ class MqttService(Sink):
         if s.tls:
             tls = aiomqtt.TLSParameters(ca_certs=_path(s.ca_file), certfile=_path(s.cert_file),
                                         keyfile=_path(s.key_file))
-        ident = s.client_id or f"streamprune-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        return aiomqtt.Client(s.host, s.port, identifier=ident, username=s.username or None,
+        session = Properties(PacketTypes.CONNECT)
+        session.SessionExpiryInterval = s.session_expiry_s
+        return aiomqtt.Client(s.host, s.port, identifier=self.client_id, username=s.username or None,
                               password=s.password or None, keepalive=s.keepalive, tls_params=tls,
+                              protocol=aiomqtt.ProtocolVersion.V5, clean_start=s.session_expiry_s == 0,
+                              properties=session, max_inflight_messages=s.max_in_flight,
                               will=aiomqtt.Will(self.topics.status, OFFLINE, qos=1, retain=True),
                               socket_options=[NODELAY])
 
     async def _connect_loop(self) -> None:
         s = self.settings
-        client: aiomqtt.Client | None = None
         delay = s.reconnect_min_s
         while not self._stop.is_set():
             try:
-                client = client or self._client()
-                async with client:
+                async with self._client() as client:  # a new one each time: a dropped one may be in any state
                     delay = s.reconnect_min_s
                     await self._session(client)
                 return
             except aiomqtt.MqttError as e:
                 log.warning("MQTT broker %s:%d: %s; retrying in %.1f s", s.host, s.port, e, delay)
             except Exception:
-                client = None  # start afresh: the error may have left the client in any state
                 log.exception("MQTT: the connection to %s:%d failed; retrying in %.1f s", s.host, s.port, delay)
             self.counters["connection_failures"] += 1
             try:
@@ -203,7 +221,7 @@ class MqttService(Sink):
         self.counters["connects"] += 1
         log.info("MQTT connected to %s:%d as %s", self.settings.host, self.settings.port, client.identifier)
         await client.publish(self.topics.status, ONLINE, qos=1, retain=True)
-        await client.subscribe([(f, 1) for f in self.topics.requests()])
+        await client.subscribe([(f, REQUEST_OPTIONS) for f in self.topics.requests()])
         self._dirty.update(dict.fromkeys(self._retained))
         self._wake.set()
         self.connected.set()
@@ -217,8 +235,9 @@ class MqttService(Sink):
                 raise aiomqtt.MqttError("the connection ended")
             reader.cancel()  # a clean stop: no more requests; what is in the outbox goes out first
             await self._stop_answering()
+            self._wake.set()
             try:
-                await asyncio.wait_for(self._drain(writer, client), FLUSH_ON_STOP_S)
+                await asyncio.wait_for(writer, FLUSH_ON_STOP_S)  # it returns once everything is sent
             except TimeoutError:
                 log.warning("MQTT: %d messages not delivered at stop", len(self._outbox))
             await client.publish(self.topics.status, OFFLINE, qos=1, retain=True)
@@ -227,13 +246,6 @@ class MqttService(Sink):
             for t in (reader, writer, stop):
                 t.cancel()
             await asyncio.gather(reader, writer, stop, return_exceptions=True)
-
-    async def _drain(self, writer: asyncio.Task, client: aiomqtt.Client) -> None:
-        """At a clean stop: the writer finishes what it is sending (never cut off mid-message, which
-        would send that message twice), then whatever is still pending goes out."""
-        self._wake.set()
-        await writer
-        await self._publish_pending(client)
 
     async def _reader(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -244,35 +256,53 @@ class MqttService(Sink):
                 log.exception("MQTT: failed on a message on %.200r", message.topic.value)
 
     async def _writer(self, client: aiomqtt.Client) -> None:
-        """Publishes whatever is pending whenever there is some; returns once stopping and idle."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._publish_pending(client)
-            if self._stop.is_set():
-                return
-
-    async def _publish_pending(self, client: aiomqtt.Client) -> None:
-        """Retained topics first, then the outbox oldest first; an item leaves only once acknowledged.
-
-        No timeout on the acknowledgement: aiomqtt's timeout goes through Python 3.11's
-        `asyncio.wait_for`, which loses a cancellation that races the acknowledgement, and then
-        the writer would outlive its connection. A dead connection ends the reader instead."""
-        while self._dirty or self._outbox:
-            if self._dirty:
-                topic = next(iter(self._dirty))
-                del self._dirty[topic]
+        """Keeps up to `max_in_flight` messages publishing; returns once stopping with nothing left.
+        A failed publish means the connection is gone: its error ends the session."""
+        in_flight: set[asyncio.Task] = set()
+        try:
+            while True:
+                self._wake.clear()
+                while len(in_flight) < self.settings.max_in_flight and (item := self._take()) is not None:
+                    in_flight.add(asyncio.create_task(self._publish(client, item)))
+                if not in_flight and self._stop.is_set():
+                    return
+                wake = asyncio.create_task(self._wake.wait())
                 try:
-                    await client.publish(topic, self._retained[topic], qos=1, retain=True, timeout=math.inf)
-                except BaseException:
-                    self._dirty[topic] = None
-                    raise
+                    done, _ = await asyncio.wait(in_flight | {wake}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wake.cancel()
+                for t in done - {wake}:
+                    in_flight.discard(t)
+                    t.result()
+        finally:
+            for t in in_flight:
+                t.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
+    def _take(self) -> Outgoing | None:
+        """Retained topics first (their newest value), then the outbox."""
+        if self._dirty:
+            topic = next(iter(self._dirty))
+            del self._dirty[topic]
+            return _Stored(topic, self._retained[topic], retain=True)
+        return self._outbox.take()
+
+    async def _publish(self, client: aiomqtt.Client, item: Outgoing) -> None:
+        """One message until acknowledged. No timeout on the acknowledgement: aiomqtt's timeout
+        goes through Python 3.11's `asyncio.wait_for`, which loses a cancellation that races the
+        acknowledgement, and the writer would outlive its connection; a dead connection ends
+        the reader instead, and the session cancels this."""
+        try:
+            await client.publish(item.topic, item.payload, qos=1, retain=item.retain, timeout=math.inf)
+        except BaseException:
+            if isinstance(item, _Stored):
+                self._dirty[item.topic] = None  # its newest value goes out again
             else:
-                item = self._outbox[0]
-                await client.publish(item.topic, item.payload, qos=1, retain=item.retain, timeout=math.inf)
-                if self._outbox and self._outbox[0] is item:
-                    self._outbox.popleft()
-            self.counters["published"] += 1
+                self._outbox.release(item)
+            raise
+        if not isinstance(item, _Stored):
+            self._outbox.done(item)
+        self.counters["published"] += 1
 
     def _sendable(self, topic: str, payload: bytes) -> bool:
         """Whether the client will take this message; one it would refuse is logged and counted here,
@@ -285,12 +315,14 @@ class MqttService(Sink):
             log.error("MQTT: not sending to topic %.200r: %s", topic, problem)
         return problem is None
 
-    def _send(self, topic: str, payload: bytes, retain: bool = False) -> None:
+    def _send(self, topic: str, payload: bytes, retain: bool = False, lane: int = ANSWERS) -> None:
         if not self._sendable(topic, payload):
             return
-        self._outbox.append(_Outgoing(topic, payload, retain))
-        while len(self._outbox) > self.settings.outbox_size:
-            dropped = self._outbox.popleft()
+        if lane == ERRORS and not self._error_replies.allow(topic):
+            self.counters["rate_limited"] += 1
+            return
+        dropped = self._outbox.put(Outgoing(topic, payload, retain, lane))
+        if dropped is not None:
             self.counters["outbox_dropped"] += 1
             log.debug("MQTT outbox full: dropped a message for %.200r", dropped.topic)
         self._wake.set()
@@ -317,16 +349,18 @@ class MqttService(Sink):
         if request is None:  # nothing else is subscribed to
             return
         camera, leaf = request
-        if retain:  # sent before we subscribed, and again on every reconnect: stale, never acted on
-            self._refuse(camera, RequestError("retained_request", "requests must not be retained; clear it with "
-                                              "an empty retained message on the topic it was sent to"))
+        if retain:  # the broker would keep it and hand it out again: refused, never acted on
+            if payload:  # an empty one clears a retained request
+                self._refuse(camera, RequestError("retained_request", "requests must not be retained; clear it "
+                                                  "with an empty retained message on the topic it was sent to"),
+                             request_id(payload, self.settings.max_payload_bytes))
         elif leaf == ASK:
             self._ask(camera, payload)
         elif leaf == WATCH_SET:
             self._watch_set(camera, payload)
 
     def _unknown(self, camera: str) -> RequestError:
-        return RequestError("unknown_camera", f"no camera named {reprlib.repr(camera)}; "
+        return RequestError("unknown_camera", f"no camera named {excerpt(camera)}; "
                             f"cameras: {', '.join(self.cameras)}")
 
     def _ask(self, camera: str, payload: bytes) -> None:
@@ -358,7 +392,8 @@ class MqttService(Sink):
             self.counters[f"errors.{e.code}"] += 1
             log.info("MQTT: %s request %r not answered: %s (%s)", camera, q.id, e.message, e.code)
             if ask.reply_to:
-                self._send(ask.reply_to, encode(error_payload(refusal(camera, e, q.id, q.text))))
+                self._send(ask.reply_to, encode(error_payload(refusal(camera, e, q.id, q.text))),
+                           lane=_lane(e.code))
             return
         except Exception:
             log.exception("MQTT: asking %s %r failed", camera, q.text)
@@ -388,9 +423,10 @@ class MqttService(Sink):
         self.counters[f"errors.{error.code}"] += 1
         log.info("MQTT: %.80r request %r not answered: %s (%s)", camera, id, error.message, error.code)
         payload = encode(error_payload(refusal(camera, error, id, question)))
-        self._send(self.topics.camera(camera, ERROR) if camera in self.cameras else self.topics.error, payload)
+        self._send(self.topics.camera(camera, ERROR) if camera in self.cameras else self.topics.error, payload,
+                   lane=_lane(error.code))
         if reply_to:
-            self._send(reply_to, payload)
+            self._send(reply_to, payload, lane=_lane(error.code))
 
     def _watch_set(self, camera: str, payload: bytes) -> None:
         """Add, remove or list a camera's watches; the retained listing follows every change."""
@@ -410,13 +446,19 @@ class MqttService(Sink):
                 except ConfigError as e:
                     raise RequestError("bad_watch", str(e)) from None
             elif change.op == "remove" and (not isinstance(change.name, str) or not cam.watches.remove(change.name)):
-                raise RequestError("unknown_watch", f"camera {camera!r} has no watch named {reprlib.repr(change.name)}")
+                raise RequestError("unknown_watch", f"camera {camera!r} has no watch named {excerpt(change.name)}")
         except RequestError as e:
             self._refuse(camera, e, change.id, change.reply_to)
             return
         listing = self._publish_watches(camera)
         if change.reply_to:
             self._send(change.reply_to, encode(with_id(listing, change.id)))
+
+
+def _lane(code: str) -> int:
+    """A well-formed question's outcome (`busy`, `unavailable`, ...) is its answer: delivered like
+    one and never rate-limited; a refusal of what a request is goes in the error lane."""
+    return ANSWERS if code in OUTCOME_CODES else ERRORS
 
 
 def _path(p: str) -> str | None:
