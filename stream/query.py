@@ -9,6 +9,7 @@ generation runs on this handler's own thread.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,8 +45,10 @@ class QueryHandler:
     def pruner(self) -> Pruner:
         return self.memory.pruner
 
-    def ask(self, question: Question, on_text: Callable[[str], None] | None = None) -> Answer:
-        """Answer from the memory as it is now (blocking; use `aask` from async code)."""
+    def ask(self, question: Question, on_text: Callable[[str], None] | None = None,
+            stop: threading.Event | None = None) -> Answer:
+        """Answer from the memory as it is now (blocking; use `aask` from async code); generation
+        ends early once `stop` is set."""
         snap = self.memory.snapshot()
         if len(snap) == 0:
             raise RequestError("empty_memory", "the memory holds no video yet; ask again once frames have arrived")
@@ -55,7 +58,7 @@ class QueryHandler:
         if len(seen) == 0:
             raise RequestError("empty_memory", "the query budget left no visual tokens to answer from")
         prompt = self.vlm.layout(seen, question.text, self.layout)
-        gen = self.vlm.generate(prompt, question.max_new_tokens or self.settings.max_new_tokens, on_text)
+        gen = self.vlm.generate(prompt, question.max_new_tokens or self.settings.max_new_tokens, on_text, stop=stop)
         return Answer(
             text=gen.text, question=question.text, t_start=float(seen.pts.min()), t_end=float(seen.pts.max()),
             groups=int(seen.groups().numel()), tokens_used=len(seen), memory_tokens=len(snap),
@@ -63,9 +66,15 @@ class QueryHandler:
         )
 
     async def aask(self, question: Question, on_text: Callable[[str], None] | None = None) -> Answer:
-        """`ask` on the LLM thread, so the event loop and ingest keep running."""
+        """`ask` on the LLM thread, so the event loop and ingest keep running. Cancelling it (the
+        asker went away, the camera stops) also ends the generation after its current token."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.ask, question, on_text)
+        stop = threading.Event()
+        try:
+            return await loop.run_in_executor(self._executor, self.ask, question, on_text, stop)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

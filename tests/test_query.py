@@ -75,3 +75,40 @@ async def test_aask_answers_on_the_handler_thread_and_streams_text(vlm):
         handler.close()
     assert threads and all(name.startswith("llm") for name in threads)
     assert (answer.text, answer.new_tokens, answer.prompt_tokens) == (again.text, again.new_tokens, again.prompt_tokens)
+
+
+def test_a_stopped_generation_ends_after_one_token(vlm):
+    handler = QueryHandler(vlm, _memory(vlm), QuerySettings(max_new_tokens=48))
+    try:
+        full = handler.ask(Question("what is happening?"))
+        stop = threading.Event()
+        stop.set()
+        cut = handler.ask(Question("what is happening?"), stop=stop)
+    finally:
+        handler.close()
+    assert full.new_tokens == 48 and cut.new_tokens == 1
+
+
+async def test_cancelling_aask_frees_the_llm_thread_within_a_token(vlm):
+    """A cancelled question (its asker gone, the camera stopping) does not keep the LLM busy for
+    its remaining tokens: the next question starts at once."""
+    import asyncio
+    import time
+
+    handler = QueryHandler(vlm, _memory(vlm), QuerySettings(max_new_tokens=1))
+    try:
+        t0 = time.perf_counter()
+        await handler.aask(Question("warm up?"))
+        one = time.perf_counter() - t0
+        started = threading.Event()
+        long = asyncio.create_task(handler.aask(Question("what is happening?", max_new_tokens=1024),
+                                                lambda _text: started.set()))
+        while not started.is_set() and not long.done():
+            await asyncio.sleep(0.01)
+        long.cancel()
+        t0 = time.perf_counter()
+        await handler.aask(Question("and now?"))
+        after_cancel = time.perf_counter() - t0
+    finally:
+        handler.close()
+    assert after_cancel < 5 * one + 1.0, (after_cancel, one)

@@ -8,6 +8,7 @@ unchanged (docs/DESIGN.md "Seams").
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -101,7 +102,8 @@ class VideoLM(Protocol):
         """The family's prompt around the kept tokens `seen`, question after the video."""
 
     def generate(self, prompt: Prompt, max_new_tokens: int, on_text: Callable[[str], None] | None = None,
-                 cache: Any = None) -> Generation:
+                 cache: Any = None, stop: threading.Event | None = None) -> Generation:
         """Greedy answer to `prompt`, streaming text to `on_text`. `cache`, when given, already
         holds the KV of the prompt's first tokens (at most `prefix_len`); only the rest is prefilled
-        and the cache is left holding what it held."""
+        and the cache is left holding what it held. Decoding ends after the current token once
+        `stop` is set."""

@@ -1,10 +1,13 @@
-"""Streams generated text to a callback and records when the first new token appeared."""
+"""Streams generated text to a callback, records when the first new token appeared, and stops
+a generation nobody waits for any more."""
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
 import torch
+from transformers import StoppingCriteria
 
 
 class FirstTokenStreamer:
@@ -34,3 +37,14 @@ class FirstTokenStreamer:
 
     def end(self) -> None:
         """Nothing buffered: `put` already flushed everything printable."""
+
+
+class StopWhenSet(StoppingCriteria):
+    """Ends greedy decoding after the current token once `flag` is set (an asker went away, the
+    service is stopping): a cancelled answer costs at most one more token, not `max_new_tokens`."""
+
+    def __init__(self, flag: threading.Event):
+        self.flag = flag
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device)

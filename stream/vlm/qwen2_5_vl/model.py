@@ -10,6 +10,7 @@ Prompt layout, question last so the video block's KV can be reused between quest
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from pruning import TokenSet
 
 from ..base import Generation, LayoutSettings, Prompt
 from ..positions import TextPart, VisualPart, build_positions
-from ..streamer import FirstTokenStreamer
+from ..streamer import FirstTokenStreamer, StopWhenSet
 from .positions import group_time_text, time_offsets
 from .preprocess import VisionGeometry, frames_to_pairs, patchify
 
@@ -158,7 +159,7 @@ class Qwen2_5_VL:
 
     @torch.inference_mode()
     def generate(self, prompt: Prompt, max_new_tokens: int, on_text: Callable[[str], None] | None = None,
-                 cache: Any = None) -> Generation:
+                 cache: Any = None, stop: threading.Event | None = None) -> Generation:
         """Greedy decoding over `inputs_embeds` with explicit positions and attention mask.
 
         `cache` (a transformers `Cache`) may hold the KV of the prompt's first tokens, at most
@@ -175,6 +176,7 @@ class Qwen2_5_VL:
                 attention_mask=torch.ones(prompt.inputs_embeds.shape[:2], dtype=torch.long, device=self.device),
                 past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                 eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
+                stopping_criteria=[StopWhenSet(stop)] if stop is not None else None,
             )
         finally:
             if cache is not None and cache.get_seq_length() > held:
