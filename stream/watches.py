@@ -15,9 +15,10 @@ LLM's time. A camera has one check in flight at a time (the LLM answers one at a
 the most overdue watch first, and a late watch is asked once, not once per missed interval. A
 watch answered further apart than its `every_s` cannot keep up: its effective interval grows.
 It is reported `slowed` (with `effective_every_s`, the running mean of the gaps between its
-answers, the first one counted from when it was added) once that interval passes `SLOW_FACTOR` x `every_s`, and recovers below
-`RECOVER_FACTOR` x `every_s`; counter `watch_slowed` counts the slow-downs. A preempted check is
-asked again in its old place in the order (counter `watch_preempted`).
+answers, the first counted from when it was added) once that mean passes `SLOW_FACTOR` x
+`every_s`, and recovers below `RECOVER_FACTOR` x `every_s`; counter `watch_slowed` counts the
+slow-downs. A preempted check is asked again in its old place in the order (counter
+`watch_preempted`).
 
 A watch is refused (`ConfigError`, naming the field) when a field is out of range or not a
 finite number, its name is empty, longer than 100 characters, not valid Unicode (it must encode

@@ -117,7 +117,8 @@ async def test_watches_take_at_most_their_share_and_slowed_watches_are_reported(
     finally:
         await _stop(door, task)
     t1 = time.monotonic()
-    shares = [llm.watch_time(t - window, t) / window for t in (t0 + window + 0.05 * i for i in range(int((t1 - t0 - window) / 0.05)))]
+    ends = [t0 + window + 0.05 * i for i in range(int((t1 - t0 - window) / 0.05))]
+    shares = [llm.watch_time(t - window, t) / window for t in ends]
     assert max(shares) <= share + 0.06, f"watch share peaked at {max(shares):.3f}"
     assert llm.watch_time(t0, t1) / (t1 - t0) >= share * 0.6, "the watches did not get their share"
     listing = watches.describe()
