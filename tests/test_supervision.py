@@ -296,6 +296,7 @@ class CameraWithABrokenSource(FastCamera):
 
 
 async def test_a_source_that_raises_is_reopened_and_ingest_continues_after_its_last_frame(vlm):
+    CameraWithABrokenSource.opened = 0
     cam, rec = _camera(CameraWithABrokenSource, _config(), vlm)
     async with cam:
         await asyncio.wait_for(cam.done(), 60)
@@ -309,6 +310,23 @@ async def test_a_source_that_raises_is_reopened_and_ingest_continues_after_its_l
     assert cam.memory.groups_seen == 16
     states = [(e.old, e.new) for e in rec.of(SourceState)]
     assert ("streaming", "failed") in states and states[-1] == ("streaming", "stopped")
+
+
+async def test_a_reopened_live_source_continues_after_the_last_pts_with_a_fresh_pruner_state(vlm):
+    CameraWithABrokenSource.opened = 0
+    cfg = _config(source={"kind": "synthetic", "fps": 4.0, "duration_s": 16.0, "seed": 1, "realtime": True, "speed": 8.0})
+    cam, rec = _camera(CameraWithABrokenSource, cfg, vlm)
+    resets = []
+    reset_stream = cam.memory.reset_stream
+    cam.memory.reset_stream = lambda: (resets.append(cam.memory.groups_seen), reset_stream())
+    async with cam:
+        await asyncio.wait_for(cam.done(), 60)
+    status = cam.status()
+    assert status.tasks["ingest"]["state"] == "done" and status.tasks["ingest"]["restarts"] == 1
+    assert status.frames_in == 20 + 64  # a live source is not rewound: the new one streams from its start
+    pts = [e.pts for e in rec.of(GroupAdded)]
+    assert pts == sorted(set(pts)) and pts[-1] > 4.75 + 14.0  # after the old stream's last frame (4.75 s)
+    assert len(resets) == 1 and pts[resets[0]] > 4.75  # the first group of the new stream has no predecessor
 
 
 async def test_ingest_that_keeps_failing_is_failed_for_good_and_the_camera_says_so(vlm):
