@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from stream.errors import ConfigError
-from stream.mqtt_settings import MAX_TOPIC_BYTES, MqttSettings, check_service
+from stream.mqtt_settings import MAX_TOPIC_BYTES, MqttSettings, check_service, check_settings
 from stream.validation import build
 
 
@@ -38,3 +38,9 @@ def test_camera_names_must_make_topics_when_mqtt_is_on(name, needle):
         check_service(MqttSettings(enabled=True), cameras)
     assert needle in str(e.value)
     check_service(MqttSettings(enabled=False), cameras)  # MQTT off: any name
+
+
+@pytest.mark.parametrize("pattern", ["", "#", "+/reply", "$SYS/x", "a/#/b", "a/b#", "a/+b"])
+def test_a_reply_to_filter_must_be_a_narrow_topic_filter(pattern):
+    with pytest.raises(ConfigError, match=r"reply_to_allow\[0\]"):
+        check_settings(MqttSettings(reply_to_allow=[pattern]))

@@ -189,12 +189,14 @@ class MqttService(Sink):
                                         keyfile=_path(s.key_file))
         session = Properties(PacketTypes.CONNECT)
         session.SessionExpiryInterval = s.session_expiry_s
-        return aiomqtt.Client(s.host, s.port, identifier=self.client_id, username=s.username or None,
-                              password=s.password or None, keepalive=s.keepalive, tls_params=tls,
-                              protocol=aiomqtt.ProtocolVersion.V5, clean_start=s.session_expiry_s == 0,
-                              properties=session, max_inflight_messages=s.max_in_flight,
-                              will=aiomqtt.Will(self.topics.status, OFFLINE, qos=1, retain=True),
-                              socket_options=[NODELAY])
+        client = aiomqtt.Client(s.host, s.port, identifier=self.client_id, username=s.username or None,
+                                password=s.password or None, keepalive=s.keepalive, tls_params=tls,
+                                protocol=aiomqtt.ProtocolVersion.V5, clean_start=s.session_expiry_s == 0,
+                                properties=session, max_inflight_messages=s.max_in_flight,
+                                will=aiomqtt.Will(self.topics.status, OFFLINE, qos=1, retain=True),
+                                socket_options=[NODELAY])
+        client.pending_calls_threshold = s.max_in_flight  # it warns beyond this many publishes awaiting acks
+        return client
 
     async def _connect_loop(self) -> None:
         s = self.settings
