@@ -111,8 +111,9 @@ class Supervisor:
         return [name for name, s in self._states.items() if s.state == FAILED]
 
     async def wait(self, name: str) -> TaskState:
-        """Until the task is done, failed or stopped; its final state."""
-        await asyncio.gather(self._tasks[name], return_exceptions=True)
+        """Until the task is done, failed or stopped; its final state. Cancelling the waiter
+        leaves the task running (unlike awaiting it through gather)."""
+        await asyncio.wait({self._tasks[name]})
         return self._states[name]
 
     async def stop(self) -> None:
