@@ -93,6 +93,35 @@ async def test_finite_source_keeps_serving_until_sigterm_then_stops_clean(tmp_pa
     assert "s1" in {r.get("id") for r in lines if r["type"] == "answer"}  # MQTT answers reach the other sinks
 
 
+async def test_sigterm_in_a_burst_of_long_questions_stops_clean_every_time(tmp_path, broker, model_cache):
+    """SIGTERM while the LLM is generating a long answer and more questions wait, three times:
+    exit 0 within a bound, `offline` retained, and every question one outcome (an answer, `busy`
+    or `unavailable`); the generation in flight is cut, not finished."""
+    for attempt in range(3):
+        prefix = unique_prefix()
+        proc = _start(_config(tmp_path, broker, prefix, duration_s=600.0, realtime=True), model_cache)
+        try:
+            async with Listener(broker, f"{prefix}/#") as L:
+                await L.until(lambda: any(m.json().get("groups_encoded", 0) > 0
+                                          for m in L.on(f"{prefix}/cam/status")), timeout=60, what="frames")
+                for i in range(12):
+                    await L.publish(f"{prefix}/cam/ask", json.dumps({"id": f"b{i}", "question": "Tell me all.",
+                                                                     "max_new_tokens": 1024}))
+                await L.until(lambda: [m for m in L.on(f"{prefix}/cam/status") if m.json()["queued"] > 0],
+                              timeout=30, what="questions waiting")
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(proc.wait, 15) == 0, proc.stderr.read()
+                await L.until(lambda: [m for m in L.on(f"{prefix}/status") if m.text == "offline"], what="offline")
+                outcomes = [m.json() for m in L.messages if m.topic in (f"{prefix}/cam/answer", f"{prefix}/cam/error")]
+        finally:
+            proc.kill()
+            proc.wait()
+        assert (await retained(broker, f"{prefix}/status")).text == "offline", attempt
+        assert sorted(o["id"] for o in outcomes) == sorted(f"b{i}" for i in range(12)), (attempt, outcomes)
+        assert {o.get("code") for o in outcomes} <= {None, "busy", "unavailable"}, attempt
+        assert any(o.get("code") == "unavailable" for o in outcomes), attempt
+
+
 def test_shipped_mqtt_config_validates():
     cfg = load_config(ROOT / "configs" / "mqtt.toml")
     assert cfg.mqtt.enabled and cfg.mqtt.prefix == "streamprune" and len(cfg.watches) == 2
