@@ -18,9 +18,11 @@ import sys
 import threading
 from pathlib import Path
 
+from . import preflight
 from .config import Config, load_config
 from .errors import Error
 from .events import Question
+from .preflight import one_line
 
 log = logging.getLogger("streamprune")
 
@@ -217,13 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     try:
         cfg = load_config(args.config, _overrides(args))
+        preflight.check(cfg)
+        from transformers.utils import logging as hf_logging  # after the cheap checks: a mistake is told at once
+
+        hf_logging.disable_progress_bar()
+        preflight.check_memory_fits(cfg)
     except Error as e:
-        print(f"streamprune: config error: {e}", file=sys.stderr)
+        log.info("config check failed", exc_info=True)
+        print(f"streamprune: config error: {one_line(e)}", file=sys.stderr)
         return 2
     interactive = getattr(args, "interactive", False)
     if interactive is None:
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Error, OSError, ValueError) as e:
         if args.verbose:
             raise
-        print(f"streamprune: {e} (run with -v for the traceback)", file=sys.stderr)
+        print(f"streamprune: {one_line(e)} (run with -v for the traceback)", file=sys.stderr)
         return 1
 
 
