@@ -13,9 +13,10 @@ outcome is a `WatchFired` event, and the watch logs its refusals).
 Watch checks (origin `watch`) come second, so standing questions cannot starve people:
 - they wait in a line of their own (also `queue_size` long; past it the check gets `busy`), so
   they never take a user question's place; the idle LLM goes to a waiting user question first;
-- a user question that arrives while a watch check is being answered preempts it: the check
-  stops at its next generated token and gets `preempted` (the watch asks again later), so a
-  question waits at most for the prompt of the check in flight, not for its whole answer;
+- a user question that arrives while a watch check is being answered preempts it: the check is
+  cancelled (the query handler then stops its generation after the current token) and gets
+  `preempted` (the watch asks again later), so a question waits for at most the prompt and one
+  token of the check in flight, not for its whole answer;
 - watch checks get at most `watch_share` of the LLM's time: the LLM time of watch checks in the
   last `watch_window_s` (stretched to fit one check: at least its expected length / share) plus
   the expected length of the next one must fit in `watch_share` of the window, else the check
@@ -26,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -75,10 +75,6 @@ Answerer = Callable[[Question, "OnText | None"], Awaitable[Answer]]  # (question
 Publish = Callable[[Event], Awaitable[None]]
 
 
-class _Preempted(Exception):
-    """Raised on the LLM's thread to stop a watch check's generation: a user question is waiting."""
-
-
 class Door:
     """Serialises questions to `answerer` with the rules above; counts what it refused by code."""
 
@@ -96,7 +92,7 @@ class Door:
         self._serving_watch = False  # ... and it is a watch check
         self._users: deque[asyncio.Future] = deque()  # waiting user questions' turns, oldest first
         self._checks: deque[asyncio.Future] = deque()  # waiting watch checks' turns, oldest first
-        self._preempt = threading.Event()  # read on the LLM's thread by the check in flight
+        self._preempt = asyncio.Event()  # a user question waits behind the watch check in flight
         self._watch_runs: deque[tuple[float, float]] = deque()  # LLM time of watch checks: (start, end)
         self._watch_expected = 0.0  # LLM seconds the next watch check is expected to take
         self._retry: asyncio.TimerHandle | None = None  # a waiting check's next look at the share
@@ -220,40 +216,35 @@ class Door:
         over = self._watch_time(now, window) + self._watch_expected - share * window
         return max(over, 0.001) if over > 0 else 0.0
 
-    def _preemptible(self, on_text: OnText | None) -> OnText:
-        """`on_text` for a watch check: stops its generation once a user question waits."""
-        def stream(text: str) -> None:
-            if self._preempt.is_set():
-                raise _Preempted
-            if on_text is not None:
-                on_text(text)
-        return stream
-
     async def _answer(self, q: Question, on_text: OnText | None, watch: bool) -> Answer:
         if self._stopped.is_set():
             raise RequestError("unavailable", "the camera is stopping; ask again later")
         started = self.clock()
-        work = asyncio.ensure_future(self.answerer(q, self._preemptible(on_text) if watch else on_text))
-        stopped = asyncio.ensure_future(self._stopped.wait())
+        work = asyncio.ensure_future(self.answerer(q, on_text))
+        ends = [asyncio.ensure_future(self._stopped.wait())]
+        if watch:
+            ends.append(asyncio.ensure_future(self._preempt.wait()))
         abandoned = False
         try:
-            await asyncio.wait([work, stopped], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([work, *ends], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stopped.cancel()
-            if not work.done():  # stopping, or the asker went away: nobody waits for this answer
+            for end in ends:
+                end.cancel()
+            if not work.done():  # stopping, preempted, or the asker went away: nobody waits for this answer
                 work.cancel()
                 abandoned = True
             if watch:
                 self._watch_runs.append((started, self.clock()))
+        if abandoned and watch and self._preempt.is_set() and not self._stopped.is_set():
+            await asyncio.gather(work, return_exceptions=True)  # the answerer has let go of the LLM
+            log.debug("watch check %r preempted by a question", q.text)
+            raise RequestError("preempted", "a question came first; the watch asks again later")
         if abandoned:
             raise RequestError("unavailable", "the camera is stopping; ask again later")
         try:
             answer = work.result()
         except RequestError:
             raise
-        except _Preempted:
-            log.debug("watch check %r preempted by a question", q.text)
-            raise RequestError("preempted", "a question came first; the watch asks again later") from None
         except Exception:
             log.exception("answering %r failed", q.text)
             raise RequestError("internal_error", "the camera failed to answer; see the service log") from None

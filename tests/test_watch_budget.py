@@ -4,7 +4,7 @@ keep up is slowed and reported.
 
 The door tests use a real `Door` and `Watches` around `StreamingLLM`, an answerer that streams a
 token every `step_s` like a model does and records when the LLM was busy and for whom; the last
-test runs the real tiny model."""
+test runs the real tiny model, whose generation a cancelled answer stops after its current token."""
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +20,8 @@ from stream.watches import Watches, WatchSpec
 
 
 class StreamingLLM:
-    """Answers "Yes." after `tokens` steps of `step_s`, calling `on_text` at each step (where the
-    door may stop a watch check); `runs` holds (start, end, origin) of every answer begun."""
+    """Answers "Yes." after `tokens` steps of `step_s`, calling `on_text` at each step, and stops
+    when cancelled, as the query handler does; `runs` holds (start, end, origin) of every answer begun."""
 
     def __init__(self, tokens: int = 5, step_s: float = 0.01):
         self.tokens, self.step_s = tokens, step_s
