@@ -38,8 +38,9 @@ def format_status(s: Status) -> str:
 
 
 def format_task(name: str, t: dict) -> str:
-    """A supervised task that has failed, so a crash shows on the status line (else nothing)."""
-    return f", task {name} {t['state']} ({t['failures']} failure(s), {t['restarts']} restart(s): {printable(str(t['last_error']))})"
+    """A supervised task that has failed, so a crash shows on the status line (else nothing); the
+    error itself is logged when it happens and `status()` carries it."""
+    return f", task {name} {t['state']} ({t['failures']} failure(s), {t['restarts']} restart(s))"
 
 
 class ConsoleSink(Sink):

@@ -163,8 +163,9 @@ class Supervisor:
         trace = None if isinstance(exc, Error) else exc  # an `Error` is already phrased for a person
         if isinstance(exc, fatal) or len(recent) > policy.max_failures:
             state.state, state.error = FAILED, exc
-            log.error("%s: task %s failed for good (%d failure(s)): %s", self.owner, state.name,
-                      state.failures, state.last_error, exc_info=trace)
+            # an `Error` (the world's) is reported by its owner's status and at the end of the run
+            log.log(logging.INFO if trace is None else logging.ERROR, "%s: task %s failed for good (%d failure(s)): %s",
+                    self.owner, state.name, state.failures, state.last_error, exc_info=trace)
             await self._changed(state)
             return False
         delay = policy.delay(len(recent))
