@@ -22,6 +22,7 @@ from . import preflight
 from .config import Config, load_config
 from .errors import Error
 from .events import Question
+from .supervisor import FAILED, Supervisor
 from .preflight import one_line
 
 log = logging.getLogger("streamprune")
@@ -139,17 +140,20 @@ async def run_pipeline(cfg: Config, interactive: bool) -> int:
               f"capacity {c.memory.capacity} tokens + {c.memory.recent_groups} recent groups", flush=True)
     stop = asyncio.Event()
     _stop_on_signals(stop)
+    services = Supervisor("streamprune")  # the front doors' own tasks (cameras supervise theirs)
     try:
         async with contextlib.AsyncExitStack() as stack:
             for camera in cameras.values():
                 await stack.enter_async_context(camera)
+            ends = [stop.wait(), _until_done(cameras, interactive, mqtt is not None)]
             if mqtt is not None:
-                serving = asyncio.create_task(mqtt.run())
+                serving = services.start("mqtt", mqtt.run)
                 stack.push_async_callback(_stopped, serving)
                 stack.push_async_callback(mqtt.close)
+                ends.append(_failed_for_good(services, "mqtt", mqtt.say_offline))
                 m = cfg.mqtt
                 print(f"MQTT: serving {', '.join(cameras)} on {m.host}:{m.port}, topics {m.prefix}/<camera>/...", flush=True)
-            await _first(stop.wait(), _until_done(cameras, interactive, mqtt is not None))
+            await _first(*ends)
         for camera in cameras.values():
             print(f"[{camera.name}] " * (len(cameras) > 1) + _summary_line(camera.summary()), flush=True)
     finally:
@@ -160,7 +164,18 @@ async def run_pipeline(cfg: Config, interactive: bool) -> int:
     failed = [c for c in cameras.values() if c.error is not None]  # ingest failed for good; a stop is no failure
     for camera in failed:
         print(f"camera {camera.name} stopped: {camera.error}", file=sys.stderr, flush=True)
-    return 1 if failed and len(failed) == len(cameras) else 0
+    return 1 if (failed and len(failed) == len(cameras)) or services.failed else 0
+
+
+async def _failed_for_good(services: Supervisor, name: str, last_words) -> None:
+    """Returns (ending the run) only if the supervised service `name` gave up; `last_words()`
+    then tells its clients (MQTT: `offline`, which a clean disconnect would not send)."""
+    state = await services.wait(name)
+    if state.state == FAILED:
+        print(f"streamprune: {name} failed for good: {state.last_error}; stopping", file=sys.stderr, flush=True)
+        await last_words()
+    else:
+        await asyncio.Event().wait()
 
 
 async def _stopped(task: asyncio.Task) -> None:
@@ -179,6 +194,9 @@ async def _until_done(cameras: dict, interactive: bool, serving: bool) -> None:
             await _first(prompt, _announce(streams, "stream ended; the memory still answers questions (Ctrl-D to quit)."))
             return
         await streams
+        if serving and all(c.error is not None for c in cameras.values()):
+            print("every camera failed; stopping.", file=sys.stderr, flush=True)  # MQTT can do no more
+            return
         if serving:
             print("stream ended; still answering over MQTT until SIGTERM or Ctrl-C.", flush=True)
             await asyncio.Event().wait()

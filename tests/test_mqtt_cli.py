@@ -122,6 +122,26 @@ async def test_sigterm_in_a_burst_of_long_questions_stops_clean_every_time(tmp_p
         assert any(o.get("code") == "unavailable" for o in outcomes), attempt
 
 
+async def test_when_every_camera_has_failed_the_service_stops_offline_and_exits_1(tmp_path, broker, model_cache):
+    prefix = unique_prefix()
+    cfg = _config(tmp_path, broker, prefix, duration_s=600.0, realtime=True)
+    text = cfg.read_text()
+    start = text.index("[source]")
+    end = text.index("\n[", start + 1)
+    cfg.write_text(text[:start] + '[source]\nkind = "rtsp"\nurl = "rtsp://127.0.0.1:9/x"\nmax_reconnects = 0\n'
+                   + text[end:])
+    proc = _start(cfg, model_cache)
+    try:
+        code = await asyncio.to_thread(proc.wait, 60)
+    finally:
+        proc.kill()
+        proc.wait()
+    err = proc.stderr.read()
+    assert code == 1, err
+    assert "every camera failed" in err and "Traceback" not in err
+    assert (await retained(broker, f"{prefix}/status")).text == "offline"
+
+
 def test_shipped_mqtt_config_validates():
     cfg = load_config(ROOT / "configs" / "mqtt.toml")
     assert cfg.mqtt.enabled and cfg.mqtt.prefix == "streamprune" and len(cfg.watches) == 2

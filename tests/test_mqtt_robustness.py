@@ -92,3 +92,24 @@ async def test_a_clean_stop_in_a_burst_says_offline_and_answers_every_question_o
         ids = [o["id"] for o in outcomes]
         assert len(ids) == len(set(ids)) == service.counters["requests"], (attempt, len(ids))
         assert {o["code"] for o in outcomes if "code" in o} <= {"busy", "unavailable"}, attempt
+
+
+async def test_a_service_that_gives_up_says_offline_and_fails_the_run(broker):
+    """`run()` failing past its restart policy (our bug, outside the connection loop that survives
+    everything else) ends the run as failed, and `offline` is published, not left `online`."""
+    from stream.cli import _failed_for_good
+    from stream.supervisor import RestartPolicy, Supervisor
+
+    class Broken(MqttService):
+        async def _connect_loop(self):
+            raise RuntimeError("a bug")
+
+    prefix = unique_prefix()
+    service = Broken(settings(broker, prefix), {"cam": ScriptedCamera("cam")})
+    async with Listener(broker, f"{prefix}/#") as L:
+        await L.publish(f"{prefix}/status", "online", retain=True)  # what a crashed run would leave
+        services = Supervisor("streamprune", policy=RestartPolicy(initial_s=0.01, max_failures=2))
+        services.start("mqtt", service.run)
+        await asyncio.wait_for(_failed_for_good(services, "mqtt", service.say_offline), 10)
+    assert services.failed == ["mqtt"] and services.state("mqtt").failures == 3
+    assert (await retained(broker, f"{prefix}/status")).text == "offline"

@@ -181,6 +181,15 @@ class MqttService(Sink):
             except TimeoutError:
                 log.warning("MQTT service did not stop within %.0f s", CLOSE_TIMEOUT_S)
 
+    async def say_offline(self, timeout_s: float = 5.0) -> None:
+        """Publish `offline` on a connection of its own: for when `run()` gave up (its connection
+        closed cleanly, so the broker will not send the will)."""
+        try:
+            async with asyncio.timeout(timeout_s), self._client() as client:
+                await client.publish(self.topics.status, OFFLINE, qos=1, retain=True)
+        except (aiomqtt.MqttError, TimeoutError) as e:
+            log.warning("MQTT: could not say offline: %s", e)
+
     def _client(self) -> aiomqtt.Client:
         s = self.settings
         tls = None
