@@ -1,8 +1,8 @@
 """The one door questions come in by: validation, a bounded wait, `busy`, de-duplication,
 `unavailable` at stop and `internal_error`, whichever front door the question came through.
 
-The LLM answers one question at a time per camera. Up to `queue_size` more may wait (in arrival
-order); one more is refused at once with `busy`. A question whose `id` was accepted within
+The LLM answers one question at a time per camera. Up to `queue_size` more questions may wait
+(in arrival order); one more is refused at once with `busy`. A question whose `id` was accepted within
 `dedup_window_s` is refused with `duplicate` (front doors may stay silent on it). Once `stop()`
 is called, waiting and in-flight questions get `unavailable`. Anything else that goes wrong while
 answering is our bug: it is logged with its traceback and the asker gets `internal_error`.
@@ -15,8 +15,8 @@ Watch checks (origin `watch`) come second, so standing questions cannot starve p
   they never take a user question's place; the idle LLM goes to a waiting user question first;
 - a user question that arrives while a watch check is being answered preempts it: the check is
   cancelled (the query handler then stops its generation after the current token) and gets
-  `preempted` (the watch asks again later), so a question waits for at most the prompt and one
-  token of the check in flight, not for its whole answer;
+  `preempted` (the watch asks again later; counted in `errors` like every refusal), so a
+  question waits for at most the prompt and one token of the check in flight, not its answer;
 - watch checks get at most `watch_share` of the LLM's time: the LLM time of watch checks in the
   last `watch_window_s` (stretched to fit one check: at least its expected length / share) plus
   the expected length of the next one must fit in `watch_share` of the window, else the check

@@ -209,7 +209,7 @@ class Watches:
 
     def describe(self) -> list[dict]:
         """The watches as JSON-ready dicts: spec fields plus `active`, `slowed` and
-        `effective_every_s` (None before two timed answers)."""
+        `effective_every_s` (None before its first answer, and for a watch not on a timer)."""
         return [{**asdict(w.spec), "camera": self.camera, "active": w.active, "slowed": w.slowed,
                  "effective_every_s": None if w.effective_every_s is None else round(w.effective_every_s, 3)}
                 for w in self._watches.values()]
