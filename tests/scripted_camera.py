@@ -31,7 +31,8 @@ class ScriptedCamera:
         self.t0 = time.monotonic()
         self.bus = Bus()
         self.door = Door(name, self._answer, self.bus.publish, door)
-        self.watches = Watches(name, self.ask, self.bus.publish, self.latest_jpeg)
+        self.watches = Watches(name, self.ask, self.bus.publish, self.latest_jpeg,
+                               max_question_chars=door.max_question_chars)
         self.answers: list[Answer] = []  # every answer it gave, in order
         self.state = "streaming"
         self._state_since = time.monotonic()

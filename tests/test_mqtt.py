@@ -159,6 +159,9 @@ BAD_INPUTS = [  # (topic leaf, payload, error code, request id in the error)
     ("cam/watch/set", b'{"id": "s4", "op": "add", "name": "\\ud800", "question": "q?", "every_s": 5}',
      "bad_watch", "s4"),
     ("cam/watch/set", b"[]", "bad_watch", None),
+    # a watch question the camera could never ask is refused when added, not failing every check
+    ("cam/watch/set", json.dumps({"id": "s6", "op": "add", "name": "w", "question": "q" * 90, "every_s": 5}),
+     "bad_watch", "s6"),
     ("cam/watch/set", b'{"op": "add", "name": "w", "question": "q?", "every_s": Infinity}', "bad_json", None),
     ("cam/watch/set", b'{"id": "s5", "op": "add", "name": "w", "question": "q?", "every_s": 1e999}', "bad_watch",
      "s5"),
