@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from stream.door import MAX_ID_CHARS
 from stream.errors import ConfigError, RequestError
 from stream.events import Answer, Question, RequestFailed, Status, WatchFired, utc_now
 from stream.mqtt_settings import MAX_TOPIC_BYTES
@@ -27,8 +28,7 @@ from stream.validation import build
 from stream.watches import WatchSpec
 
 MAX_PAYLOAD_BYTES = 268_435_455  # MQTT's limit on one message
-MAX_ID_CHARS = 200  # a request id: a string of at most this many characters, or an integer in INT_RANGE
-INT_RANGE = (-(2**63), 2**63 - 1)
+INT_RANGE = (-(2**63), 2**63 - 1)  # an integer request id; a string id has at most MAX_ID_CHARS characters
 MAX_LLM_BUDGET = 10_000_000  # tokens; larger is surely a mistake (or an attack), not a budget
 EXCERPT_CHARS = 40
 MAX_MESSAGE_CHARS = 300
