@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from stream.bus import Sink
 from stream.camera import Camera
 from stream.cli import run_pipeline
 from stream.config import from_dict, load_config
@@ -17,6 +16,7 @@ from stream.errors import SourceError
 from stream.events import GroupAdded, SourceState, Status
 from stream.sources.synthetic import SyntheticSource
 from stream.supervisor import RestartPolicy, Resumable, Supervisor, TaskState
+from test_camera import Recorder
 
 FAST = RestartPolicy(initial_s=0.02, max_s=0.08, max_failures=4, window_s=60.0)
 
@@ -203,17 +203,6 @@ async def test_resumable_ends_when_its_stream_raises():
 
 
 # -- a real camera --
-
-class Recorder(Sink):
-    def __init__(self):
-        self.events = []
-
-    async def handle(self, event):
-        self.events.append(event)
-
-    def of(self, kind):
-        return [e for e in self.events if isinstance(e, kind)]
-
 
 class FastCamera(Camera):
     """Restarts within a test's patience."""
