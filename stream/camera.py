@@ -40,7 +40,7 @@ from .sampler import Sampler
 from .scenes import SceneDetector
 from .sources.base import Source
 from .sources.registry import make_source
-from .supervisor import FAILED, FINAL, RestartPolicy, Resumable, Supervisor, TaskState
+from .supervisor import DONE, FAILED, FINAL, RestartPolicy, Resumable, Supervisor, TaskState
 from .types import Frame
 from .vlm.base import VideoLM
 from .watches import Watches
@@ -204,8 +204,11 @@ class Camera:
                 await self.publish(self.status(new_window=True))
 
     async def _task_changed(self, task: TaskState) -> None:
-        """The supervisor's report: the end of ingest ends the stream, and every change goes out
-        as a status (so MQTT's retained status and the JSONL show a task failing, and why)."""
+        """The supervisor's report: the end of ingest ends the stream, and every other change but
+        a helper task's normal end goes out as a status (so MQTT's retained status and the JSONL
+        show a task failing, and why)."""
+        if task.name != INGEST and task.state == DONE:  # the ticker or the scripted questions finished
+            return
         if task.name == INGEST and task.state in FINAL:
             if task.state == FAILED:  # let go of the camera or file: nothing reads it any more
                 self.error = task.error
