@@ -127,7 +127,7 @@ class WatchState:
     last_fired: float | None = None
     scene_at: float | None = None  # a scene change waits for a check since then
     last_answered: float | None = None  # or when the watch was added
-    effective_every_s: float | None = None  # running mean of the gaps between answers
+    effective_every_s: float | None = None  # the gaps between answers, smoothed (each new gap weighs half)
     slowed: bool = False
     task: asyncio.Task | None = field(default=None, repr=False)
 
