@@ -7,10 +7,17 @@ stream; when the store is over `capacity` the pruner picks the rows to keep. Row
 by (group, row, col) because groups arrive in order and eviction keeps ascending rows, so the
 cost per added group is bounded by `capacity`, independent of stream length.
 
-`add` (ingest thread) and `snapshot`/`layout` (query and display threads) take one lock; both
-return copies. `version` changes with every change to what is held, so a reader that keeps
-something derived from the memory (a prompt cache, a picture) can tell whether it is stale
-without copying the tokens.
+Eviction runs in steps: once the store is over `capacity` the pruner brings it down to
+`capacity - evict_slack`, so the next few groups only append. A reader that keeps something
+derived from the prompt order (the LLM's prompt cache: a change at row r invalidates every row
+after r) then sees early rows change once every few groups instead of every group; the bound
+`capacity` itself stays exact.
+
+`add` (ingest thread) and `snapshot`/`layout`/`gather` (query and display threads) take one
+lock; all return copies. `version` changes with every change to what is held, so a reader that
+keeps something derived from the memory can tell whether it is stale without copying the
+tokens, and every held row carries a `stamp` that changes whenever its vector does (it is
+written or merged into), so such a reader can find the first row that changed.
 """
 from __future__ import annotations
 
@@ -48,6 +55,7 @@ class MemoryLayout:
     tokens_seen: int
     groups_seen: int
     version: int
+    stamp: torch.Tensor  # int64 [n]: changes whenever the row's vector does
 
 
 def per_token_extras(extras: Mapping[str, torch.Tensor], h: int, w: int) -> dict[str, torch.Tensor]:
@@ -64,8 +72,8 @@ def per_token_extras(extras: Mapping[str, torch.Tensor], h: int, w: int) -> dict
 
 
 class _Store:
-    """The long-term store. Small per-row columns (group, pts, row, col, score, weight, meta,
-    slot) are kept compact and sorted; the big vectors (tokens, extras) live in preallocated
+    """The long-term store. Small per-row columns (group, pts, row, col, score, weight, stamp,
+    meta, slot) are kept compact and sorted; the big vectors (tokens, extras) live in preallocated
     slots that never move: eviction compacts the small columns and frees slots, so its cost
     does not include copying every held vector."""
 
@@ -82,10 +90,15 @@ class _Store:
         self.col = torch.zeros(size, dtype=torch.long)
         self.score = torch.zeros(size, dtype=torch.float32)
         self.weight = torch.zeros(size, dtype=torch.float32)
+        self.stamp = torch.zeros(size, dtype=torch.long)
         self.meta: dict[str, torch.Tensor] = {}
 
+    def row_columns(self) -> list[torch.Tensor]:
+        """The per-row columns a reallocation carries over, slots and meta aside."""
+        return [self.group, self.pts, self.row, self.col, self.score, self.weight, self.stamp]
+
     def small_columns(self) -> list[torch.Tensor]:
-        return [self.slot, self.group, self.pts, self.row, self.col, self.score, self.weight, *self.meta.values()]
+        return [self.slot, *self.row_columns(), *self.meta.values()]
 
     def ensure_meta(self, name: str, like: torch.Tensor) -> torch.Tensor:
         if name not in self.meta:
@@ -113,9 +126,9 @@ class _Store:
         )
 
     def positions(self) -> list[torch.Tensor]:
-        """Copies of the group, pts, row and col columns of the live rows."""
+        """Copies of the group, pts, row, col and stamp columns of the live rows."""
         n = self.n
-        return [self.group[:n].clone(), self.pts[:n].clone(), self.row[:n].clone(), self.col[:n].clone()]
+        return [c[:n].clone() for c in (self.group, self.pts, self.row, self.col, self.stamp)]
 
     def copy(self, grid: tuple[int, int]) -> TokenSet:
         """The store's rows as plain tensors (a snapshot part)."""
@@ -142,16 +155,20 @@ class _Store:
 class TokenMemory:
     """Bounded visual-token memory: `len(mem) <= capacity + recent_groups * H * W` always."""
 
-    def __init__(self, capacity: int, pruner: Pruner, recent_groups: int = 4):
+    def __init__(self, capacity: int, pruner: Pruner, recent_groups: int = 4, evict_slack: int = 0):
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         if recent_groups < 0:
             raise ValueError(f"recent_groups must be >= 0, got {recent_groups}")
+        if not 0 <= evict_slack <= capacity:
+            raise ValueError(f"evict_slack must be in [0, capacity={capacity}], got {evict_slack}")
         self.capacity = int(capacity)
         self.pruner = pruner
         self.recent_groups = int(recent_groups)
+        self.evict_slack = int(evict_slack)
         self._lock = threading.Lock()
-        self._recent: deque[tuple[FrameTokens, GroupScore, dict[str, torch.Tensor]]] = deque()
+        self._recent: deque[tuple[FrameTokens, GroupScore, dict[str, torch.Tensor], int]] = deque()
+        self._stamps = 0  # the last stamp handed out
         self._store: _Store | None = None
         self._grid: tuple[int, int] | None = None
         self._version = 0
@@ -165,7 +182,7 @@ class TokenMemory:
 
     def _len(self) -> int:
         stored = self._store.n if self._store is not None else 0
-        return stored + sum(g.tokens.shape[0] * g.tokens.shape[1] for g, _, _ in self._recent)
+        return stored + sum(g.tokens.shape[0] * g.tokens.shape[1] for g, _, _, _ in self._recent)
 
     @property
     def version(self) -> int:
@@ -191,7 +208,7 @@ class TokenMemory:
             if scored.score.shape != (h * w,):
                 raise RuntimeError(f"{self.pruner.name}.score returned {tuple(scored.score.shape)}, expected ({h * w},)")
             self._grid = (h, w)
-            self._recent.append((group, scored, extras))
+            self._recent.append((group, scored, extras, self._new_stamp()))
             self._version += 1  # covers the merges and evictions below: readers wait for the lock
             self.groups_seen += 1
             self.tokens_seen += h * w
@@ -201,8 +218,13 @@ class TokenMemory:
             self.tokens_evicted += evicted
             return AddResult(self._len(), (time.perf_counter() - t0) * 1e3, evicted)
 
-    def _graduate(self, group: FrameTokens, scored: GroupScore, extras: dict[str, torch.Tensor]) -> int:
-        """Move a group's surviving tokens from the recent window into the store; evict."""
+    def _new_stamp(self) -> int:
+        self._stamps += 1
+        return self._stamps
+
+    def _graduate(self, group: FrameTokens, scored: GroupScore, extras: dict[str, torch.Tensor], stamp: int) -> int:
+        """Move a group's surviving tokens from the recent window into the store (their vectors
+        unchanged, so their stamp too); evict in a step down to `capacity - evict_slack`."""
         h, w = group.grid
         n_tok = h * w
         tokens = group.tokens.reshape(n_tok, -1)
@@ -211,7 +233,7 @@ class TokenMemory:
         dropped = n_tok - int(keep.sum())
         if scored.merge_into is not None:
             merging = keep & (scored.merge_into >= 0)
-            dropped += self._merge(st, scored.merge_into, merging, tokens, extras, w)
+            dropped += self._merge(st, scored.merge_into, merging, tokens, extras, w, self._new_stamp())
             keep &= ~merging
         rows = torch.nonzero(keep).flatten()
         k = int(rows.numel())
@@ -228,6 +250,7 @@ class TokenMemory:
         st.col[sl] = rows % w
         st.score[sl] = scored.score[rows].float()
         st.weight[sl] = 1.0
+        st.stamp[sl] = stamp
         for name, v in scored.meta.items():
             st.ensure_meta(name, v)[sl] = v[rows]
         for name, v in extras.items():
@@ -236,9 +259,10 @@ class TokenMemory:
         if st.n <= self.capacity:
             return dropped
         before = st.n
-        keep_rows = self.pruner.evict(st.view(self._grid), self.capacity).to(torch.long)
-        if keep_rows.numel() > self.capacity or (keep_rows.numel() > 1 and bool((keep_rows[1:] <= keep_rows[:-1]).any())):
-            raise RuntimeError(f"{self.pruner.name}.evict must return at most {self.capacity} ascending rows")
+        target = self.capacity - self.evict_slack
+        keep_rows = self.pruner.evict(st.view(self._grid), target).to(torch.long)
+        if keep_rows.numel() > target or (keep_rows.numel() > 1 and bool((keep_rows[1:] <= keep_rows[:-1]).any())):
+            raise RuntimeError(f"{self.pruner.name}.evict must return at most {target} ascending rows")
         st.keep_rows(keep_rows)
         return dropped + before - st.n
 
@@ -254,8 +278,7 @@ class TokenMemory:
             slots = new.take_slots(n)
             new.slot[:n] = slots
             new.tokens[slots] = old.tokens
-            for col_new, col_old in zip([new.group, new.pts, new.row, new.col, new.score, new.weight],
-                                        [st.group, st.pts, st.row, st.col, st.score, st.weight]):
+            for col_new, col_old in zip(new.row_columns(), st.row_columns()):
                 col_new[:n] = col_old[:n]
             for name, v in st.meta.items():
                 new.ensure_meta(name, v)[:n] = v[:n]
@@ -267,8 +290,9 @@ class TokenMemory:
 
     @staticmethod
     def _merge(st: _Store, merge_into: torch.Tensor, merging: torch.Tensor, tokens: torch.Tensor,
-               extras: dict[str, torch.Tensor], w: int) -> int:
-        """Fold `merging` tokens into their run heads by running mean; count those dropped."""
+               extras: dict[str, torch.Tensor], w: int, stamp: int) -> int:
+        """Fold `merging` tokens into their run heads by running mean (the heads get `stamp`);
+        count those dropped."""
         rows = torch.nonzero(merging).flatten()
         if rows.numel() == 0:
             return 0
@@ -288,6 +312,7 @@ class TokenMemory:
                 wv = st.weight[heads].view(-1, *([1] * (buf.ndim - 1)))
                 buf[slots] = ((buf[slots].float() * wv + v[src].float()) / (wv + 1)).to(buf.dtype)
         st.weight[heads] += 1
+        st.stamp[heads] = stamp
         return int(rows.numel())
 
     def layout(self) -> MemoryLayout:
@@ -296,18 +321,57 @@ class TokenMemory:
         with self._lock:
             cols = self._store.positions() if self._store is not None else []
             parts = [cols] if cols and cols[0].numel() else []
-            for g, _, _ in self._recent:
+            for g, _, _, stamp in self._recent:
                 h, w = g.grid
                 idx = torch.arange(h * w)
                 parts.append([torch.full((h * w,), g.index, dtype=torch.long),
-                              torch.full((h * w,), g.pts, dtype=torch.float64), idx // w, idx % w])
+                              torch.full((h * w,), g.pts, dtype=torch.float64), idx // w, idx % w,
+                              torch.full((h * w,), stamp, dtype=torch.long)])
             if parts:
-                group, pts, row, col = (torch.cat(c) for c in zip(*parts))
+                group, pts, row, col, stamps = (torch.cat(c) for c in zip(*parts))
             else:
                 z = torch.zeros(0, dtype=torch.long)
-                group, pts, row, col = z, torch.zeros(0, dtype=torch.float64), z.clone(), z.clone()
+                group, pts, row, col, stamps = z, torch.zeros(0, dtype=torch.float64), z.clone(), z.clone(), z.clone()
             return MemoryLayout(group, pts, row, col, self._grid or (0, 0), self.tokens_seen,
-                                self.groups_seen, self._version)
+                                self.groups_seen, self._version, stamps)
+
+    def gather(self, rows: torch.Tensor, version: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """The vectors (tokens, extras) of snapshot rows `rows` (ascending), or None when the
+        memory is no longer at `version` (the rows may mean something else by now). Copies only
+        those rows, so a reader holding the rest (a prompt cache) does not copy the memory."""
+        with self._lock:
+            if version != self._version:
+                return None
+            st = self._store
+            stored = st.n if st is not None else 0
+            rows = rows.to(torch.long)
+            cut = int(torch.searchsorted(rows, torch.tensor(stored)))
+            toks: list[torch.Tensor] = []
+            extras: list[dict[str, torch.Tensor]] = []
+            if cut:
+                slots = st.slot[rows[:cut]]
+                toks.append(st.tokens.index_select(0, slots))
+                extras.append({k: v.index_select(0, slots) for k, v in st.extras.items()})
+            start = stored
+            for g, _, ex, _ in self._recent:
+                n = g.tokens.shape[0] * g.tokens.shape[1]
+                lo, hi = (int(torch.searchsorted(rows, torch.tensor(x))) for x in (start, start + n))
+                if hi > lo:
+                    local = rows[lo:hi] - start
+                    toks.append(g.tokens.reshape(n, -1).index_select(0, local))
+                    extras.append({k: v.index_select(0, local) for k, v in ex.items()})
+                start += n
+            if not toks:
+                return torch.zeros(0, self._width()), {}
+            dtype = toks[-1].dtype
+            keys = set.intersection(*(set(e) for e in extras))
+            return (torch.cat([t.to(dtype) for t in toks]),
+                    {k: torch.cat([e[k].to(dtype) for e in extras]) for k in sorted(keys)})
+
+    def _width(self) -> int:
+        if self._store is not None:
+            return int(self._store.tokens.shape[1])
+        return int(self._recent[-1][0].tokens.shape[-1]) if self._recent else 0
 
     def snapshot(self) -> TokenSet:
         """An immutable copy of everything held, sorted by (group, row, col)."""
@@ -315,7 +379,7 @@ class TokenMemory:
             parts: list[TokenSet] = []
             if self._store is not None and self._store.n:
                 parts.append(self._store.copy(self._grid))
-            for g, scored, extras in self._recent:
+            for g, scored, extras, _ in self._recent:
                 parts.append(self._group_set(g, scored, extras))
             if not parts:
                 return _empty_set(self._grid or (0, 0))

@@ -19,6 +19,7 @@ def format_answer(a: Answer) -> str:
         f"Q: {printable(a.question)}\n"
         f"A: {printable(a.text) or '(empty answer)'}\n"
         f"   ttft {a.ttft_s * 1e3:.0f} ms, total {a.total_s * 1e3:.0f} ms, "
+        f"prefilled {a.prefilled_tokens} of {a.prompt_tokens} prompt tokens ({a.prompt_path}), "
         f"{a.tokens_used} visual tokens from {a.groups} groups "
         f"covering {a.t_start:.1f}-{a.t_end:.1f} s (memory {a.memory_tokens} tokens)"
     )

@@ -35,6 +35,7 @@ from .encoder import RollingEncoder
 from .errors import ConfigError, SourceError
 from .events import Answer, Event, GroupAdded, Question, SceneChange, SourceState, Status
 from .memory_map import memory_map
+from .prompt_cache import limit_tokens
 from .query import QueryHandler, QuerySettings
 from .sampler import Sampler
 from .scenes import SceneDetector
@@ -42,7 +43,7 @@ from .sources.base import Source
 from .sources.registry import make_source
 from .supervisor import DONE, FAILED, FINAL, RestartPolicy, Resumable, Supervisor, TaskState
 from .types import Frame
-from .vlm.base import VideoLM
+from .vlm.base import LayoutSettings, VideoLM
 from .watches import Watches
 
 log = logging.getLogger(__name__)
@@ -76,16 +77,23 @@ class Camera:
         self.vlm = vlm
         self.bus = bus if bus is not None else Bus()
         self.pruner = pruning.get_pruner(cfg.memory.pruner, **cfg.memory.params)
-        self.memory = pruning.TokenMemory(cfg.memory.capacity, self.pruner, cfg.memory.recent_groups)
+        self.memory = pruning.TokenMemory(cfg.memory.capacity, self.pruner, cfg.memory.recent_groups,
+                                          evict_slack=int(cfg.memory.capacity * cfg.memory.evict_slack))
         self.source = self.open_source()
         self.sampler = Sampler(self.source, cfg.sampler.fps, cfg.sampler.policy, cfg.sampler.queue)
         self.encoder = RollingEncoder(vlm, self.memory, drop_when_behind=self.sampler.policy == "latest",
                                       on_group=self._on_group)
         self.scenes = SceneDetector()
         q = cfg.query
+        layout = LayoutSettings(system_prompt=q.system_prompt, timestamps=q.timestamps)
+        try:
+            cache_tokens = (limit_tokens(vlm, q.prompt_cache_mib, self.memory, layout, q.max_new_tokens,
+                                         q.max_question_chars) if q.prompt_cache else 0)
+        except ConfigError as e:
+            raise ConfigError(f"camera {self.name!r}: {e.detail}", e.path) from None
         self.queries = QueryHandler(vlm, self.memory, QuerySettings(
             llm_budget=q.llm_budget, max_new_tokens=q.max_new_tokens, timestamps=q.timestamps,
-            system_prompt=q.system_prompt))
+            system_prompt=q.system_prompt, prompt_cache=q.prompt_cache, prompt_cache_tokens=cache_tokens))
         self.door = Door(self.name, self._answer, self.publish, DoorSettings(
             max_question_chars=q.max_question_chars, queue_size=q.queue_size, dedup_window_s=q.dedup_window_s,
             watch_share=q.watch_share))
@@ -231,7 +239,9 @@ class Camera:
     # -- events from the encoder thread and the source --
 
     def _on_group(self, group: pruning.FrameTokens, frames: list[Frame]) -> None:
-        """Encoder thread: the group is in memory; tell the sinks, and the watches on a new scene."""
+        """Encoder thread: the group is in memory; have the prompt cache catch up, tell the sinks,
+        and the watches on a new scene."""
+        self.queries.refresh_soon()
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -286,7 +296,7 @@ class Camera:
             encode_ms=e.encode_ms, prune_ms=e.prune_ms, backlog=e.backlog, queued=self.door.queued,
             answers=self.door.answers, errors=dict(self.door.errors), watches=len(self.watches), watch_counters=dict(self.watches.counters),
             last_answer_s=last.total_s if last else None, source=self.source.health(),
-            tasks=self.supervisor.states(),
+            tasks=self.supervisor.states(), prompt_cache=self.queries.cache_report(),
         )
 
     def summary(self) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import preflight
 from .config import Config, load_config
-from .errors import Error
+from .errors import ConfigError, Error
 from .events import Question
 from .supervisor import FAILED, Supervisor
 from .preflight import one_line
@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run_pipeline(cfg, interactive))
     except KeyboardInterrupt:
         return FORCED_EXIT
+    except ConfigError as e:  # found once the model is loaded (the prompt cache's limit against its KV size)
+        print(f"streamprune: config error: {one_line(e)}", file=sys.stderr)
+        return 2
     except (Error, OSError, ValueError) as e:
         if args.verbose:
             raise

@@ -53,6 +53,7 @@ class MemoryConfig:
     pruner: str = choice(*pruning.PRUNERS, default="echoprune")
     capacity: int = bounded(4096, 0, 10_000_000)  # long-term store, tokens
     recent_groups: int = bounded(4, 0, 1024)  # newest groups kept whole
+    evict_slack: float = bounded(0.25, 0.0, 0.9)  # evict down to capacity x (1 - slack): early rows change every few groups
     params: dict = field(default_factory=dict)  # the pruner's own parameters
 
 
@@ -66,6 +67,8 @@ class QueryConfig:
     watch_share: float = bounded(0.5, 0.05, 1.0)  # most of the LLM's time the camera's watches may take
     timestamps: str = choice(*TIMESTAMP_MODES, default="mrope")
     system_prompt: str = DEFAULT_SYSTEM
+    prompt_cache: bool = True  # keep the prompt's KV current as frames arrive; false: prefill every question
+    prompt_cache_mib: float = bounded(0.0, 0.0, 16_777_216.0)  # the cache's limit; 0 = what the memory needs
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,11 @@ class Answer(Event):
 
     `tokens_used` counts the visual tokens the LLM saw, from `groups` groups whose pts run from
     `t_start` to `t_end` (seconds since stream start); `memory_tokens` what the memory held.
+    `prompt_tokens` is the prompt's length and `prefilled_tokens` the part of it prefilled for this
+    question; `prompt_path` says how: "cached" (on the camera's prompt cache: the question and at
+    most the newest groups) or "full" (the whole prompt: the cache is off, or a question budget
+    picked a question-dependent subset). `ttft_s` runs from when the LLM took the question to the
+    first new token.
     """
 
     type: ClassVar[str] = "answer"
@@ -63,6 +68,8 @@ class Answer(Event):
     new_tokens: int
     ttft_s: float
     total_s: float
+    prefilled_tokens: int = 0
+    prompt_path: str = "full"
     camera: str = ""
     id: str | int | None = None
     model: str = ""
@@ -178,4 +185,5 @@ class Status(Event):
     last_answer_s: float | None = None
     source: dict = field(default_factory=dict)
     tasks: dict = field(default_factory=dict)
+    prompt_cache: dict = field(default_factory=dict)  # tokens, bytes, kv_bytes_per_token, appended/reprefilled tokens, ...
     timestamp: str = field(default_factory=utc_now)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pruning import FrameTokens, TokenMemory, get_pruner
 from stream.errors import ConfigError
-from stream.vlm.base import LayoutSettings, Prompt, VideoLM
+from stream.vlm.base import LayoutSettings, Prompt, PromptPlan, VideoLM
 from stream.vlm.positions import TextPart, VisualPart, build_positions
 from stream.vlm.qwen2_5_vl.positions import time_offsets
 from stream.vlm.qwen2_5_vl.preprocess import VisionGeometry, frames_to_pairs, patchify, smart_resize
@@ -75,7 +75,7 @@ def test_dense_positions_equal_get_rope_index(vlm):
     hw = (gh // 2) * (gw // 2)
     group, row, col = idx // hw, (idx % hw) // (gw // 2), idx % (gw // 2)
     pts = group.double() * 2 / fps
-    parts = [TextPart(pre), VisualPart(torch.zeros(n_vis, 4), time_offsets(pts, 0.0, vlm.tokens_per_second), row, col), TextPart(post)]
+    parts = [TextPart(pre), VisualPart(idx, time_offsets(pts, 0.0, vlm.tokens_per_second), row, col), TextPart(post)]
     ours = build_positions(parts)
     vis = slice(len(pre), len(pre) + n_vis)
     assert torch.equal(ours[:, vis], ref[:, 0, vis])
@@ -111,14 +111,20 @@ def test_generate_over_sparse_reordered_subset_matches_manual_greedy(vlm):
     gen = torch.Generator().manual_seed(0)
     keep = torch.randperm(tokens.shape[0], generator=gen)[:40]  # sparse and out of raster order
     pre, post = vlm.chat_parts("You watch a camera.", "\nwhat is happening?")
-    parts = (TextPart(pre), VisualPart(tokens[keep], group[keep] * 2, row[keep], col[keep]), TextPart(post))
-    embeds, positions = vlm.embed_parts(list(parts))
+    rows = torch.arange(len(keep))
+    parts = [TextPart(pre), VisualPart(rows, group[keep] * 2, row[keep], col[keep]), TextPart(post)]
     ids = torch.cat([pre, torch.full((len(keep),), vlm.video_token_id), post])
-    prompt = Prompt(embeds, positions, prefix_len=len(pre) + len(keep), ids=ids, parts=parts)
+    visual = torch.cat([torch.full((len(pre),), -1), rows, torch.full((len(post),), -1)])
+    plan = PromptPlan(ids, build_positions(parts).unsqueeze(1), visual, prefix_len=len(pre) + len(keep))
+    prompt = Prompt(plan, vlm.embed(plan, tokens[keep]))
     steps = 12
     with torch.inference_mode():
-        manual = _manual_greedy(vlm, embeds, positions, steps)
+        manual = _manual_greedy(vlm, prompt.inputs_embeds, prompt.position_ids, steps)
+        official = vlm.model.generate(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids,
+                                      attention_mask=torch.ones(1, len(plan), dtype=torch.long), max_new_tokens=steps,
+                                      do_sample=False, eos_token_id=vlm.eos_ids, pad_token_id=vlm.tokenizer.pad_token_id)
     got = vlm.generate(prompt, max_new_tokens=steps)
+    assert manual == official[0].tolist()
     assert got.new_tokens == len(manual)
     expect = vlm.tokenizer.decode([i for i in manual if i not in vlm.eos_ids], skip_special_tokens=True).strip()
     assert got.text == expect
@@ -176,11 +182,11 @@ def test_two_questions_on_an_unchanged_memory_share_the_prompt_prefix(vlm, mode)
     assert torch.equal(a.ids[:n], b.ids[:n])
     assert torch.equal(a.inputs_embeds[:, :n], b.inputs_embeds[:, :n])
     assert torch.equal(a.position_ids[..., :n], b.position_ids[..., :n])
-    for p in (a, b):  # the prefix ends exactly at the end of the video block
-        assert int(p.ids[n - 1]) == vlm.vision_end_id
+    for p in (a, b):  # the prefix ends at the video's last token: a single block is closed after it
+        assert int(p.ids[n - 1]) == (vlm.video_token_id if mode == "mrope" else vlm.vision_end_id)
         assert int((p.ids[:n] == vlm.video_token_id).sum()) == len(mem)
         assert not bool((p.ids[n:] == vlm.video_token_id).any()) and vlm.vision_start_id not in p.ids[n:].tolist()
-    suffix = vlm.tokenizer.decode(a.ids[n:])
+    suffix = vlm.tokenizer.decode(a.ids[n:], skip_special_tokens=True)
     span = "Video from 0.0 s to 2.0 s of the stream.\n" if mode == "mrope" else "\n"
     assert suffix.startswith(span + "what is happening?")
 

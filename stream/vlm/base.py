@@ -2,9 +2,11 @@
 
 A family (one folder under stream/vlm/, chosen by the checkpoint's `config.model_type` in
 stream/vlm/registry.py) turns frame groups into token grids and lays out its own prompt text and
-positions around the kept tokens. Everything that varies per question comes after the video in a
-`Prompt`, so the KV of `prompt[:prefix_len]` can be kept per camera and reused while the memory is
-unchanged (docs/DESIGN.md "Seams").
+positions around the kept tokens: a `PromptPlan` says where each prompt token comes from, from
+the rows' coordinates alone, and `embed` fills in vectors only for the tokens that need them.
+Everything that varies per question comes after the video, so the KV of `plan[:prefix_len]`
+is kept per camera and extended as groups arrive (stream/prompt_cache.py; docs/DESIGN.md
+"Seams" and "The prompt cache").
 """
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ import numpy as np
 import torch
 
 from pruning import TokenSet
-
-from .positions import TextPart, VisualPart
 
 TIMESTAMP_MODES = ("mrope", "text")
 DEFAULT_SYSTEM = (
@@ -45,29 +45,66 @@ class LayoutSettings:
 
 
 @dataclass(frozen=True)
-class Prompt:
-    """A laid-out prompt, ready for `generate`.
+class PromptPlan:
+    """Where every prompt token comes from, without any vector: built from the held rows' group,
+    pts, row and col only, so it is cheap to build for every question and every cache check.
 
-    `prefix_len` counts the leading tokens that do not depend on the question: they end exactly at
-    the end of the video block, so two questions on an unchanged memory share them (ids, embeds
-    and positions). `ids` holds the family's video placeholder id at each visual token.
+    `prefix_len` counts the leading tokens that do not depend on the question: the system text
+    and the video block up to its last visual token (anything that closes the block goes after,
+    so a new group is appended to the prefix and never inserted before a closing token). Every
+    prefix token depends only on the rows before it, which is what lets a prompt cache keep the
+    prefix's KV and redo it only from the first row that changed.
     """
 
-    inputs_embeds: torch.Tensor  # [1, L, D]
-    position_ids: torch.Tensor  # the family's shape, e.g. [3, 1, L] for M-RoPE
+    ids: torch.Tensor  # [L] long; the family's video placeholder id at each visual token
+    position_ids: torch.Tensor  # the family's shape, last dim L (e.g. [3, 1, L] for M-RoPE)
+    visual: torch.Tensor  # [L] long: the laid-out row each visual token shows; -1 for text
     prefix_len: int
-    ids: torch.Tensor  # [L] long
-    parts: tuple[TextPart | VisualPart, ...]
 
     def __len__(self) -> int:
-        return int(self.inputs_embeds.shape[1])
+        return int(self.ids.shape[0])
+
+    def key(self, stamps: torch.Tensor) -> torch.Tensor:
+        """[prefix_len, K] int64: one row per prefix token that changes whenever the token's id,
+        position or (for a visual token, through the memory's `stamps` of the laid-out rows) its
+        vector does. Two prompts agree up to their first differing key row."""
+        n = self.prefix_len
+        vis = self.visual[:n]
+        stamp = torch.where(vis >= 0, stamps[vis.clamp_min(0)], torch.full_like(vis, -1)) if n else vis
+        pos = self.position_ids[..., :n].reshape(-1, n)
+        return torch.cat([self.ids[:n].unsqueeze(0), pos.to(torch.long), stamp.unsqueeze(0)]).T.contiguous()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A plan with the input embeddings of its tokens from `start` on (the tokens before `start`
+    are already in the KV cache the prompt is generated on)."""
+
+    plan: PromptPlan
+    inputs_embeds: torch.Tensor  # [1, L - start, D]
+    start: int = 0
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.plan.ids
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return self.plan.position_ids
+
+    @property
+    def prefix_len(self) -> int:
+        return self.plan.prefix_len
+
+    def __len__(self) -> int:
+        return len(self.plan)
 
 
 @dataclass(frozen=True)
 class Generation:
     text: str
     new_tokens: int
-    ttft_s: float
+    ttft_s: float  # from the start of the prefill to the first new token
     total_s: float
 
 
@@ -91,6 +128,14 @@ class VideoLM(Protocol):
     @property
     def dtype(self) -> torch.dtype: ...
 
+    @property
+    def max_tokens_per_group(self) -> int:
+        """The most visual tokens one group can have at the configured pixel budget."""
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one prompt token takes in the LLM's KV cache (every layer's keys and values)."""
+
     def encode(self, groups: list[list[np.ndarray]]) -> list[torch.Tensor]:
         """Frame groups (up to `group_size` H x W x 3 uint8 RGB frames each) -> one [H, W, D]
         token grid per group."""
@@ -98,12 +143,28 @@ class VideoLM(Protocol):
     def question_embeds(self, text: str) -> torch.Tensor:
         """The LLM input embeddings of the question's tokens [L, D], for query-aware ranking."""
 
+    def plan(self, rows: Any, question: str, settings: LayoutSettings) -> PromptPlan:
+        """The family's prompt around the laid-out rows `rows` (anything with the `group`, `pts`,
+        `row` and `col` columns of held tokens in (group, row, col) order), question after the
+        video."""
+
+    def embed(self, plan: PromptPlan, visual: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Input embeddings [1, end - start, D] of plan tokens start..end; `visual` holds the
+        vectors of the visual tokens among them, in prompt order."""
+
     def layout(self, seen: TokenSet, question: str, settings: LayoutSettings) -> Prompt:
-        """The family's prompt around the kept tokens `seen`, question after the video."""
+        """The whole prompt for `question` over the kept tokens `seen`."""
+
+    def new_cache(self, max_tokens: int) -> Any:
+        """An empty KV cache for this LLM that never holds more than `max_tokens` tokens."""
+
+    def forward(self, cache: Any, embeds: torch.Tensor, position_ids: torch.Tensor, logits: bool) -> torch.Tensor | None:
+        """Run `embeds` (at `position_ids`) through the LLM on `cache`, appending their KV; the
+        last position's logits [vocab] when `logits`."""
 
     def generate(self, prompt: Prompt, max_new_tokens: int, on_text: Callable[[str], None] | None = None,
                  cache: Any = None, stop: threading.Event | None = None) -> Generation:
-        """Greedy answer to `prompt`, streaming text to `on_text`. `cache`, when given, already
-        holds the KV of the prompt's first tokens (at most `prefix_len`); only the rest is prefilled
-        and the cache is left holding what it held. Decoding ends after the current token once
-        `stop` is set."""
+        """Greedy answer to `prompt`, streaming text to `on_text`. `cache`, when given, holds the
+        KV of the prompt's first `prompt.start` tokens; the rest is prefilled onto it and the
+        cache is left holding the prompt's prefix (`prefix_len` tokens). Decoding ends after the
+        current token once `stop` is set."""

@@ -21,11 +21,10 @@ class TextPart:
 
 @dataclass(frozen=True)
 class VisualPart:
-    tokens: torch.Tensor  # [n, D] projector outputs
+    rows: torch.Tensor  # [n] long: which laid-out rows (held tokens) the block shows, in order
     t: torch.Tensor  # [n] long, temporal offset from the block start
     row: torch.Tensor  # [n] long
     col: torch.Tensor  # [n] long
-    extras: dict[str, torch.Tensor] | None = None
 
 
 def build_positions(parts: list[TextPart | VisualPart]) -> torch.Tensor:

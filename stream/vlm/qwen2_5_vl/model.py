@@ -4,14 +4,18 @@ with our own M-RoPE positions (absolute-time aligned, anchored at the first kept
 Prompt layout, question last so the video block's KV can be reused between questions:
 `[system + the user turn's opening][video][span line + "\n" + question + assistant prompt]`.
 - `timestamps = "mrope"` (Qwen2.5-VL's own rule): one vision block, time carried by the t
-  positions; the line after it names the covered span.
+  positions; the line after it names the covered span. The prefix ends at the last visual
+  token: `<|vision_end|>` opens the per-question suffix, so a new group appends to the prefix.
+  Positions are anchored at the first held group, so a visual token's position depends on its
+  own coordinates and that group only (dropping the first group re-anchors, and the prompt cache
+  redoes the whole block then, as it does for any change at its first row).
 - `timestamps = "text"` (Qwen3-VL's rule): each group is `<t seconds>` text and its own vision
   block; no span line.
 """
 from __future__ import annotations
 
+import functools
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +24,10 @@ import torch
 
 from pruning import TokenSet
 
-from ..base import Generation, LayoutSettings, Prompt
+from .. import decode
+from ..base import Generation, LayoutSettings, Prompt, PromptPlan
+from ..kv_cache import BufferedCache
 from ..positions import TextPart, VisualPart, build_positions
-from ..streamer import FirstTokenStreamer, StopWhenSet
 from .positions import group_time_text, time_offsets
 from .preprocess import VisionGeometry, frames_to_pairs, patchify
 
@@ -71,6 +76,16 @@ class Qwen2_5_VL:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
+    @property
+    def max_tokens_per_group(self) -> int:
+        return self.geometry.max_pixels // self.geometry.factor ** 2
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        tc = self.model.config.text_config
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        return 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * self.dtype.itemsize
+
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id or self.model.config.text_config.eos_token_id
         ids = eos if isinstance(eos, list) else [eos]
@@ -102,13 +117,22 @@ class Qwen2_5_VL:
     def tokenize(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
 
+    @functools.lru_cache(maxsize=4096)
+    def _label(self, text: str) -> torch.Tensor:
+        """A group's timestamp text and `<|vision_start|>` (tokenized once per distinct label)."""
+        return torch.cat([self.tokenize(text), torch.tensor([self.vision_start_id])])
+
     @torch.inference_mode()
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids.to(self.device)).cpu()
+        return self.model.get_input_embeddings()(ids.to(self.device))
 
     def question_embeds(self, text: str) -> torch.Tensor:
         """The LLM input-embedding rows of the question's tokens [L, D] (for query-aware pruning)."""
-        return self.embed_ids(self.tokenize(text)).float()
+        return self.embed_ids(self.tokenize(text)).float().cpu()
+
+    @functools.lru_cache(maxsize=64)
+    def _before_video(self, system: str) -> torch.Tensor:
+        return self.chat_parts(system, "")[0]
 
     def chat_parts(self, system: str, after_video: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The chat template rendered around the video: (ids before it, ids after it up to the
@@ -122,77 +146,74 @@ class Qwen2_5_VL:
         before, after = text.split(VIDEO_PLACEHOLDER)
         return self.tokenize(before), self.tokenize(after)
 
-    def layout(self, seen: TokenSet, question: str, settings: LayoutSettings) -> Prompt:
-        """The prompt for `question` over the kept tokens `seen` (in temporal order), with the
-        video placed before everything that varies per question."""
-        t0, t1 = float(seen.pts.min()), float(seen.pts.max())
+    def plan(self, rows: Any, question: str, settings: LayoutSettings) -> PromptPlan:
+        """The prompt for `question` over the laid-out rows (their group, pts, row and col, in
+        (group, row, col) order), with the video before everything that varies per question."""
+        t0, t1 = float(rows.pts[0]), float(rows.pts[-1])
         span = f"Video from {t0:.1f} s to {t1:.1f} s of the stream." if settings.timestamps == "mrope" else ""
-        before, after = self.chat_parts(settings.system_prompt, f"{span}\n{question}")
+        before, after = self._before_video(settings.system_prompt), self.chat_parts(settings.system_prompt, f"{span}\n{question}")[1]
         vs, ve = torch.tensor([self.vision_start_id]), torch.tensor([self.vision_end_id])
-        parts: list[TextPart | VisualPart] = [TextPart(before)]
+        everything = torch.arange(len(rows.group))
+        parts: list[TextPart | VisualPart] = [TextPart(torch.cat([before, vs]))]
         if settings.timestamps == "mrope":
-            parts += [TextPart(vs), _visual(seen, time_offsets(seen.pts, t0, self.tokens_per_second)), TextPart(ve)]
+            parts.append(VisualPart(everything, time_offsets(rows.pts, t0, self.tokens_per_second), rows.row, rows.col))
+            prefix_end = len(parts)
+            parts.append(TextPart(torch.cat([ve, after])))
         else:
-            for g in seen.groups().tolist():
-                sub = seen.select(torch.nonzero(seen.group == g).flatten())
-                parts += [TextPart(torch.cat([self.tokenize(group_time_text(float(sub.pts[0]))), vs])),
-                          _visual(sub, torch.zeros(len(sub), dtype=torch.long)), TextPart(ve)]
-        prefix_len = sum(_length(p) for p in parts)
-        parts.append(TextPart(after))
-        embeds, positions = self.embed_parts(parts)
-        ids = torch.cat([p.ids if isinstance(p, TextPart) else torch.full((len(p.tokens),), self.video_token_id)
-                         for p in parts])
-        return Prompt(inputs_embeds=embeds, position_ids=positions, prefix_len=prefix_len, ids=ids, parts=tuple(parts))
-
-    @torch.inference_mode()
-    def embed_parts(self, parts: list[TextPart | VisualPart]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs_embeds [1, L, D], position_ids [3, 1, L]) for a prompt."""
-        emb = self.model.get_input_embeddings()
-        chunks = []
+            starts = torch.searchsorted(rows.group, torch.unique_consecutive(rows.group)).tolist() + [len(rows.group)]
+            for k, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+                if k:
+                    parts.append(TextPart(self._label(group_time_text(float(rows.pts[a])))))
+                parts += [VisualPart(everything[a:b], torch.zeros(b - a, dtype=torch.long), rows.row[a:b], rows.col[a:b]),
+                          TextPart(ve)]
+            parts[0] = TextPart(torch.cat([before, self._label(group_time_text(t0))]))
+            prefix_end = len(parts)
+            parts.append(TextPart(after))
+        ids, visual = [], []
         for part in parts:
             if isinstance(part, TextPart):
-                chunks.append(emb(part.ids.to(self.device)))
+                ids.append(part.ids)
+                visual.append(torch.full((len(part.ids),), -1, dtype=torch.long))
             else:
-                chunks.append(part.tokens.to(self.device, self.dtype))
-        embeds = torch.cat(chunks).unsqueeze(0)
-        return embeds, build_positions(parts).unsqueeze(1).to(self.device)
+                ids.append(torch.full((len(part.rows),), self.video_token_id, dtype=torch.long))
+                visual.append(part.rows)
+        prefix_len = sum(len(v) for v in visual[:prefix_end])
+        return PromptPlan(ids=torch.cat(ids), position_ids=build_positions(parts).unsqueeze(1), visual=torch.cat(visual),
+                          prefix_len=prefix_len)
 
     @torch.inference_mode()
+    def embed(self, plan: PromptPlan, visual: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Input embeddings [1, end - start, D] of plan tokens start..end, the visual tokens among
+        them taken from `visual` in order."""
+        end = len(plan) if end is None else end
+        is_vis = plan.visual[start:end] >= 0
+        if int(is_vis.sum()) != len(visual):
+            raise ValueError(f"{int(is_vis.sum())} visual tokens in tokens {start}..{end}, {len(visual)} vectors given")
+        out = self.embed_ids(plan.ids[start:end])
+        out[is_vis.to(self.device)] = visual.to(self.device, self.dtype)
+        return out.unsqueeze(0)
+
+    def layout(self, seen: TokenSet, question: str, settings: LayoutSettings) -> Prompt:
+        """The whole prompt for `question` over the kept tokens `seen` (in temporal order)."""
+        plan = self.plan(seen, question, settings)
+        return Prompt(plan, self.embed(plan, seen.tokens[plan.visual[plan.visual >= 0]]))
+
+    def new_cache(self, max_tokens: int) -> BufferedCache:
+        return BufferedCache(self.model.config, max_tokens)
+
+    @torch.inference_mode()
+    def forward(self, cache: Any, embeds: torch.Tensor, position_ids: torch.Tensor, logits: bool) -> torch.Tensor | None:
+        n = cache.get_seq_length() + embeds.shape[1]
+        mask = torch.ones(1, n, dtype=torch.long, device=self.device)
+        if not logits:  # the decoder alone: no logits to compute
+            self.model.model(inputs_embeds=embeds, position_ids=position_ids.to(self.device), attention_mask=mask,
+                             past_key_values=cache, use_cache=True)
+            return None
+        out = self.model(inputs_embeds=embeds, position_ids=position_ids.to(self.device), attention_mask=mask,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
+
     def generate(self, prompt: Prompt, max_new_tokens: int, on_text: Callable[[str], None] | None = None,
                  cache: Any = None, stop: threading.Event | None = None) -> Generation:
-        """Greedy decoding over `inputs_embeds` with explicit positions and attention mask.
-
-        `cache` (a transformers `Cache`) may hold the KV of the prompt's first tokens, at most
-        `prefix_len` of them: `generate` prefills only the rest, then crops the cache back, so
-        the caller keeps its prefix."""
-        held = 0 if cache is None else cache.get_seq_length()
-        if held > prompt.prefix_len:
-            raise ValueError(f"the cache holds {held} tokens, more than the prompt's prefix of {prompt.prefix_len}")
-        streamer = FirstTokenStreamer(self.tokenizer, on_text)
-        t0 = time.perf_counter()
-        try:
-            out = self.model.generate(
-                inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids,
-                attention_mask=torch.ones(prompt.inputs_embeds.shape[:2], dtype=torch.long, device=self.device),
-                past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
-                stopping_criteria=[StopWhenSet(stop)] if stop is not None else None,
-            )
-        finally:
-            if cache is not None and cache.get_seq_length() > held:
-                cache.crop(held - cache.get_seq_length())
-        total = time.perf_counter() - t0
-        ids = out[0].tolist()
-        while ids and ids[-1] in self.eos_ids:
-            ids.pop()
-        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        ttft = (streamer.first_token_at - t0) if streamer.first_token_at else total
-        return Generation(text=text, new_tokens=len(out[0]), ttft_s=ttft, total_s=total)
-
-
-def _visual(s: TokenSet, t: torch.Tensor) -> VisualPart:
-    return VisualPart(tokens=s.tokens, t=t, row=s.row, col=s.col, extras=dict(s.extras) or None)
-
-
-def _length(part: TextPart | VisualPart) -> int:
-    return int(part.ids.numel()) if isinstance(part, TextPart) else len(part.tokens)
+        """Greedy decoding with explicit positions (stream/vlm/decode.py)."""
+        return decode.generate(self, prompt, max_new_tokens, on_text, cache=cache, stop=stop)

@@ -1,0 +1,200 @@
+"""One camera's prompt cache: the LLM's KV of the prompt prefix (system text and the memory's
+video block), kept current as groups arrive, so a question prefills only itself.
+
+Exact by construction. The family's `PromptPlan` says where every prefix token comes from, and
+`PromptPlan.key` gives each one an identity (id, position, and for a visual token the memory's
+stamp of its vector). The cache remembers the keys of the tokens it holds; bringing it current
+finds the first key that differs from the memory's plan now, crops the KV back to it (a crop is
+a length change) and prefills from there: an appended group costs its own tokens; an eviction,
+a merge into a held token or a dropped first group costs a re-prefill from the first row it
+changed (the memory evicts in steps, so that comes once every few groups). Prefilling in chunks
+equals prefilling at once, so the KV equals a full prefill of the same prompt.
+
+Only the camera's LLM thread touches the cache: it extends it between questions (`refresh`,
+chunk by chunk, giving way to a waiting question between chunks) and answers on it (the
+question's suffix is prefilled onto the shared KV and cropped off after the answer), so ingest
+and questions never see each other half-done. The memory is read under its lock: its columns
+(`TokenMemory.layout`) and then only the vectors not yet cached (`TokenMemory.gather`), retried
+if the memory changed in between.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pruning import TokenMemory
+
+from .errors import ConfigError
+from .vlm.base import LayoutSettings, Prompt, PromptPlan, VideoLM
+from .vlm.decode import prefill
+from .vlm.kv_cache import crop_to
+
+log = logging.getLogger(__name__)
+
+REFRESH_CHUNK = 512  # tokens per background forward: a waiting question waits for at most one
+UNBOUNDED = 2**62
+TEMPLATE_TOKENS = 64  # room for the chat template and the span line around a question
+MIB = 1 << 20
+
+
+def limit_tokens(vlm: VideoLM, mib: float, memory: TokenMemory, layout: LayoutSettings, max_new_tokens: int,
+                 max_question_chars: int) -> int:
+    """The cache's limit in prompt tokens for a limit of `mib` MiB (0: no limit beyond the
+    memory's own bound); a `ConfigError` naming `query.prompt_cache_mib` when the memory at its
+    fullest, with a question and its answer, cannot fit."""
+    per = vlm.kv_bytes_per_token
+    visual = memory.capacity + memory.recent_groups * vlm.max_tokens_per_group
+    system = len(vlm.plan(ONE_ROW, "", layout).ids) - 1
+    need = system + visual + TEMPLATE_TOKENS + max_question_chars + max_new_tokens
+    log.info("prompt cache: %d bytes (%.1f KiB) per token; the memory's %d visual tokens, a question and its "
+             "answer need up to %d tokens (%.0f MiB)", per, per / 1024, visual, need, need * per / MIB)
+    if mib == 0:
+        return UNBOUNDED
+    room = int(mib * MIB) // per
+    if room < need:
+        raise ConfigError(
+            f"{mib:g} MiB holds {room} prompt tokens of {vlm.name} ({per / 1024:.1f} KiB per token), but the memory "
+            f"holds up to {visual} visual tokens (capacity {memory.capacity} + {memory.recent_groups} recent groups "
+            f"x {vlm.max_tokens_per_group}) and with the system text, a question of up to {max_question_chars} "
+            f"characters and {max_new_tokens} new tokens the prompt needs {need}: set at least "
+            f"{-(-need * per // MIB)}, or 0 to size the cache to the memory", "query.prompt_cache_mib")
+    return room
+
+
+class _OneRowColumns:
+    """The columns of a memory holding one token (to measure the prompt's fixed text)."""
+
+    group = torch.zeros(1, dtype=torch.long)
+    pts = torch.zeros(1, dtype=torch.float64)
+    row = torch.zeros(1, dtype=torch.long)
+    col = torch.zeros(1, dtype=torch.long)
+
+
+ONE_ROW = _OneRowColumns()
+
+
+@dataclass
+class CacheStats:
+    """What keeping the cache current has cost (background work and the part done at question time)."""
+
+    appended_tokens: int = 0  # prefilled at the end of what was held
+    reprefilled_tokens: int = 0  # prefilled again after a change to rows already held
+    rewinds: int = 0  # times the held prefix was cut back to a changed row
+    background_ms: float = 0.0  # LLM time spent by `refresh`
+    refreshes: int = 0
+    over_limit: int = 0  # times the prefix did not fit in the limit
+
+
+class PromptCache:
+    """The KV of one camera's prompt prefix and the keys of the tokens it holds."""
+
+    def __init__(self, vlm: VideoLM, memory: TokenMemory, layout: LayoutSettings, max_tokens: int = UNBOUNDED):
+        self.vlm = vlm
+        self.memory = memory
+        self.layout = layout
+        self.max_tokens = max_tokens
+        self.kv = vlm.new_cache(max_tokens)
+        self.key = torch.zeros(0, 0, dtype=torch.long)
+        self.stats = CacheStats()
+        self._replaced_end = 0  # tokens before this were held before the last rewind
+
+    @property
+    def held(self) -> int:
+        """Prefix tokens whose KV is held."""
+        return int(self.key.shape[0])
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes()
+
+    def sync(self, plan: PromptPlan, stamps: torch.Tensor) -> int:
+        """Cut the held prefix back to the first token that differs from `plan`; the tokens kept."""
+        want = plan.key(stamps)
+        n = min(self.held, int(want.shape[0]))
+        if self.key.shape[1:] != want.shape[1:]:
+            n = 0
+        same = n
+        if n:
+            diff = torch.nonzero((self.key[:n] != want[:n]).any(dim=1))
+            same = int(diff[0]) if diff.numel() else n
+        if same < self.held:
+            self.stats.rewinds += 1
+            self._replaced_end = max(self._replaced_end, self.held)
+            crop_to(self.kv, same)
+            self.key = self.key[:same]
+        return same
+
+    def fits(self, tokens: int) -> bool:
+        return tokens <= self.max_tokens
+
+    def prompt(self, plan: PromptPlan, version: int, end: int | None = None) -> Prompt | None:
+        """The plan's embeddings from the held prefix on (to `end`), gathering only the
+        visual tokens not yet cached; None when the memory changed since `version`."""
+        end = len(plan) if end is None else end
+        vis = plan.visual[self.held:end]
+        got = self.memory.gather(vis[vis >= 0], version)
+        if got is None:
+            return None
+        return Prompt(plan, self.vlm.embed(plan, got[0], self.held, end), start=self.held)
+
+    def extended(self, plan: PromptPlan, stamps: torch.Tensor, end: int) -> int:
+        """Record that the KV now holds the plan's first `end` tokens (`end` <= prefix_len);
+        the tokens that were new."""
+        start = self.held
+        self.key = torch.cat([self.key, plan.key(stamps)[start:end]]) if start else plan.key(stamps)[:end]
+        again = max(0, min(end, self._replaced_end) - start)
+        self.stats.reprefilled_tokens += again
+        self.stats.appended_tokens += end - start - again
+        if end >= self._replaced_end:
+            self._replaced_end = 0
+        return end - start
+
+    def drop(self) -> None:
+        """Forget everything held (after an error part-way through a prefill)."""
+        crop_to(self.kv, 0)
+        self.key = self.key[:0]
+
+    def refresh(self, give_way: Callable[[], bool]) -> int:
+        """Bring the prefix current with the memory, `REFRESH_CHUNK` tokens per forward, until it
+        is or `give_way()` says a question waits; the tokens prefilled."""
+        done = 0
+        t0 = time.perf_counter()
+        try:
+            while not give_way():
+                lay = self.memory.layout()
+                if lay.group.numel() == 0:
+                    break
+                plan = self.vlm.plan(lay, "", self.layout)
+                if not self.fits(plan.prefix_len):
+                    self.stats.over_limit += 1
+                    break
+                self.sync(plan, lay.stamp)
+                if self.held >= plan.prefix_len:
+                    break
+                end = min(plan.prefix_len, self.held + REFRESH_CHUNK)
+                prompt = self.prompt(plan, lay.version, end)
+                if prompt is None:  # ingest added a group meanwhile: plan again
+                    continue
+                prefill(self.vlm, self.kv, prompt, end=end)
+                done += self.extended(plan, lay.stamp, end)
+        except BaseException:
+            self.drop()
+            raise
+        finally:
+            if done:
+                self.stats.refreshes += 1
+                self.stats.background_ms += (time.perf_counter() - t0) * 1e3
+        return done
+
+    def report(self) -> dict:
+        """For the camera's status: what the cache holds and what keeping it has cost."""
+        s = self.stats
+        return {
+            "tokens": self.held, "bytes": self.nbytes(), "kv_bytes_per_token": self.vlm.kv_bytes_per_token,
+            "limit_tokens": None if self.max_tokens >= UNBOUNDED else self.max_tokens,
+            "appended_tokens": s.appended_tokens, "reprefilled_tokens": s.reprefilled_tokens, "rewinds": s.rewinds,
+            "background_ms": round(s.background_ms, 1), "over_limit": s.over_limit,
+        }
