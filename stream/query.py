@@ -158,7 +158,7 @@ class QueryHandler:
         with self._lock:
             self._refresh_pending = False
         try:
-            self.cache.refresh(lambda: self._waiting > 0)
+            self.cache.refresh(lambda: self._waiting > 0 or self._closed)
         except Exception:
             self.refresh_errors += 1
             log.exception("keeping the prompt cache current failed; the next question prefills what it lacks")
