@@ -30,10 +30,11 @@ def format_status(s: Status) -> str:
     src = s.source
     age = src.get("last_frame_age_s")
     source = f", source {src.get('state')}" + (f" (last frame {age:.1f} s ago)" if age is not None and age >= 2 else "")
+    cache = f", prompt cache {s.prompt_cache['tokens']} tokens" if s.prompt_cache else ""
     return (
         f"[{s.camera}] t={s.stream_s:.1f}s in {s.fps_in:.1f} fps, out {s.fps_out:.1f} fps, "
         f"dropped {s.dropped}, memory {s.memory_tokens} tokens, "
-        f"enc {s.encode_ms:.0f} ms/group, prune {s.prune_ms:.1f} ms/group, backlog {s.backlog}{last}{source}"
+        f"enc {s.encode_ms:.0f} ms/group, prune {s.prune_ms:.1f} ms/group, backlog {s.backlog}{last}{cache}{source}"
         + "".join(format_task(name, t) for name, t in s.tasks.items() if t.get("failures"))
     )
 

@@ -100,7 +100,7 @@ class PromptCache:
         self.kv = vlm.new_cache(max_tokens)
         self.key = torch.zeros(0, 0, dtype=torch.long)
         self.stats = CacheStats()
-        self._replaced_end = 0  # tokens before this were held before the last rewind
+        self._replaced_end = 0  # prefilling up to here again is re-prefill (the prefix before the last rewind)
 
     @property
     def held(self) -> int:
@@ -122,7 +122,7 @@ class PromptCache:
             same = int(diff[0]) if diff.numel() else n
         if same < self.held:
             self.stats.rewinds += 1
-            self._replaced_end = max(self._replaced_end, self.held)
+            self._replaced_end = min(max(self._replaced_end, self.held), int(want.shape[0]))
             crop_to(self.kv, same)
             self.key = self.key[:same]
         return same
