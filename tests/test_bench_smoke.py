@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is run from the checkout, not installed
     sys.path.insert(0, str(ROOT))
 
-from bench import ingest, memory_growth, prune_cost, recall, run_all, ttft  # noqa: E402
+from bench import (ingest, memory_growth, prompt_cache, prompt_cache_device, prune_cost, recall,  # noqa: E402
+                   run_all, ttft)
 from bench.common import ALL_PRUNERS, SEED_PRUNERS, Stat, Table  # noqa: E402
 
 
@@ -135,6 +137,40 @@ def test_ingest_smoke(model_cache, tmp_path):
     a = raw["raw"]["echoprune"]["analysis"]
     assert a["answers"] >= 1 and a["groups"] >= 2 and 0.3 < a["groups_per_s"] < 3
     assert a["dropped"] >= 0 and a["max_backlog"] >= 1
+    assert a["paths"] == {"cached": a["answers"]} and a["cache_lag"]["lo"] >= 0  # the cache is on by default
+    cache = raw["raw"]["echoprune"]["cache"]
+    assert cache["appended_tokens"] > 0 and cache["background_ms"] > 0
+
+
+def test_prompt_cache_smoke(model_cache, tmp_path):
+    s = prompt_cache.PromptCacheSettings.quick()
+    report = prompt_cache.run(s, tmp_path)
+    raw = _written(tmp_path, "prompt_cache")
+    sweep, slacks, big = report.tables
+    assert [int(r[0]) for r in sweep.rows] == list(s.sizes)
+    group = s.grid[0] * s.grid[1]
+    for n, r in raw["raw"]["ttft"].items():
+        assert (r["cached_path"], r["behind_path"], r["full_path"]) == ("cached", "cached", "full")
+        assert r["behind_prefilled"] == r["cached_prefilled"] + group  # the question and the group it lacked
+        assert r["full_prefilled"] == r["prompt_tokens"] > r["cached_prefilled"] and r["visual_tokens"] == int(n)
+        assert len(r["full_s"]) == s.uncached_repeats[s.sizes.index(int(n))] and len(r["cached_s"]) == s.cached_repeats
+    assert [(r[0], r[1].split()[0]) for r in slacks.rows] == (
+        [(s.pruner, f"{x:g}") for x in s.slacks] + [(p, f"{s.default_slack:g}") for p in s.other_pruners])
+    every = [float(r[3]) for r in slacks.rows[: len(s.slacks)]]
+    assert every[0] == 1.0 and every == sorted(every)  # echoprune drops nothing at graduation: slack sets the period
+    assert raw["raw"]["big_stream"]["cycles"] == s.big_cycles and len(big.rows) == 1
+    assert len(report.targets) == 2
+
+
+def test_prompt_cache_device_tiny_on_cpu_without_pyav():
+    """GPU images lack PyAV: the device script must not import it, at any depth."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "bench.prompt_cache_device", "--size", "tiny",
+                          "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and "av" not in imported
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| measure | visual tokens | prompt tokens | prefilled tokens | ms |"
+    assert len(rows) == 1 + 4 * len(prompt_cache_device.SIZES["tiny"].sizes) + 3
 
 
 def test_summary_keeps_the_latest_run_of_each_benchmark(tmp_path):
