@@ -2,15 +2,19 @@
 
 The real camera service (`stream.camera.Camera`): a realtime 30 fps 640x480 synthetic camera, the sampler
 at 2 fps (`latest` policy, as for a live camera), the tiny model's rolling encoder, the pruner
-and the memory; a question every 5 s of wall time through the query handler while frames keep
-coming. Recorded: when each group lands in the memory, the sampler's and encoder's counters,
-and each answer's start and end.
+and the memory, with the prompt cache on (the default: the LLM thread extends the prompt's KV
+after every group); a question every 2 s of wall time through the query handler while frames
+keep coming. Recorded: when each group lands in the memory, the sampler's and encoder's
+counters, each answer's start, end, prompt path and prefilled tokens, and the cache's totals.
 - groups/s: groups landed per second between the first and the last (2 fps = 1 group/s);
 - ingest latency: from a group's last frame being due (stream start + its pts) to the group
   being in memory; it grows without bound when ingest falls behind;
 - backlog: the most groups ever waiting for the encoder (1 = the group just handed over);
 - stall: a gap between two groups landing longer than 1.5 group periods; "during answers"
-  counts gaps that overlap an answer.
+  counts gaps that overlap an answer;
+- cache lag: the prompt-prefix tokens (system text and video) a question had to prefill
+  itself because the cache was not current; a whole prefix on the `full` path;
+- cache ms/group: the LLM thread's background refresh time over the groups encoded.
 Each seed pruner runs with the tiny model; then the pipeline's default pruner runs once more
 with the random-init Qwen2-0.5B-size LLM answering (`ttft.build_sized`), whose seconds-long
 prefills compete with the encoder for the same 2 cores: the harder case for "no stall".
@@ -27,6 +31,7 @@ from pathlib import Path
 from stream.config import from_dict
 from stream.camera import Camera
 from stream.events import Question
+from stream.prompt_cache import ONE_ROW
 from stream.vlm.base import VideoLM
 from stream.vlm.registry import load_model
 
@@ -41,13 +46,14 @@ class IngestSettings:
     width: int = 640
     height: int = 480
     sample_fps: float = 2.0
-    question_every_s: float = 5.0
+    question_every_s: float = 2.0
     pruners: tuple[str, ...] = SEED_PRUNERS
     big: LLMSize | None = QWEN2_05B
     big_pruner: str = "echoprune"
     big_duration_s: float = 40.0  # its answers take ~15 s: room for two
     capacity: int = 1024
     recent_groups: int = 4
+    evict_slack: float = 0.25
     max_new_tokens: int = 16
     question: str = "What is happening now, and what happened before?"
     stall_factor: float = 1.5
@@ -55,7 +61,7 @@ class IngestSettings:
 
     @classmethod
     def quick(cls) -> "IngestSettings":
-        return cls(duration_s=5.0, width=320, height=240, question_every_s=2.0, pruners=("echoprune",), big=None,
+        return cls(duration_s=5.0, width=320, height=240, pruners=("echoprune",), big=None,
                    capacity=256, recent_groups=1, max_new_tokens=4)
 
 
@@ -65,7 +71,8 @@ async def _run_one(s: IngestSettings, vlm: VideoLM, label: str, duration_s: floa
         "source": {"kind": "synthetic", "fps": s.source_fps, "duration_s": duration_s, "seed": 0,
                    "width": s.width, "height": s.height, "realtime": True},
         "sampler": {"fps": s.sample_fps},
-        "memory": {"pruner": label, "capacity": s.capacity, "recent_groups": s.recent_groups},
+        "memory": {"pruner": label, "capacity": s.capacity, "recent_groups": s.recent_groups,
+                   "evict_slack": s.evict_slack},
         "query": {"max_new_tokens": s.max_new_tokens},
         "output": {"status_interval_s": 0.0},
     })
@@ -81,6 +88,7 @@ async def _run_one(s: IngestSettings, vlm: VideoLM, label: str, duration_s: floa
 
     cam.encoder.on_group = on_group
     answers: list[tuple[float, float]] = []
+    details: list[dict] = []
 
     async def ask_every() -> None:
         k = 1
@@ -92,16 +100,20 @@ async def _run_one(s: IngestSettings, vlm: VideoLM, label: str, duration_s: floa
             except TimeoutError:
                 pass
             t0 = time.monotonic()
-            await cam.ask(Question(s.question, origin="bench"))
+            a = await cam.ask(Question(s.question, origin="bench"))
             t1 = time.monotonic()
             answers.append((t0, t1))
+            details.append({"path": a.prompt_path, "prompt_tokens": a.prompt_tokens, "prefilled": a.prefilled_tokens,
+                            "visual": a.tokens_used, "ttft_s": a.ttft_s})
             k = max(k + 1, int((t1 - start) // s.question_every_s) + 1)
 
     start = time.monotonic()
     async with cam:
         await asyncio.gather(cam.finished.wait(), ask_every())
-    return {"landed": landed, "answers": answers, "start": start, "group_size": cam.encoder.group_size,
-            "summary": cam.summary(), "max_backlog": cam.encoder.stats.max_backlog}
+    return {"landed": landed, "answers": answers, "details": details, "start": start,
+            "group_size": cam.encoder.group_size, "summary": cam.summary(),
+            "max_backlog": cam.encoder.stats.max_backlog, "cache": cam.queries.cache_report(),
+            "system_tokens": vlm.plan(ONE_ROW, "", cam.queries.layout).prefix_len - 1}
 
 
 def analyse(r: dict, sample_fps: float, stall_factor: float, frames_due: int) -> dict:
@@ -116,6 +128,10 @@ def analyse(r: dict, sample_fps: float, stall_factor: float, frames_due: int) ->
     during = [b - a for (a, b), o in zip(gaps, overlaps) if o]
     outside = [b - a for (a, b), o in zip(gaps, overlaps) if not o]
     summ = r["summary"]
+    # prompt = system + visual + suffix; the question's own tokens are the suffix, the rest it prefilled was lag
+    lag = [d["prefilled"] - (d["prompt_tokens"] - r["system_tokens"] - d["visual"]) for d in r["details"]]
+    paths = [d["path"] for d in r["details"]]
+    cache = r["cache"]
     return {
         "groups": len(landed),
         "groups_per_s": (len(walls) - 1) / (walls[-1] - walls[0]) if len(walls) > 1 else float("nan"),
@@ -125,17 +141,27 @@ def analyse(r: dict, sample_fps: float, stall_factor: float, frames_due: int) ->
         "max_gap_during": max(during, default=float("nan")), "max_gap_outside": max(outside, default=float("nan")),
         "stalls_during": sum(g > stall_factor * group_s for g in during),
         "encode_ms": summ["encode_ms_per_group"], "prune_ms": summ["prune_ms_per_group"],
+        "paths": {p: paths.count(p) for p in sorted(set(paths))},
+        "prefilled": Stat.of([d["prefilled"] for d in r["details"]]), "cache_lag": Stat.of(lag),
+        "cache_ms": cache.get("background_ms", 0.0) / max(1, summ["groups_encoded"]),
+        "cache_reprefilled": cache.get("reprefilled_tokens", 0), "cache_appended": cache.get("appended_tokens", 0),
     }
 
 
 def _targets(label: str, a: dict, s: IngestSettings) -> list[Target]:
+    """Backlog: the encoder never had a group waiting behind another (its max backlog counts the
+    group just handed over, so 1 is no backlog), dropped nothing and kept the sampling rate.
+    Stall: no gap over `stall_factor` group periods while an answer ran."""
     behind = a["max_backlog"] > 1 or a["dropped"] > 0 or a["groups_per_s"] < 0.95 * a["expected_groups_per_s"]
     period_ms = 1000 / a["expected_groups_per_s"]
     why = (f"encoding {a['encode_ms']:.0f} ms + pruning {a['prune_ms']:.1f} ms per group vs a {period_ms:.0f} ms "
-           "group period, on the cores the answers use") if behind else ""
-    backlog = Target("ingest", f"{label}: backlog", f"no backlog at {s.sample_fps:g} fps",
-                     f"{a['groups_per_s']:.2f} groups/s, max backlog {a['max_backlog']}, "
-                     f"{a['dropped']} frames dropped, latency {a['latency'].fmt(2)} s", not behind, why)
+           f"group period, on the cores the prompt cache ({a['cache_ms']:.0f} ms per group) and the answers "
+           f"({a['answer_s'].fmt(2)} s each) use") if behind else ""
+    backlog = Target("ingest", f"{label}: backlog",
+                     f"no backlog at {s.sample_fps:g} fps with the prompt cache and a question every "
+                     f"{s.question_every_s:g} s",
+                     f"{a['groups_per_s']:.2f} groups/s, max backlog {a['max_backlog']} (1 = the group just handed "
+                     f"over), {a['dropped']} frames dropped, latency {a['latency'].fmt(2)} s", not behind, why)
     stalled = a["stalls_during"] > 0 or a["answers"] == 0
     why = ("no answer completed" if a["answers"] == 0 else
            f"{a['stalls_during']} gaps > {s.stall_factor:g} periods while answers took {a['answer_s'].fmt(2)} s "
@@ -153,12 +179,15 @@ def run(s: IngestSettings, out_dir: Path) -> Report:
     report.notes.append(
         f"{s.duration_s:g} s per pruner of a realtime {s.source_fps:g} fps {s.width}x{s.height} synthetic camera "
         f"sampled at {s.sample_fps:g} fps (one group of 2 frames per second), capacity {s.capacity} + "
-        f"{s.recent_groups} recent groups, a question every {s.question_every_s:g} s ({s.max_new_tokens} new "
-        f"tokens; the next one waits for the previous answer). A stall is a gap > {s.stall_factor:g} group periods "
-        "between groups landing in memory. Cells with a range: median (min-max) over the run's groups or answers.")
+        f"{s.recent_groups} recent groups (evict slack {s.evict_slack:g} of capacity), the prompt cache on, a "
+        f"question every {s.question_every_s:g} s ({s.max_new_tokens} new tokens; the next one waits for the "
+        f"previous answer). A stall is a gap > {s.stall_factor:g} group periods between groups landing in memory. "
+        "Cache lag: prefix tokens (system text and video) a question prefilled because the cache was not current. "
+        "Cells with a range: median (min-max) over the run's groups or answers.")
     t = Table("Ingest under questions", ["run", "groups/s", "frames in/due", "dropped frames", "max backlog",
                                          "ingest latency s", "encode ms/group", "prune ms/group", "answers",
-                                         "answer latency s", "max gap during answers s", "max gap otherwise s"])
+                                         "answer paths", "prefilled tokens", "cache lag tokens", "answer latency s",
+                                         "cache ms/group", "max gap during answers s", "max gap otherwise s"])
     models = [(lambda: load_model("tiny-random"), [(label, label, s.duration_s) for label in s.pruners])]
     if s.big is not None:
         dtype, why = pick_dtype("auto")
@@ -172,10 +201,13 @@ def run(s: IngestSettings, out_dir: Path) -> Report:
             r = asyncio.run(_run_one(s, vlm, label, duration_s))
             a = analyse(r, s.sample_fps, s.stall_factor, round(duration_s * s.source_fps))
             raw[name] = {"analysis": {k: (v.__dict__ if isinstance(v, Stat) else v) for k, v in a.items()},
-                         "landed": r["landed"], "answers": r["answers"], "start": r["start"]}
+                         "landed": r["landed"], "answers": r["answers"], "details": r["details"],
+                         "cache": r["cache"], "start": r["start"]}
             t.add(name, f"{a['groups_per_s']:.2f}", f"{a['frames_in']}/{a['frames_due']}", a["dropped"],
                   a["max_backlog"], a["latency"].fmt(2), f"{a['encode_ms']:.0f}", f"{a['prune_ms']:.1f}", a["answers"],
-                  a["answer_s"].fmt(2), f"{a['max_gap_during']:.2f}", f"{a['max_gap_outside']:.2f}")
+                  ", ".join(f"{n} {p}" for p, n in a["paths"].items()), a["prefilled"].fmt(0), a["cache_lag"].fmt(0),
+                  a["answer_s"].fmt(2), f"{a['cache_ms']:.0f}", f"{a['max_gap_during']:.2f}",
+                  f"{a['max_gap_outside']:.2f}")
             report.targets += _targets(name, a, s)
     report.tables.append(t)
     report.raw = raw
