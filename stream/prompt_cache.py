@@ -11,7 +11,8 @@ changed (the memory evicts in steps, so that comes once every few groups). Prefi
 equals prefilling at once, so the KV equals a full prefill of the same prompt.
 
 Only the camera's LLM thread touches the cache: it extends it between questions (`refresh`,
-chunk by chunk, giving way to a waiting question between chunks) and answers on it (the
+in chunks sized to take about `CHUNK_S` at the prefill rate measured so far, giving way to a
+waiting question between chunks, so a question waits at most about that long) and answers on it (the
 question's suffix is prefilled onto the shared KV and cropped off after the answer), so ingest
 and questions never see each other half-done. The memory is read under its lock: its columns
 (`TokenMemory.layout`) and then only the vectors not yet cached (`TokenMemory.gather`), retried
@@ -35,7 +36,8 @@ from .vlm.kv_cache import crop_to
 
 log = logging.getLogger(__name__)
 
-REFRESH_CHUNK = 512  # tokens per background forward: a waiting question waits for at most one
+CHUNK_S = 0.25  # seconds one background forward aims at: the most a question waits for the cache
+CHUNK_TOKENS = (64, 1024)  # bounds on a background forward's tokens (below 64 a CPU forward is mostly weight reads)
 UNBOUNDED = 2**62
 TEMPLATE_TOKENS = 64  # room for the chat template and the span line around a question
 MIB = 1 << 20
@@ -101,6 +103,7 @@ class PromptCache:
         self.key = torch.zeros(0, 0, dtype=torch.long)
         self.stats = CacheStats()
         self._replaced_end = 0  # prefilling up to here again is re-prefill (the prefix before the last rewind)
+        self._rate: float | None = None  # prefill tokens per second, measured on the refreshes
 
     @property
     def held(self) -> int:
@@ -157,9 +160,13 @@ class PromptCache:
         crop_to(self.kv, 0)
         self.key = self.key[:0]
 
+    def _chunk(self) -> int:
+        lo, hi = CHUNK_TOKENS
+        return lo if self._rate is None else max(lo, min(hi, int(self._rate * CHUNK_S)))
+
     def refresh(self, give_way: Callable[[], bool]) -> int:
-        """Bring the prefix current with the memory, `REFRESH_CHUNK` tokens per forward, until it
-        is or `give_way()` says a question waits; the tokens prefilled."""
+        """Bring the prefix current with the memory, a chunk per forward, until it is or
+        `give_way()` says a question waits; the tokens prefilled."""
         done = 0
         t0 = time.perf_counter()
         try:
@@ -174,12 +181,16 @@ class PromptCache:
                 self.sync(plan, lay.stamp)
                 if self.held >= plan.prefix_len:
                     break
-                end = min(plan.prefix_len, self.held + REFRESH_CHUNK)
+                end = min(plan.prefix_len, self.held + self._chunk())
                 prompt = self.prompt(plan, lay.version, end)
                 if prompt is None:  # ingest added a group meanwhile: plan again
                     continue
+                t = time.perf_counter()
                 prefill(self.vlm, self.kv, prompt, end=end)
-                done += self.extended(plan, lay.stamp, end)
+                n = self.extended(plan, lay.stamp, end)
+                rate = n / max(time.perf_counter() - t, 1e-6)
+                self._rate = rate if self._rate is None else 0.7 * self._rate + 0.3 * rate
+                done += n
         except BaseException:
             self.drop()
             raise
