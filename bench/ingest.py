@@ -24,6 +24,7 @@ run measures the steady state of a long-lived camera.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,7 @@ async def _run_one(s: IngestSettings, vlm: VideoLM, label: str, duration_s: floa
     return {"landed": landed, "answers": answers, "details": details, "start": start,
             "group_size": cam.encoder.group_size, "summary": cam.summary(),
             "max_backlog": cam.encoder.stats.max_backlog, "cache": cam.queries.cache_report(),
+            "group_tokens": math.prod(cam.memory.layout().grid),
             "system_tokens": vlm.plan(ONE_ROW, "", cam.queries.layout).prefix_len - 1}
 
 
@@ -143,25 +145,43 @@ def analyse(r: dict, sample_fps: float, stall_factor: float, frames_due: int) ->
         "encode_ms": summ["encode_ms_per_group"], "prune_ms": summ["prune_ms_per_group"],
         "paths": {p: paths.count(p) for p in sorted(set(paths))},
         "prefilled": Stat.of([d["prefilled"] for d in r["details"]]), "cache_lag": Stat.of(lag),
+        "group_tokens": r["group_tokens"], "groups_encoded": summ["groups_encoded"],
         "cache_ms": cache.get("background_ms", 0.0) / max(1, summ["groups_encoded"]),
         "cache_reprefilled": cache.get("reprefilled_tokens", 0), "cache_appended": cache.get("appended_tokens", 0),
+        "cache_rewinds": cache.get("rewinds", 0),
     }
 
 
 def _targets(label: str, a: dict, s: IngestSettings) -> list[Target]:
     """Backlog: the encoder never had a group waiting behind another (its max backlog counts the
     group just handed over, so 1 is no backlog), dropped nothing and kept the sampling rate.
+    With the prompt cache: that, and the cache too had no backlog: every answer found it at most
+    one group behind (the newest group may land while the question starts).
     Stall: no gap over `stall_factor` group periods while an answer ran."""
     behind = a["max_backlog"] > 1 or a["dropped"] > 0 or a["groups_per_s"] < 0.95 * a["expected_groups_per_s"]
     period_ms = 1000 / a["expected_groups_per_s"]
-    why = (f"encoding {a['encode_ms']:.0f} ms + pruning {a['prune_ms']:.1f} ms per group vs a {period_ms:.0f} ms "
-           f"group period, on the cores the prompt cache ({a['cache_ms']:.0f} ms per group) and the answers "
-           f"({a['answer_s'].fmt(2)} s each) use") if behind else ""
-    backlog = Target("ingest", f"{label}: backlog",
-                     f"no backlog at {s.sample_fps:g} fps with the prompt cache and a question every "
-                     f"{s.question_every_s:g} s",
-                     f"{a['groups_per_s']:.2f} groups/s, max backlog {a['max_backlog']} (1 = the group just handed "
-                     f"over), {a['dropped']} frames dropped, latency {a['latency'].fmt(2)} s", not behind, why)
+    ingest_why = (f"encoding {a['encode_ms']:.0f} ms + pruning {a['prune_ms']:.1f} ms per group vs a {period_ms:.0f} "
+                  f"ms group period, on the cores the prompt cache ({a['cache_ms']:.0f} ms per group) and the answers "
+                  f"({a['answer_s'].fmt(2)} s each) use") if behind else ""
+    ingest = (f"{a['groups_per_s']:.2f} groups/s, max backlog {a['max_backlog']} (1 = the group just handed over), "
+              f"{a['dropped']} frames dropped")
+    backlog = Target("ingest", f"{label}: backlog", f"no backlog at {s.sample_fps:g} fps",
+                     f"{ingest}, latency {a['latency'].fmt(2)} s", not behind, ingest_why)
+    cached = a["paths"].get("cached", 0)
+    lagging = a["answers"] == 0 or cached < a["answers"] or a["cache_lag"].hi > a["group_tokens"]
+    n = max(1, a["groups_encoded"])
+    cache_why = "" if not lagging else (
+        f"answers prefilled {a['cache_lag'].fmt(0)} prefix tokens the cache lacked: the cache rewound "
+        f"{a['cache_rewinds'] / n:.2f} times per group and re-prefilled {a['cache_reprefilled'] / n:.0f} tokens per "
+        f"group besides the {a['cache_appended'] / n:.0f} appended, while answers of {a['answer_s'].fmt(2)} s held the "
+        "LLM thread (the refresh gives way to a waiting question)")
+    with_cache = Target("ingest", f"{label}: backlog with the prompt cache",
+                        f"no backlog at {s.sample_fps:g} fps with the prompt cache and a question every "
+                        f"{s.question_every_s:g} s",
+                        f"{ingest}; {cached}/{a['answers']} answers cached, cache lag {a['cache_lag'].fmt(0)} tokens "
+                        f"(a group is {a['group_tokens']}), {a['cache_ms']:.0f} ms refresh per group",
+                        not behind and not lagging, "no answer completed" if a["answers"] == 0 else
+                        "; ".join(w for w in (ingest_why, cache_why) if w))
     stalled = a["stalls_during"] > 0 or a["answers"] == 0
     why = ("no answer completed" if a["answers"] == 0 else
            f"{a['stalls_during']} gaps > {s.stall_factor:g} periods while answers took {a['answer_s'].fmt(2)} s "
@@ -169,7 +189,7 @@ def _targets(label: str, a: dict, s: IngestSettings) -> list[Target]:
     stall = Target("ingest", f"{label}: stall", "no ingest stall during answers",
                    f"max gap during {a['answers']} answers {a['max_gap_during']:.2f} s "
                    f"(otherwise {a['max_gap_outside']:.2f} s)", not stalled, why)
-    return [backlog, stall]
+    return [backlog, with_cache, stall]
 
 
 def run(s: IngestSettings, out_dir: Path) -> Report:

@@ -138,6 +138,7 @@ def test_ingest_smoke(model_cache, tmp_path):
     assert a["answers"] >= 1 and a["groups"] >= 2 and 0.3 < a["groups_per_s"] < 3
     assert a["dropped"] >= 0 and a["max_backlog"] >= 1
     assert a["paths"] == {"cached": a["answers"]} and a["cache_lag"]["lo"] >= 0  # the cache is on by default
+    assert len(report.targets) == 3 * len(s.pruners)
     cache = raw["raw"]["echoprune"]["cache"]
     assert cache["appended_tokens"] > 0 and cache["background_ms"] > 0
 
