@@ -46,37 +46,46 @@ MIB = 1 << 20
 def limit_tokens(vlm: VideoLM, mib: float, memory: TokenMemory, layout: LayoutSettings, max_new_tokens: int,
                  max_question_chars: int) -> int:
     """The cache's limit in prompt tokens for a limit of `mib` MiB (0: no limit beyond the
-    memory's own bound); a `ConfigError` naming `query.prompt_cache_mib` when the memory at its
-    fullest, with a question and its answer, cannot fit."""
+    memory's own bound); a `ConfigError` naming `query.prompt_cache_mib` when the largest prompt
+    the memory can give cannot fit: every held token, the system text, a question of
+    `max_question_chars` characters (up to 4 tokens each: a byte-level tokenizer spends one per
+    UTF-8 byte) and its answer, and in `text` mode a timestamp label for every held group (up to
+    one group per held token)."""
     per = vlm.kv_bytes_per_token
     visual = memory.capacity + memory.recent_groups * vlm.max_tokens_per_group
-    system = len(vlm.plan(ONE_ROW, "", layout).ids) - 1
-    need = system + visual + TEMPLATE_TOKENS + max_question_chars + max_new_tokens
+    one = len(vlm.plan(_columns([0], [0.0]), "", layout))
+    label = len(vlm.plan(_columns([0, 1], [0.0, 99_999.9]), "", layout)) - one - 1
+    groups = memory.recent_groups + memory.capacity if label else 0
+    need = one - 1 + visual + groups * label + TEMPLATE_TOKENS + 4 * max_question_chars + max_new_tokens
     log.info("prompt cache: %d bytes (%.1f KiB) per token; the memory's %d visual tokens, a question and its "
              "answer need up to %d tokens (%.0f MiB)", per, per / 1024, visual, need, need * per / MIB)
     if mib == 0:
         return UNBOUNDED
     room = int(mib * MIB) // per
     if room < need:
+        labels = f", {label} tokens of timestamp label for each of up to {groups} groups" if groups else ""
         raise ConfigError(
             f"{mib:g} MiB holds {room} prompt tokens of {vlm.name} ({per / 1024:.1f} KiB per token), but the memory "
             f"holds up to {visual} visual tokens (capacity {memory.capacity} + {memory.recent_groups} recent groups "
-            f"x {vlm.max_tokens_per_group}) and with the system text, a question of up to {max_question_chars} "
-            f"characters and {max_new_tokens} new tokens the prompt needs {need}: set at least "
-            f"{-(-need * per // MIB)}, or 0 to size the cache to the memory", "query.prompt_cache_mib")
+            f"x {vlm.max_tokens_per_group}){labels}, and with the system text, a question of up to "
+            f"{max_question_chars} characters and {max_new_tokens} new tokens the prompt needs up to {need}: set at "
+            f"least {-(-need * per // MIB)}, or 0 to size the cache to the memory", "query.prompt_cache_mib")
     return room
 
 
-class _OneRowColumns:
-    """The columns of a memory holding one token (to measure the prompt's fixed text)."""
+@dataclass(frozen=True)
+class _Columns:
+    """The columns of a few held tokens (to measure the prompt's text around them)."""
 
-    group = torch.zeros(1, dtype=torch.long)
-    pts = torch.zeros(1, dtype=torch.float64)
-    row = torch.zeros(1, dtype=torch.long)
-    col = torch.zeros(1, dtype=torch.long)
+    group: torch.Tensor
+    pts: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
 
 
-ONE_ROW = _OneRowColumns()
+def _columns(groups: list[int], pts: list[float]) -> _Columns:
+    zero = torch.zeros(len(groups), dtype=torch.long)
+    return _Columns(torch.tensor(groups), torch.tensor(pts, dtype=torch.float64), zero, zero)
 
 
 @dataclass

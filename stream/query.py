@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pruning import Pruner, TokenMemory
@@ -70,8 +70,22 @@ class QueryHandler:
 
     def ask(self, question: Question, on_text: Callable[[str], None] | None = None,
             stop: threading.Event | None = None) -> Answer:
-        """Answer from the memory as it is now (blocking, on the LLM thread; use `aask` from
+        """Answer from the memory as it is now, on the LLM thread (blocking; use `aask` from
         async code); generation ends early once `stop` is set."""
+        return self._submit(question, on_text, stop or threading.Event()).result()
+
+    def _submit(self, question: Question, on_text, stop: threading.Event) -> Future:
+        with self._lock:
+            self._waiting += 1
+        return self._executor.submit(self._started, question, on_text, stop)
+
+    def _started(self, question: Question, on_text, stop: threading.Event) -> Answer:
+        with self._lock:
+            self._waiting -= 1
+        return self._answer_now(question, on_text, stop)
+
+    def _answer_now(self, question: Question, on_text, stop: threading.Event) -> Answer:
+        """The LLM thread's part of `ask`: only this thread touches the prompt cache."""
         t0 = time.perf_counter()
         max_new = question.max_new_tokens or self.settings.max_new_tokens
         while True:
@@ -128,20 +142,16 @@ class QueryHandler:
     async def aask(self, question: Question, on_text: Callable[[str], None] | None = None) -> Answer:
         """`ask` on the LLM thread, so the event loop and ingest keep running. Cancelling it (the
         asker went away, the camera stops) also ends the generation after its current token."""
-        loop = asyncio.get_running_loop()
         stop = threading.Event()
-        with self._lock:
-            self._waiting += 1
+        job = self._submit(question, on_text, stop)
         try:
-            return await loop.run_in_executor(self._executor, self._started, question, on_text, stop)
+            return await asyncio.wrap_future(job)
         except asyncio.CancelledError:
             stop.set()
+            if job.cancel():  # it never started, so it never counted itself out of the waiting
+                with self._lock:
+                    self._waiting -= 1
             raise
-
-    def _started(self, question: Question, on_text, stop: threading.Event) -> Answer:
-        with self._lock:
-            self._waiting -= 1
-        return self.ask(question, on_text, stop)
 
     def refresh_soon(self) -> None:
         """Have the LLM thread bring the prompt cache current once it is free (thread-safe;
