@@ -32,7 +32,6 @@ from pathlib import Path
 from stream.config import from_dict
 from stream.camera import Camera
 from stream.events import Question
-from stream.prompt_cache import ONE_ROW
 from stream.vlm.base import VideoLM
 from stream.vlm.registry import load_model
 
@@ -51,7 +50,7 @@ class IngestSettings:
     pruners: tuple[str, ...] = SEED_PRUNERS
     big: LLMSize | None = QWEN2_05B
     big_pruner: str = "echoprune"
-    big_duration_s: float = 40.0  # its answers take ~15 s: room for two
+    big_duration_s: float = 40.0  # its answers take seconds: room for several
     capacity: int = 1024
     recent_groups: int = 4
     evict_slack: float = 0.25
@@ -111,11 +110,12 @@ async def _run_one(s: IngestSettings, vlm: VideoLM, label: str, duration_s: floa
     start = time.monotonic()
     async with cam:
         await asyncio.gather(cam.finished.wait(), ask_every())
+    lay = cam.memory.layout()
     return {"landed": landed, "answers": answers, "details": details, "start": start,
             "group_size": cam.encoder.group_size, "summary": cam.summary(),
             "max_backlog": cam.encoder.stats.max_backlog, "cache": cam.queries.cache_report(),
-            "group_tokens": math.prod(cam.memory.layout().grid),
-            "system_tokens": vlm.plan(ONE_ROW, "", cam.queries.layout).prefix_len - 1}
+            "group_tokens": math.prod(lay.grid),
+            "system_tokens": vlm.plan(lay, "", cam.queries.layout).prefix_len - len(lay.group)}
 
 
 def analyse(r: dict, sample_fps: float, stall_factor: float, frames_due: int) -> dict:

@@ -52,7 +52,7 @@ def measure(size: DeviceSize, device: str) -> Table:
     with torch.device(device):  # random init on the device: 7B in float32 would not fit a small host
         vlm = build_sized(size.llm, dtype, 448 * 448)
     where = torch.cuda.get_device_name(vlm.device) if vlm.device.type == "cuda" else "CPU"
-    res = ttft_sweep(vlm, size.sizes, size.grid, QUESTION, size.cached_repeats,
+    res = ttft_sweep(vlm, size.sizes, size.grid, QUESTION, size.cached_repeats, size.cached_repeats,
                      [size.uncached_repeats] * len(size.sizes))
     stream = stream_cost(vlm, PRUNER, size.capacity, SLACK, RECENT_GROUPS, size.grid, size.max_groups,
                          cycles=size.cycles)
