@@ -1,5 +1,5 @@
 # streamprune: `make demo` installs into .venv and runs the offline demo; `make test` runs the suite;
-# `make bench` runs every benchmark and writes bench/results/ (about 10 minutes on 2 cores).
+# `make bench` runs every benchmark and writes bench/results/ (about 20 minutes on 2 cores).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -175,8 +175,8 @@ def _targets(label: str, a: dict, s: IngestSettings) -> list[Target]:
         f"{a['cache_rewinds'] / n:.2f} times per group and re-prefilled {a['cache_reprefilled'] / n:.0f} tokens per "
         f"group besides the {a['cache_appended'] / n:.0f} appended, while answers of {a['answer_s'].fmt(2)} s held the "
         "LLM thread (the refresh gives way to a waiting question)")
-    with_cache = Target("ingest", f"{label}: backlog with the prompt cache",
-                        f"no backlog at {s.sample_fps:g} fps with the prompt cache and a question every "
+    with_cache = Target("ingest", f"{label}: prompt cache current",
+                        f"every answer finds the prompt cache at most one group behind, with a question every "
                         f"{s.question_every_s:g} s",
                         f"{ingest}; {cached}/{a['answers']} answers cached, cache lag {a['cache_lag'].fmt(0)} tokens "
                         f"(a group is {a['group_tokens']}), {a['cache_ms']:.0f} ms refresh per group",
