@@ -51,6 +51,7 @@ class IngestSettings:
     big: LLMSize | None = QWEN2_05B
     big_pruner: str = "echoprune"
     big_duration_s: float = 40.0  # its answers take seconds: room for several
+    big_dtype: str = "float32"  # not "auto": pick_dtype's single timing chose bf16 on a busy machine (1.8x slower here)
     capacity: int = 1024
     recent_groups: int = 4
     evict_slack: float = 0.25
@@ -210,7 +211,7 @@ def run(s: IngestSettings, out_dir: Path) -> Report:
                                          "cache ms/group", "max gap during answers s", "max gap otherwise s"])
     models = [(lambda: load_model("tiny-random"), [(label, label, s.duration_s) for label in s.pruners])]
     if s.big is not None:
-        dtype, why = pick_dtype("auto")
+        dtype, why = pick_dtype(s.big_dtype)
         report.notes.append(f"The {s.big.label} LLM runs in {why}; that run lasts {s.big_duration_s:g} s.")
         big_run = (f"{s.big_pruner} + {s.big.label} LLM", s.big_pruner, s.big_duration_s)
         models.append((lambda: build_sized(s.big, dtype, 448 * 448), [big_run]))
