@@ -198,6 +198,8 @@ class PromptCache:
                     continue
                 t = time.perf_counter()
                 prefill(self.vlm, self.kv, prompt, end=end)
+                if prompt.inputs_embeds.is_cuda:  # a forward without logits returns before its kernels finish
+                    torch.cuda.synchronize(prompt.inputs_embeds.device)
                 n = self.extended(plan, lay.stamp, end)
                 rate = n / max(time.perf_counter() - t, 1e-6)
                 self._rate = rate if self._rate is None else 0.7 * self._rate + 0.3 * rate
