@@ -10,13 +10,12 @@ a merge into a held token or a dropped first group costs a re-prefill from the f
 changed (the memory evicts in steps, so that comes once every few groups). Prefilling in chunks
 equals prefilling at once, so the KV equals a full prefill of the same prompt.
 
-Only the camera's LLM thread touches the cache: it extends it between questions (`refresh`,
-in chunks sized to take about `CHUNK_S` at the prefill rate measured so far but never under
-512 tokens, below which chunking costs more than it saves; it gives way to a waiting question
-between chunks, so a question waits for at most one chunk: ~0.25 s on a GPU, ~2 s for the
-0.5B-size LLM on the 2-core CPU) and answers on it (the
-question's suffix is prefilled onto the shared KV and cropped off after the answer), so ingest
-and questions never see each other half-done. The memory is read under its lock: its columns
+Only the camera's LLM thread touches the cache. It extends it between questions (`refresh`, in
+chunks sized to take about `CHUNK_S` at the prefill rate measured so far, but never under 512
+tokens, below which chunking costs more than it saves) and gives way to a waiting question
+between chunks, so a question waits for at most one chunk (~2 s for the 0.5B-size LLM on the
+2-core CPU). It answers on it too: the question's suffix is prefilled onto the shared KV and
+cropped off after the answer. So ingest and questions never see each other half-done. The memory is read under its lock: its columns
 (`TokenMemory.layout`) and then only the vectors not yet cached (`TokenMemory.gather`), retried
 if the memory changed in between.
 """
@@ -39,7 +38,8 @@ from .vlm.kv_cache import crop_to
 log = logging.getLogger(__name__)
 
 CHUNK_S = 0.25  # seconds one background forward aims at
-CHUNK_TOKENS = (512, 2048)  # bounds on a background forward: on the 2-core CPU at 0.5B size, 4k tokens took 17 s in chunks of 512-2048, 42 s in 256, 126 s in 64
+CHUNK_TOKENS = (512, 2048)  # a background forward's bounds: 4k tokens at 0.5B size on the CPU took
+# 17 s in chunks of 512-2048, 42 s in 256 and 126 s in 64
 UNBOUNDED = 2**62
 TEMPLATE_TOKENS = 64  # room for the chat template and the span line around a question
 MIB = 1 << 20
