@@ -124,8 +124,9 @@ class PromptCache:
     def nbytes(self) -> int:
         return self.kv.nbytes()
 
-    def sync(self, plan: PromptPlan, stamps: torch.Tensor) -> int:
-        """Cut the held prefix back to the first token that differs from `plan`; the tokens kept."""
+    def sync(self, plan: PromptPlan, stamps: torch.Tensor) -> torch.Tensor:
+        """Cut the held prefix back to the first token that differs from `plan`; the plan's
+        prefix keys (hand them to `extended` once more of the plan is prefilled)."""
         want = plan.key(stamps)
         n = min(self.held, int(want.shape[0]))
         if self.key.shape[1:] != want.shape[1:]:
@@ -139,7 +140,7 @@ class PromptCache:
             self._replaced_end = min(max(self._replaced_end, self.held), int(want.shape[0]))
             crop_to(self.kv, same)
             self.key = self.key[:same]
-        return same
+        return want
 
     def fits(self, tokens: int) -> bool:
         return tokens <= self.max_tokens
@@ -154,11 +155,11 @@ class PromptCache:
             return None
         return Prompt(plan, self.vlm.embed(plan, got[0], self.held, end), start=self.held)
 
-    def extended(self, plan: PromptPlan, stamps: torch.Tensor, end: int) -> int:
-        """Record that the KV now holds the plan's first `end` tokens (`end` <= prefix_len);
-        the tokens that were new."""
+    def extended(self, want: torch.Tensor, end: int) -> int:
+        """Record that the KV now holds the first `end` tokens of the plan whose keys `sync`
+        returned (`end` <= prefix_len; the held ones agree with them); the tokens that were new."""
         start = self.held
-        self.key = torch.cat([self.key, plan.key(stamps)[start:end]]) if start else plan.key(stamps)[:end]
+        self.key = want[:end]
         again = max(0, min(end, self._replaced_end) - start)
         self.stats.reprefilled_tokens += again
         self.stats.appended_tokens += end - start - again
@@ -189,7 +190,7 @@ class PromptCache:
                 if not self.fits(plan.prefix_len):
                     self.stats.over_limit += 1
                     break
-                self.sync(plan, lay.stamp)
+                want = self.sync(plan, lay.stamp)
                 if self.held >= plan.prefix_len:
                     break
                 end = min(plan.prefix_len, self.held + self._chunk())
@@ -200,7 +201,7 @@ class PromptCache:
                 prefill(self.vlm, self.kv, prompt, end=end)
                 if prompt.inputs_embeds.is_cuda:  # a forward without logits returns before its kernels finish
                     torch.cuda.synchronize(prompt.inputs_embeds.device)
-                n = self.extended(plan, lay.stamp, end)
+                n = self.extended(want, end)
                 rate = n / max(time.perf_counter() - t, 1e-6)
                 self._rate = rate if self._rate is None else 0.7 * self._rate + 0.3 * rate
                 done += n

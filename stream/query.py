@@ -100,7 +100,7 @@ class QueryHandler:
             if not self.cache.fits(len(plan) + max_new):
                 self.cache.stats.over_limit += 1
                 break
-            self.cache.sync(plan, lay.stamp)
+            want = self.cache.sync(plan, lay.stamp)
             prompt = self.cache.prompt(plan, lay.version)
             if prompt is None:  # ingest changed the memory between its columns and its vectors
                 continue
@@ -109,7 +109,7 @@ class QueryHandler:
             except BaseException:
                 self.cache.drop()
                 raise
-            self.cache.extended(plan, lay.stamp, plan.prefix_len)
+            self.cache.extended(want, plan.prefix_len)
             groups = int(lay.group.unique_consecutive().numel())
             return self._answer(question, gen, t0, CACHED, len(plan) - prompt.start, len(plan),
                                 float(lay.pts[0]), float(lay.pts[-1]), groups, held, held)
