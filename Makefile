@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Servers the tests start for real: an MQTT broker and a GStreamer RTSP server (Debian packages).
+# Servers the tests start for real: an MQTT broker, a GStreamer RTSP server and a headless
+# browser for the web page (Debian packages).
 APT_PKGS := mosquitto mosquitto-clients python3-gi gir1.2-gst-rtsp-server-1.0 \
-	gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly
+	gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly chromium
 
 .PHONY: demo test bench install system-deps clean
 

@@ -21,6 +21,7 @@ import pruning
 from pruning.base import describe_range
 
 from .errors import ConfigError
+from .http_settings import HttpSettings, check_http
 from .mqtt_settings import MqttSettings, check_settings, topic_level_problem
 from .query import DEFAULT_SYSTEM, TIMESTAMP_MODES
 from .sampler import POLICIES
@@ -95,6 +96,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     questions: list[QuestionConfig] = field(default_factory=list)
     mqtt: MqttSettings = field(default_factory=MqttSettings)  # the MQTT front door (off by default)
+    http: HttpSettings = field(default_factory=HttpSettings)  # the web page and HTTP APIs (off by default)
     watches: list[WatchSpec] = field(default_factory=list)  # standing questions; camera "" = every camera
     cameras: tuple["Config", ...] = ()  # several cameras, each complete; empty = this one
 
@@ -205,11 +207,15 @@ def _one_camera(data: dict, where: str) -> Config:
 
 
 def _check_service(cfg: Config, names: list[str]) -> None:
-    """Rules across cameras: the MQTT front door's settings, watches naming real cameras."""
+    """Rules across cameras: the front doors' settings, watches naming real cameras."""
     try:
         check_settings(cfg.mqtt)
     except ConfigError as e:
         raise e.under("mqtt") from None
+    try:
+        check_http(cfg.http)
+    except ConfigError as e:
+        raise e.under("http") from None
     if cfg.mqtt.enabled:
         for i, name in enumerate(names):
             if (problem := topic_level_problem(name)) is not None:

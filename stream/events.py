@@ -141,6 +141,26 @@ class WatchFired(Event):
 
 
 @dataclass(frozen=True)
+class WatchChecked(Event):
+    """A watch's check was answered: `matches` is whether its condition holds now (the answer
+    read as its trigger; None when the answer was neither yes nor no), `outcome` what the watch
+    did with it (fire, duplicate, cooldown, clear, unclear). Home automation shows it as the
+    watch's on/off state; the web page as its last result."""
+
+    type: ClassVar[str] = "watch_check"
+
+    camera: str
+    watch: str
+    question: str
+    answer: str
+    matches: bool | None
+    outcome: str
+    t_start: float
+    t_end: float
+    timestamp: str = field(default_factory=utc_now)
+
+
+@dataclass(frozen=True)
 class GroupAdded(Event):
     """A group entered the memory; `thumbnail` (H x W x 3 uint8 RGB) is its first frame, small."""
 

@@ -41,6 +41,8 @@ class MqttSettings:
     max_in_flight: int = bounded(16, 1, 1000)  # QoS 1 messages awaiting acknowledgement at once
     error_rate_per_s: float = bounded(10.0, 0.1, 10_000.0)  # error replies per destination topic, after the burst
     error_burst: int = bounded(50, 1, 100_000)  # error replies per destination topic at once
+    homeassistant: bool = False  # announce each camera and watch to Home Assistant (MQTT discovery)
+    discovery_prefix: str = "homeassistant"  # Home Assistant's discovery prefix
 
 
 def _utf8_bytes(value: str) -> int | None:

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .door import WATCH_ORIGIN, DoorSettings
 from .errors import ConfigError, RequestError
-from .events import Answer, Event, Question, WatchFired
+from .events import Answer, Event, Question, WatchChecked, WatchFired, utc_now
 from .validation import bounded, choice, convert
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,9 @@ class WatchState:
     last_answered: float | None = None  # or when the watch was added
     effective_every_s: float | None = None  # the gaps between answers, smoothed (each new gap weighs half)
     slowed: bool = False
+    last_answer: str | None = None  # the last check's answer, None before the first
+    matches: bool | None = None  # whether that answer says the condition holds (None: neither yes nor no)
+    last_checked: str | None = None  # when it was answered (UTC, ISO 8601)
     task: asyncio.Task | None = field(default=None, repr=False)
 
     @property
@@ -208,10 +211,12 @@ class Watches:
         return state is not None
 
     def describe(self) -> list[dict]:
-        """The watches as JSON-ready dicts: spec fields plus `active`, `slowed` and
-        `effective_every_s` (None before its first answer, and for a watch not on a timer)."""
+        """The watches as JSON-ready dicts: spec fields plus `active`, `slowed`,
+        `effective_every_s` (None before its first answer, and for a watch not on a timer), and
+        the last check's `last_answer`, `matches` and `last_checked` (None before the first)."""
         return [{**asdict(w.spec), "camera": self.camera, "active": w.active, "slowed": w.slowed,
-                 "effective_every_s": None if w.effective_every_s is None else round(w.effective_every_s, 3)}
+                 "effective_every_s": None if w.effective_every_s is None else round(w.effective_every_s, 3),
+                 "last_answer": w.last_answer, "matches": w.matches, "last_checked": w.last_checked}
                 for w in self._watches.values()]
 
     def scene_change(self) -> None:
@@ -285,8 +290,13 @@ class Watches:
         elif change == "recovered":
             log.info("watch %r on %s keeps up again (every %.2f s)", spec.name, self.camera, w.effective_every_s)
         said = parse_yes_no(answer.text)
-        outcome = w.step(None if said is None else said == (spec.trigger == "yes"), now)
+        matches = None if said is None else said == (spec.trigger == "yes")
+        outcome = w.step(matches, now)
         self.counters[f"watch_{outcome}"] += 1
+        w.last_answer, w.matches, w.last_checked = answer.text, matches, utc_now()
+        await self.publish(WatchChecked(camera=self.camera, watch=spec.name, question=spec.question,
+                                        answer=answer.text, matches=matches, outcome=outcome,
+                                        t_start=answer.t_start, t_end=answer.t_end))
         if outcome == "fire":
             log.info("watch %r on %s fired: %s", spec.name, self.camera, answer.text)
             await self.publish(WatchFired(

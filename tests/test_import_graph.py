@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("stream", "sinks", "pruning")
 SINKS_MAY_USE = {"stream.events", "stream.errors", "stream.bus", "stream.camera_api", "stream.door", "stream.watches",
-                 "stream.validation", "stream.mqtt_settings"}
+                 "stream.validation", "stream.mqtt_settings", "stream.http_settings"}
 
 
 def modules() -> dict[str, Path]:
