@@ -141,6 +141,18 @@ class WatchFired(Event):
 
 
 @dataclass(frozen=True)
+class WatchesChanged(Event):
+    """A camera's watches were added, replaced or removed (through any door); `watches` is the
+    listing now (`Watches.describe()`), so a front door can announce or withdraw them."""
+
+    type: ClassVar[str] = "watches"
+
+    camera: str
+    watches: list = field(default_factory=list)
+    timestamp: str = field(default_factory=utc_now)
+
+
+@dataclass(frozen=True)
 class WatchChecked(Event):
     """A watch's check was answered: `matches` is whether its condition holds now (the answer
     read as its trigger; None when the answer was neither yes nor no), `outcome` what the watch

@@ -8,6 +8,9 @@ neither yes nor no changes nothing, and no event follows another on the same wat
 `cooldown_s` (a match during the cooldown fires at the first check after it if it still holds).
 Watches belong to the camera, so they work with any sink (console, JSONL, MQTT); schedules and
 cooldowns run on the camera's wall clock. A camera holds at most `MAX_WATCHES` (64) watches.
+Every answered check publishes `WatchChecked` (the watch's on/off state for home automation),
+and every add or remove `WatchesChanged` (from the scheduler, in order with the checks), so a
+front door can announce or withdraw a watch whichever door changed it.
 
 Checks go through the camera's door (stream/door.py) as questions of origin `watch`, which come
 after user questions, are preempted by them and get at most the door's `watch_share` of the
@@ -42,7 +45,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .door import WATCH_ORIGIN, DoorSettings
 from .errors import ConfigError, RequestError
-from .events import Answer, Event, Question, WatchChecked, WatchFired, utc_now
+from .events import Answer, Event, Question, WatchChecked, WatchesChanged, WatchFired, utc_now
 from .validation import bounded, choice, convert
 
 log = logging.getLogger(__name__)
@@ -189,6 +192,7 @@ class Watches:
         self._watches: dict[str, WatchState] = {}
         self._in_flight: WatchState | None = None
         self._wake = asyncio.Event()
+        self._changed = False  # the scheduler publishes WatchesChanged
 
     def __len__(self) -> int:
         return len(self._watches)
@@ -202,12 +206,16 @@ class Watches:
         self.remove(spec.name)
         now = self.clock()
         self._watches[spec.name] = WatchState(spec, now if spec.every_s > 0 else math.inf, last_answered=now)
+        self._changed = True
         self._wake.set()
 
     def remove(self, name: str) -> bool:
         state = self._watches.pop(name, None)
-        if state is not None and state.task is not None:
-            state.task.cancel()
+        if state is not None:
+            if state.task is not None:
+                state.task.cancel()
+            self._changed = True
+            self._wake.set()
         return state is not None
 
     def describe(self) -> list[dict]:
@@ -228,10 +236,14 @@ class Watches:
                 self._wake.set()
 
     async def run(self) -> None:
-        """Start the most overdue check whenever none is in flight, until cancelled."""
+        """Start the most overdue check whenever none is in flight, and tell the bus when the
+        watches changed, until cancelled."""
         try:
             while True:
                 self._wake.clear()
+                if self._changed:
+                    self._changed = False
+                    await self.publish(WatchesChanged(self.camera, self.describe()))
                 wait = 1.0
                 if self._in_flight is None and self._watches:
                     now = self.clock()
