@@ -168,6 +168,7 @@ class Pruner:
     they rank differently at question time than at ingest."""
 
     name = "base"
+    paper = ""  # where the method comes from, for `streamprune pruners`
     param_ranges: ClassVar[dict[str, ParamRange]] = {}
 
     def reset(self) -> None:

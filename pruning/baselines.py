@@ -19,6 +19,7 @@ class Recent(Pruner):
     (highest score kept) drops the oldest tokens first."""
 
     name = "recent"
+    paper = "baseline: a sliding window of the newest groups"
 
     def score(self, group: FrameTokens) -> GroupScore:
         h, w = group.grid
@@ -40,6 +41,7 @@ class Uniform(Pruner):
     """
 
     name = "uniform"
+    paper = "baseline: whole groups at an even stride"
 
     def __init__(self) -> None:
         self._origin: int | None = None
@@ -71,6 +73,7 @@ class DTD(Pruner):
     the group index, so eviction over capacity drops the oldest tokens first."""
 
     name = "dtd"
+    paper = "baseline: TimeChat-Online's differential token drop"
     param_ranges: ClassVar[dict[str, ParamRange]] = {"threshold": (-1.0, 1.0)}
 
     def __init__(self, *, threshold: float = 0.5):
@@ -101,6 +104,7 @@ class Random(Pruner):
     Query ranking by key draws a uniform sample of the store too."""
 
     name = "random"
+    paper = "baseline: a uniform random sample of tokens"
     param_ranges: ClassVar[dict[str, ParamRange]] = {"seed": (-(2**63), 2**64 - 1)}  # what torch's manual_seed takes
 
     def __init__(self, *, seed: int = 0):

@@ -172,6 +172,7 @@ class EchoPrune(Pruner):
     """Streaming EchoPrune: novelty at ingest, `r + novelty` at query time (Qwen defaults)."""
 
     name = "echoprune"
+    paper = "EchoPrune: Interpreting Redundancy as Temporal Echoes for Efficient VideoLLMs (2026)"
     param_ranges: ClassVar[dict[str, ParamRange]] = {"tau": (POSITIVE, None), "radius": (0, None), "first_ratio": (0.0, 1.0)}
 
     def __init__(self, *, tau: float = 0.5, radius: int | None = None, first_ratio: float = 0.25):

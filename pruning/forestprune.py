@@ -331,6 +331,7 @@ class ForestPrune(Pruner):
     """
 
     name = "forestprune"
+    paper = "ForestPrune: High-ratio Visual Token Compression for Video MLLMs via Spatial-Temporal Forest Modeling (2026)"
     param_ranges: ClassVar[dict[str, ParamRange]] = {"tau_s": (-1.0, 1.0), "tau_p": (0.0, 1.0), "node_ratio": (POSITIVE, 1.0)}
 
     def __init__(self, *, tau_s: float = 0.9, tau_p: float = 0.8, node_ratio: float = 0.5):

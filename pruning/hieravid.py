@@ -277,6 +277,7 @@ class HieraVid(Pruner):
     """Streaming HieraVid: causal segments and static runs, blocked DPP, budgets per segment."""
 
     name = "hieravid"
+    paper = "HieraVid: Hierarchical Token Pruning for Fast Video Large Language Models (2026)"
     param_ranges: ClassVar[dict[str, ParamRange]] = {
         "beta": (0.0, 1.0), "sim_threshold": (-1.0, 1.0), "merge_ratio": (0.0, 1.0),
         "lam": (0.0, 1.0), "r_var": (0.0, None), "dpp_picks": (0, None),

@@ -152,6 +152,7 @@ class MoPrune(Pruner):
     """Streaming MoPrune: causal scenes and motion, budgets re-allocated over the store."""
 
     name = "moprune"
+    paper = "MoPrune: Scene-Guided Motion-Aware Token Pruning for Efficient Video LLMs (2026)"
     param_ranges: ClassVar[dict[str, ParamRange]] = {"scene_threshold": (-1.0, 1.0), "alpha": (POSITIVE, None), "eta": (0.0, 1.0)}
 
     def __init__(self, scene_threshold: float = 0.8, alpha: float = 0.01, eta: float = 0.5):

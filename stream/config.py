@@ -259,17 +259,26 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> Config:
-    """Read and validate a TOML config; `overrides` ({"model": {"name": ...}}) win, for every camera."""
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such config file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    over = overrides or {}
+def load_config(path: str | Path | None, overrides: dict | None = None) -> Config:
+    """Read and validate a TOML config (None: the defaults); `overrides` ({"model": {"name": ...}})
+    win, for every camera; a `source` override replaces the source table whole."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    over = dict(overrides or {})
+    source = over.pop("source", None)
     data = _merge(data, over)
+    if source is not None:
+        if data.get("cameras"):
+            raise ConfigError("a source given on the command line needs a config with one camera, not [[cameras]]",
+                              "cameras")
+        data["source"] = source
     per_camera = {k: v for k, v in over.items() if k == "memory"}  # the model is shared; outputs per camera
     if per_camera and isinstance(data.get("cameras"), list):
         data["cameras"] = [_merge(_camera_table(c, i), per_camera) for i, c in enumerate(data["cameras"])]

@@ -8,6 +8,7 @@ PyAV or OpenCV; adding a kind is one line in `SOURCES`.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import fields
 
 from ..errors import ConfigError
@@ -54,6 +55,16 @@ def source_config(table: dict, path: str = "source") -> SourceConfig:
     except ConfigError as e:
         raise (e.under(path) if path else e) from None
     return cfg
+
+
+def table_for(target: str) -> dict:
+    """The `[source]` table for a command line's PATH_OR_URL: rtsp(s):// a camera stream,
+    /dev/videoN or a bare device number a webcam, anything else a file."""
+    if re.match(r"rtsps?://", target, re.IGNORECASE):
+        return {"kind": "rtsp", "url": target}
+    if re.fullmatch(r"/dev/video\d+|\d+", target):
+        return {"kind": "webcam", "device": target}
+    return {"kind": "file", "path": target}
 
 
 def make_source(cfg: SourceConfig, name: str) -> Source:
