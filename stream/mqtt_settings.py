@@ -15,7 +15,8 @@ from .errors import ConfigError
 from .validation import bounded
 
 MAX_TOPIC_BYTES = 65535  # MQTT's limit: a topic is a UTF-8 string with a 16-bit length
-LEAF_ROOM = 16  # bytes kept under `<prefix>/<camera>/` for the service's own levels ("watch/set")
+LEAF_ROOM = 48  # bytes kept under `<prefix>/<camera>/` for the service's own levels ("watch/<slug>/state")
+DISCOVERY_ROOM = 80  # bytes kept under `discovery_prefix` for "/device/<object id>/config"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,18 @@ def topic_filter_problem(pattern: str) -> str | None:
     return None
 
 
+def _prefix_problem(prefix: str, room: int) -> str | None:
+    """Why `prefix` cannot be the first levels of topics that need `room` more bytes, or None."""
+    if not prefix or prefix.startswith("/") or prefix.endswith("/") or any(c in prefix for c in "+#\0"):
+        return f"{prefix!r} is not a topic prefix (non-empty, no '+' or '#', no leading or trailing '/')"
+    if prefix.startswith("$"):
+        return "must not start with '$' (reserved for broker topics)"
+    size = _utf8_bytes(prefix)
+    if size is None or size + room > MAX_TOPIC_BYTES:
+        return "must be valid Unicode text and leave room for the topics under it"
+    return None
+
+
 def _check_ca_file(path: str) -> None:
     """Load the CA bundle as the TLS connection will: a bad one is a config error now, not a
     handshake that fails on every reconnect attempt."""
@@ -95,16 +108,11 @@ def _check_ca_file(path: str) -> None:
 
 
 def check_settings(s: MqttSettings) -> MqttSettings:
-    """Rules across `[mqtt]` fields (a usable prefix, TLS files that exist); raises ConfigError
+    """Rules across `[mqtt]` fields (usable prefixes, TLS files that exist); raises ConfigError
     with the field's name as its path."""
-    if not s.prefix or s.prefix.startswith("/") or s.prefix.endswith("/") or any(c in s.prefix for c in "+#\0"):
-        raise ConfigError(f"{s.prefix!r} is not a topic prefix (non-empty, no '+' or '#', no leading or trailing '/')",
-                          "prefix")
-    if s.prefix.startswith("$"):
-        raise ConfigError("must not start with '$' (reserved for broker topics)", "prefix")
-    size = _utf8_bytes(s.prefix)
-    if size is None or size + LEAF_ROOM + 2 > MAX_TOPIC_BYTES:
-        raise ConfigError("must be valid Unicode text and leave room for the topics under it", "prefix")
+    for name, room in (("prefix", LEAF_ROOM + 2), ("discovery_prefix", DISCOVERY_ROOM)):
+        if (problem := _prefix_problem(getattr(s, name), room)) is not None:
+            raise ConfigError(problem, name)
     for i, pattern in enumerate(s.reply_to_allow):
         if (problem := topic_filter_problem(pattern)) is not None:
             raise ConfigError(f"{pattern!r} {problem}", f"reply_to_allow[{i}]")
