@@ -17,6 +17,16 @@ Topics, under `prefix` (default "streamprune"); payloads in protocol.py, example
                                     the service's counters
   <prefix>/status              out  retained "online"; "offline" on a clean stop and, as the
                                     will, when the process dies
+With `homeassistant = true`, also (sinks/mqtt/homeassistant.py):
+  <discovery_prefix>/device/<object id>/config
+                               out  retained Home Assistant device config of each camera and its
+                                    watches; re-published when a watch is added or removed (its
+                                    entities reduced to their platform: HA removes them); one
+                                    left by this prefix for a camera no longer served is cleared
+  <prefix>/<camera>/watch/<slug>/state
+                               out  retained "ON"/"OFF": whether the watch's last check matched
+  <prefix>/<camera>/watch/<slug>/event
+                               out  {"event_type": "fired", ...} when the watch fired, QoS 1
 
 Questions go through the camera's one door (`CameraService.ask`): limits, `busy`, de-duplication
 and `unavailable` at the camera's stop are the door's, and the door publishes the answer or the
@@ -65,14 +75,17 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from stream.bus import Sink
 from stream.camera_api import CameraService
 from stream.errors import ConfigError, RequestError
-from stream.events import Answer, Event, RequestFailed, SourceState, Status, WatchFired
+from stream.events import (Answer, Event, RequestFailed, SourceState, Status, WatchChecked, WatchesChanged,
+                           WatchFired)
 from stream.mqtt_settings import MqttSettings, camera_topic_problem, check_settings
 
+from .homeassistant import (Device, component_state_topic, config_filter, config_topic, fired_payload, read_config,
+                            state_payload, watch_event_topic, watch_state_topic)
 from .outbox import ANSWERS, ERRORS, Outbox, Outgoing
 from .protocol import (ANSWER, ASK, ERROR, EVENT, MAX_PAYLOAD_BYTES, OFFLINE, ONLINE, SNAPSHOT, STATUS,
                        WATCH_SET, WATCHES, Ask, ProtocolError, Topics, answer_payload, encode, error_payload,
-                       event_payload, excerpt, parse_ask, parse_watch_change, refusal, request_id, status_payload,
-                       topic_problem, watches_payload, with_id)
+                       event_payload, excerpt, filter_matches, parse_ask, parse_watch_change, refusal, request_id,
+                       status_payload, topic_problem, watches_payload, with_id)
 from .rate_limit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -83,6 +96,8 @@ NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # paho leaves Nagle on: +
 OUTCOME_CODES = frozenset({"busy", "unavailable", "internal_error", "empty_memory"})
 # a request's retain flag as its sender set it; retained requests are never sent to us on subscribing
 REQUEST_OPTIONS = SubscribeOptions(qos=1, retainAsPublished=True, retainHandling=2)
+# device configs under the discovery prefix: the retained ones on subscribing, not our own, none kept for us
+DISCOVERY_OPTIONS = SubscribeOptions(qos=0, noLocal=True, retainHandling=0)
 
 
 class _Stored(Outgoing):
@@ -122,6 +137,8 @@ class MqttService(Sink):
         self._stop = asyncio.Event()
         self._done = asyncio.Event()
         self._running = False
+        self._devices = {name: Device(self.topics, name, camera.watches.max_question_chars)
+                         for name, camera in self.cameras.items()} if settings.homeassistant else {}
 
     @property
     def outbox_len(self) -> int:
@@ -140,6 +157,7 @@ class MqttService(Sink):
             return
         if isinstance(event, Answer):
             self._send(self.topics.camera(camera, ANSWER), encode(answer_payload(event)))
+            self._learn_model(camera, event.model)
         elif isinstance(event, RequestFailed):
             self._send(self.topics.camera(camera, ERROR), encode(error_payload(event)), lane=_lane(event.code))
         elif isinstance(event, Status):
@@ -152,6 +170,14 @@ class MqttService(Sink):
                 self._send(snapshot, event.snapshot, retain=True)
             self._send(self.topics.camera(camera, EVENT), encode(event_payload(event, snapshot)))
             self.counters["events"] += 1
+            if self.settings.homeassistant:
+                self._send(watch_event_topic(self.topics, camera, event.watch),
+                           encode(fired_payload(event, snapshot)))
+                self._learn_model(camera, event.model)
+        elif isinstance(event, WatchChecked):
+            self._publish_watch_state(event)
+        elif isinstance(event, WatchesChanged) and self.settings.homeassistant:
+            self._announce(camera)
 
     # -- serving --
 
@@ -162,6 +188,8 @@ class MqttService(Sink):
         for name, camera in self.cameras.items():
             self._publish_status(camera.status())
             self._publish_watches(name)
+            if self.settings.homeassistant:
+                self._announce(name)
         try:
             await self._connect_loop()
         finally:
@@ -233,6 +261,8 @@ class MqttService(Sink):
         log.info("MQTT connected to %s:%d as %s", self.settings.host, self.settings.port, client.identifier)
         await client.publish(self.topics.status, ONLINE, qos=1, retain=True)
         await client.subscribe([(f, REQUEST_OPTIONS) for f in self.topics.requests()])
+        if self.settings.homeassistant:
+            await client.subscribe(config_filter(self.settings.discovery_prefix), options=DISCOVERY_OPTIONS)
         self._dirty.update(dict.fromkeys(self._retained))
         self._wake.set()
         self.connected.set()
@@ -313,6 +343,8 @@ class MqttService(Sink):
             raise
         if not isinstance(item, _Stored):
             self._outbox.done(item)
+        elif not item.payload and self._retained.get(item.topic) == b"" and item.topic not in self._dirty:
+            del self._retained[item.topic]  # a cleared topic stays cleared: no need to clear it again
         self.counters["published"] += 1
 
     def _sendable(self, topic: str, payload: bytes) -> bool:
@@ -353,11 +385,79 @@ class MqttService(Sink):
         self._retain(self.topics.camera(camera, WATCHES), encode(listing))
         return listing
 
+    # -- Home Assistant discovery (homeassistant.py) --
+
+    def _announce(self, camera: str) -> None:
+        """The camera's device config as its watches are now: new watches with their last state,
+        removed ones reduced to their platform and their state cleared."""
+        device = self._devices[camera]
+        listing = self.cameras[camera].watches.describe()
+        known = set(device.watches)
+        for name in device.set_watches(w["name"] for w in listing):
+            self._retain(watch_state_topic(self.topics, camera, name), b"")
+        for w in listing:
+            if w["name"] not in known and w["matches"] is not None:
+                self._retain(watch_state_topic(self.topics, camera, w["name"]), state_payload(w["matches"]))
+        self._publish_device(camera)
+
+    def _publish_device(self, camera: str) -> None:
+        topic = config_topic(self.settings.discovery_prefix, self.settings.prefix, camera)
+        payload = encode(self._devices[camera].config())
+        if self._retained.get(topic) != payload:
+            self._retain(topic, payload)
+
+    def _learn_model(self, camera: str, model: str) -> None:
+        """The device shows the camera's model once an answer names it."""
+        device = self._devices.get(camera)
+        if device is not None and model and device.model != model:
+            device.model = model
+            self._publish_device(camera)
+
+    def _publish_watch_state(self, checked: WatchChecked) -> None:
+        """A check that said whether the condition holds sets the watch's binary sensor."""
+        device = self._devices.get(checked.camera)
+        if device is None or checked.matches is None:
+            return
+        if checked.watch not in device.watches:  # checked before its WatchesChanged reached us
+            self._announce(checked.camera)
+            if checked.watch not in device.watches:
+                return
+        self._retain(watch_state_topic(self.topics, checked.camera, checked.watch),
+                     state_payload(checked.matches))
+
+    def _discovered(self, topic: str, payload: bytes, retain: bool) -> None:
+        """A retained device config found on connecting: one this prefix published for a camera
+        no longer served is cleared (HA removes the device); one of a served camera with entities
+        it no longer has (watches removed while the service was away) gets them removed, and their
+        states cleared. Other integrations' configs are left alone."""
+        if not retain:  # live traffic, not what the broker kept
+            return
+        found = read_config(topic, payload, self.settings.discovery_prefix, self.topics)
+        if found is None:
+            return
+        camera, components = found
+        device = self._devices.get(camera)
+        if device is None:
+            log.info("MQTT: removing the Home Assistant device of camera %.80r (no longer served)", camera)
+            self.counters["ha_devices_removed"] += 1
+            self._retain(topic, b"")
+            return
+        live = device.components()
+        gone = {cid: platform for cid, platform in components.items() if cid not in live}
+        for cid, platform in gone.items():
+            if (state := component_state_topic(self.topics, camera, cid, platform)) is not None:
+                self._retain(state, b"")
+        if device.forget(gone):
+            log.info("MQTT: removing %d Home Assistant entities of camera %s", len(gone), camera)
+            self._publish_device(camera)
+
     # -- requests --
 
     def _receive(self, topic: str, payload: bytes, retain: bool) -> None:
         request = self.topics.request(topic)
-        if request is None:  # nothing else is subscribed to
+        if request is None:  # nothing else is subscribed to but device configs
+            if self.settings.homeassistant and filter_matches(config_filter(self.settings.discovery_prefix), topic):
+                self._discovered(topic, payload, retain)
             return
         camera, leaf = request
         if retain:  # the broker would keep it and hand it out again: refused, never acted on
@@ -462,6 +562,8 @@ class MqttService(Sink):
             self._refuse(camera, e, change.id, change.reply_to)
             return
         listing = self._publish_watches(camera)
+        if self.settings.homeassistant:
+            self._announce(camera)
         if change.reply_to:
             self._send(change.reply_to, encode(with_id(listing, change.id)))
 
