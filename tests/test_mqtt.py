@@ -306,6 +306,9 @@ async def test_watches_added_listed_and_removed_at_runtime(broker):
         assert [w["name"] for w in (await L.next_on(watches_topic, after=3)).json()["watches"]] == ["from config"]
         assert [w["name"] for w in json.loads((await retained(broker, watches_topic)).payload)["watches"]] == [
             "from config"]
+        cam.watches.add(WatchSpec(name="from http", question="Anyone?", camera="cam", every_s=60.0))  # another door
+        assert [w["name"] for w in (await L.next_on(watches_topic, after=4)).json()["watches"]] == [
+            "from config", "from http"]
     assert not L.on(f"{prefix}/cam/answer")  # a watch's checks are not answers to anyone
 
 

@@ -176,8 +176,10 @@ class MqttService(Sink):
                 self._learn_model(camera, event.model)
         elif isinstance(event, WatchChecked):
             self._publish_watch_state(event)
-        elif isinstance(event, WatchesChanged) and self.settings.homeassistant:
-            self._announce(camera)
+        elif isinstance(event, WatchesChanged):  # through any door: the retained listing follows
+            self._publish_watches(camera)
+            if self.settings.homeassistant:
+                self._announce(camera)
 
     # -- serving --
 
