@@ -6,13 +6,15 @@ token cells the memory kept are shown as they are, pruned cells are dimmed, and 
 time is written under it. Timeline: tokens kept per second of stream, next to the tokens the
 encoder produced for that second, so the pruner's choices over time are visible.
 
-The memory holds no pictures: `GroupAdded` events carry each group's thumbnail, and the sink
-keeps those whose group the memory still holds (checked against the map every so often), so
-what it keeps stays bounded however long the stream runs. Nothing here imports torch.
+The memory holds no pictures: `GroupAdded` events carry each group's thumbnail, and
+`Thumbnails` keeps those whose group the memory still holds (checked against the map every so
+often), so what it keeps stays bounded however long the stream runs; the visuals sink and the
+HTTP service each keep theirs. Nothing here imports torch.
 """
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import math
 from collections import OrderedDict
@@ -113,6 +115,13 @@ def timeline(memory: MemoryMap, width: int = 900, height: int = 260) -> Image.Im
     return img
 
 
+def png(image: Image.Image) -> bytes:
+    """The picture as PNG bytes (for serving it rather than writing it)."""
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
 def write_visuals(memory: MemoryMap, thumbnails: Sequence[Thumbnail], out_dir: Path) -> list[Path]:
     """Write contact_sheet.png and timeline.png into `out_dir`; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,39 +131,33 @@ def write_visuals(memory: MemoryMap, thumbnails: Sequence[Thumbnail], out_dir: P
     return paths
 
 
-class VisualsSink(Sink):
-    """Keeps one camera's thumbnails of held groups; draws the pictures when the run ends.
+class Thumbnails:
+    """One camera's thumbnails of the groups its memory still holds, bounded.
 
     Every `refresh_every` thumbnails, or when more than `max_thumbnails` are kept, it asks
     `memory_map` (off the event loop: it waits for the memory's lock) which groups are still
     held and forgets the others; past the bound the oldest go first, as the memory's own
-    eviction tends to. `close()` (every stop, Ctrl-C and SIGTERM included) writes the PNGs into
-    `out_dir`; `written` lists them.
+    eviction tends to.
     """
 
-    name = "visuals"
-
-    def __init__(self, camera: str, out_dir: Path, memory_map: Callable[[], MemoryMap],
-                 max_thumbnails: int = 256, refresh_every: int = 32):
+    def __init__(self, memory_map: Callable[[], MemoryMap], max_thumbnails: int = 256, refresh_every: int = 32):
         if max_thumbnails < 1 or refresh_every < 1:
             raise ValueError(f"max_thumbnails and refresh_every must be >= 1, got {max_thumbnails}, {refresh_every}")
-        self.camera = camera
-        self.out_dir = Path(out_dir)
         self.memory_map = memory_map
         self.max_thumbnails = int(max_thumbnails)
         self.refresh_every = int(refresh_every)
-        self.written: list[Path] = []
         self._thumbs: OrderedDict[int, tuple[float, np.ndarray]] = OrderedDict()
         self._since_refresh = 0
-        self._closed = False
 
-    def thumbnails(self) -> list[Thumbnail]:
+    def __len__(self) -> int:
+        return len(self._thumbs)
+
+    def kept(self) -> list[Thumbnail]:
         """(group, pts, thumbnail) kept now, oldest first."""
         return [(g, pts, img) for g, (pts, img) in self._thumbs.items()]
 
-    async def handle(self, event: Event) -> None:
-        if self._closed or not isinstance(event, GroupAdded) or event.camera != self.camera:
-            return
+    async def add(self, event: GroupAdded) -> None:
+        """Keep the event's thumbnail (if it has one), forgetting groups no longer held."""
         if event.thumbnail is None:
             return
         self._thumbs[event.group] = (event.pts, np.asarray(event.thumbnail))
@@ -173,6 +176,33 @@ class VisualsSink(Sink):
         for g in known:
             if g not in held:
                 self._thumbs.pop(g, None)
+
+
+class VisualsSink(Sink):
+    """Keeps one camera's thumbnails of held groups (`Thumbnails`); draws the pictures when the
+    run ends. `close()` (every stop, Ctrl-C and SIGTERM included) writes the PNGs into
+    `out_dir`; `written` lists them.
+    """
+
+    name = "visuals"
+
+    def __init__(self, camera: str, out_dir: Path, memory_map: Callable[[], MemoryMap],
+                 max_thumbnails: int = 256, refresh_every: int = 32):
+        self.camera = camera
+        self.out_dir = Path(out_dir)
+        self.memory_map = memory_map
+        self.written: list[Path] = []
+        self._kept = Thumbnails(memory_map, max_thumbnails, refresh_every)
+        self._closed = False
+
+    def thumbnails(self) -> list[Thumbnail]:
+        """(group, pts, thumbnail) kept now, oldest first."""
+        return self._kept.kept()
+
+    async def handle(self, event: Event) -> None:
+        if self._closed or not isinstance(event, GroupAdded) or event.camera != self.camera:
+            return
+        await self._kept.add(event)
 
     async def close(self) -> None:
         """Write the pictures once; the thread finishes them even if this await is cancelled."""
