@@ -75,6 +75,7 @@ class Camera:
         self.cfg = cfg
         self.name = cfg.name
         self.vlm = vlm
+        self.model = vlm.name
         self.bus = bus if bus is not None else Bus()
         self.pruner = pruning.get_pruner(cfg.memory.pruner, **cfg.memory.params)
         self.memory = pruning.TokenMemory(cfg.memory.capacity, self.pruner, cfg.memory.recent_groups,

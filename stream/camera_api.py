@@ -28,6 +28,7 @@ class MemoryMap:
 
 class CameraService(Protocol):
     name: str
+    model: str  # the model answering (a hub id or a path), for front doors that show it
     watches: Watches
 
     async def ask(self, question: Question, on_text: Callable[[str], None] | None = None) -> Answer:

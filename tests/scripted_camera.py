@@ -28,6 +28,7 @@ class ScriptedCamera:
                  source: SyntheticSource | None = None, speed: float = 1.0, delay: float = 0.0,
                  door: DoorSettings = DoorSettings()):
         self.name, self.says_yes, self.source, self.speed, self.delay = name, says_yes, source, speed, delay
+        self.model = "scripted"
         self.t0 = time.monotonic()
         self.bus = Bus()
         self.door = Door(name, self._answer, self.bus.publish, door)

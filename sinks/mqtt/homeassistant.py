@@ -33,7 +33,6 @@ from stream.watches import MAX_WATCHES
 from .protocol import ANSWER, ASK, OFFLINE, ONLINE, SNAPSHOT, STATUS, Topics, event_payload
 
 ORIGIN = "streamprune"
-DEFAULT_MODEL = "streamprune camera"  # until an answer names the camera's model
 SLUG_CHARS = 24  # the readable part of a slug
 HASH_CHARS = 8
 MAX_STATE_CHARS = 255  # Home Assistant's limit on a state (and on a text entity's length)
@@ -140,14 +139,14 @@ def state_payload(matches: bool) -> bytes:
 
 @dataclass
 class Device:
-    """What the service announces of one camera: its watches, its model as the answers name it,
-    and the components of removed watches (id -> platform), which the config keeps reduced to
-    their platform so Home Assistant removes their entities."""
+    """What the service announces of one camera: its watches, its model, and the components
+    of removed watches (id -> platform), which the config keeps reduced to their platform so
+    Home Assistant removes their entities."""
 
     topics: Topics
     camera: str
     max_question_chars: int
-    model: str = DEFAULT_MODEL
+    model: str
     watches: tuple[str, ...] = ()
     gone: dict[str, str] = field(default_factory=dict)
 

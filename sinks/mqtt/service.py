@@ -137,7 +137,7 @@ class MqttService(Sink):
         self._stop = asyncio.Event()
         self._done = asyncio.Event()
         self._running = False
-        self._devices = {name: Device(self.topics, name, camera.watches.max_question_chars)
+        self._devices = {name: Device(self.topics, name, camera.watches.max_question_chars, camera.model)
                          for name, camera in self.cameras.items()} if settings.homeassistant else {}
 
     @property
@@ -157,7 +157,6 @@ class MqttService(Sink):
             return
         if isinstance(event, Answer):
             self._send(self.topics.camera(camera, ANSWER), encode(answer_payload(event)))
-            self._learn_model(camera, event.model)
         elif isinstance(event, RequestFailed):
             self._send(self.topics.camera(camera, ERROR), encode(error_payload(event)), lane=_lane(event.code))
         elif isinstance(event, Status):
@@ -173,7 +172,6 @@ class MqttService(Sink):
             if self.settings.homeassistant:
                 self._send(watch_event_topic(self.topics, camera, event.watch),
                            encode(fired_payload(event, snapshot)))
-                self._learn_model(camera, event.model)
         elif isinstance(event, WatchChecked):
             self._publish_watch_state(event)
         elif isinstance(event, WatchesChanged):  # through any door: the retained listing follows
@@ -407,13 +405,6 @@ class MqttService(Sink):
         payload = encode(self._devices[camera].config())
         if self._retained.get(topic) != payload:
             self._retain(topic, payload)
-
-    def _learn_model(self, camera: str, model: str) -> None:
-        """The device shows the camera's model once an answer names it."""
-        device = self._devices.get(camera)
-        if device is not None and model and device.model != model:
-            device.model = model
-            self._publish_device(camera)
 
     def _publish_watch_state(self, checked: WatchChecked) -> None:
         """A check that said whether the condition holds sets the watch's binary sensor."""
