@@ -20,6 +20,7 @@ from PIL import Image
 from http_serving import next_event, serving, sse_events
 from scripted_camera import ScriptedCamera
 from sinks.http import HttpService
+from sinks.http.answers import StrippedText
 from sinks.http.event_stream import EventClients, sse
 from stream.camera_api import MemoryMap
 from stream.door import DoorSettings
@@ -120,6 +121,9 @@ async def test_watches_are_added_listed_and_removed():
         r = await client.post("/api/cameras/cam/watches", json=[spec])
         assert error_of(r) == (400, "bad_request")
 
+        await client.post("/api/cameras/cam/watches", json={**spec, "name": "front/door"})
+        r = await client.delete("/api/cameras/cam/watches/front%2Fdoor")
+        assert r.status_code == 200 and [w["name"] for w in r.json()["watches"]] == ["door"]
         r = await client.delete("/api/cameras/cam/watches/door")
         assert r.status_code == 200 and r.json()["watches"] == []
         assert error_of(await client.delete("/api/cameras/cam/watches/door")) == (404, "unknown_watch")
@@ -135,7 +139,8 @@ async def test_watches_are_added_listed_and_removed():
 async def test_ask_answers_and_streams_the_answer():
     cam = ScriptedCamera("cam")
     async with serving(cam) as (_, client):
-        r = await client.post("/api/cameras/cam/ask", json={"question": "Is it there?", "id": "q1", "max_new_tokens": 8})
+        r = await client.post("/api/cameras/cam/ask",
+                              json={"question": "Is it there?", "id": "q1", "max_new_tokens": 8})
         a = r.json()
         assert r.status_code == 200 and a["type"] == "answer" and a["text"] == "Yes, it is in view."
         assert a["id"] == "q1" and a["origin"] == "http" and a["question"] == "Is it there?"
@@ -161,6 +166,14 @@ async def test_ask_answers_and_streams_the_answer():
                              ({"question": "Again?", "id": "q1", "stream": True}, (409, "duplicate"))]:
             assert error_of(await client.post("/api/cameras/cam/ask", json=body)) == expect, body
         assert error_of(await client.post("/api/cameras/nope/ask", json={"question": "hi"})) == (404, "unknown_camera")
+
+
+def test_streamed_text_is_the_stripped_answer_piece_by_piece():
+    text = StrippedText()
+    out = [text.feed(p) for p in ["  ", "\nHello", " ", " wor", "ld", " \n"]]
+    assert out == ["", "Hello", "", "  wor", "ld", ""] and text.sent == "Hello  world"
+    assert text.finish("Hello  world") == ""
+    assert text.finish("Hello  world\ufffd") == "\ufffd"  # what the pieces held back at the very end
 
 
 async def test_busy_camera_refuses_with_429():
@@ -238,9 +251,11 @@ async def test_request_bodies_over_the_limit_and_bad_json_are_refused():
         r = await client.post("/api/cameras/cam/ask", content=chunked(), headers={"content-type": "application/json"})
         assert error_of(r) == (413, "payload_too_large")
 
-        r = await client.post("/api/cameras/cam/ask", content=b"{not json", headers={"content-type": "application/json"})
+        json_type = {"content-type": "application/json"}
+        r = await client.post("/api/cameras/cam/ask", content=b"{not json", headers=json_type)
         assert error_of(r) == (400, "bad_request") and "not valid JSON" in r.json()["error"]["message"]
-        r = await client.post("/api/cameras/cam/ask", content=b'{"question": "hi"}', headers={"content-type": "text/plain"})
+        r = await client.post("/api/cameras/cam/ask", content=b'{"question": "hi"}',
+                              headers={"content-type": "text/plain"})
         assert error_of(r) == (400, "bad_request") and "application/json" in r.json()["error"]["message"]
         assert error_of(await client.get("/api/nothing")) == (404, "not_found")
         assert error_of(await client.put("/api/cameras")) == (405, "method_not_allowed")
@@ -325,6 +340,19 @@ async def test_close_ends_open_streams_and_questions_promptly():
             assert error_of(await waiting) == (503, "unavailable")
     await _until(lambda: cam.door.queued == 0 and not cam.door._busy)  # both questions withdrawn from the door
     cam.door.stop()
+
+
+async def test_a_client_that_leaves_a_streamed_answer_withdraws_its_question():
+    cam = StallingCamera("cam")
+    async with serving(cam) as (_, client):
+        for path, body in (("/api/cameras/cam/ask", {"question": "Hm?", "stream": True}),
+                           ("/v1/chat/completions", {"model": "cam", "stream": True,
+                                                     "messages": [{"role": "user", "content": "Hm?"}]})):
+            async with client.stream("POST", path, json=body) as r:
+                assert r.status_code == 200
+                await anext(r.aiter_lines())
+                assert cam.door._busy
+            await _until(lambda: not cam.door._busy)  # the LLM is free for the next question
 
 
 async def test_a_port_in_use_is_one_clear_line():

@@ -111,11 +111,13 @@ async def test_a_real_camera_answers_over_http_with_its_evidence_and_pictures(vl
                             "total_s": evidence["total_s"]}
         assert evidence["camera"] == "cam" and evidence["pruner"] == "echoprune"
         assert 0.0 <= evidence["t_start"] <= evidence["t_end"] <= 6.0 and evidence["groups"] >= 1
-        assert 0 < evidence["tokens_used"] <= evidence["memory_tokens"] and 0 < evidence["ttft_s"] <= evidence["total_s"]
+        assert 0 < evidence["tokens_used"] <= evidence["memory_tokens"]
+        assert 0 < evidence["ttft_s"] <= evidence["total_s"]
         assert evidence["prompt_path"] in ("cached", "full") and evidence["prefilled_tokens"] >= 1
         assert 1 <= done.usage.completion_tokens <= 6 and done.usage.prompt_tokens > evidence["tokens_used"]
 
-        rest = (await client.post("/api/cameras/cam/ask", json={"question": "What is in view?", "max_new_tokens": 6})).json()
+        r = await client.post("/api/cameras/cam/ask", json={"question": "What is in view?", "max_new_tokens": 6})
+        rest = r.json()
         assert rest["text"] == text and rest["model"] == "tiny-random" and rest["origin"] == "http"
 
         sheet = await client.get("/api/cameras/cam/contact_sheet.png")

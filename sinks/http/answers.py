@@ -10,7 +10,6 @@ question is withdrawn and the asker gets `unavailable`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
@@ -33,8 +32,7 @@ async def until_closed(work: Awaitable[T], closing: asyncio.Event) -> T:
         stop.cancel()
         if not task.done():
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await asyncio.gather(task, return_exceptions=True)
     if task.cancelled():
         raise RequestError("unavailable", STOPPING)
     return task.result()

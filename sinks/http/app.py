@@ -45,13 +45,13 @@ from stream.http_settings import HttpSettings
 from stream.validation import build
 from stream.watches import WatchSpec
 
-from . import openai_api as oa
 from .answers import AnswerStream, until_closed
 from .cameras import ServedCameras
 from .errors import ApiError, Json
 from .event_stream import EventClients, EventStream, sse
 from .gate import Gate
 from .metrics import Metrics
+from .openai_api import DONE, ChatRequest, Chunks, completion, model_entry, models_list, stream_error, to_question
 
 STATIC = Path(__file__).parent / "static"
 ORIGIN = "http"
@@ -191,7 +191,7 @@ def _rest(app: FastAPI, ctx: Context) -> None:
             raise ApiError("bad_watch", str(e), param=e.path or None) from None
         return Json(cams.watches(name), 201)
 
-    @app.delete("/api/cameras/{name}/watches/{watch}")
+    @app.delete("/api/cameras/{name}/watches/{watch:path}")  # a watch's name may hold a "/"
     async def remove_watch(name: str, watch: str) -> Json:
         if not cams.get(name).watches.remove(watch):
             raise ApiError("unknown_watch", f"camera {name!r} has no watch named {watch[:100]!r}")
@@ -256,27 +256,27 @@ def _openai(app: FastAPI, ctx: Context) -> None:
     cams = ctx.cameras
 
     @app.post("/v1/chat/completions")
-    async def chat(body: oa.ChatRequest) -> Response:
+    async def chat(body: ChatRequest) -> Response:
         camera = cams.get(body.model)
-        q = oa.to_question(body)
+        q = to_question(body)
         if not body.stream:
             answer = await until_closed(camera.ask(q), ctx.closing)
-            return Json(oa.completion(answer, q, body.model))
+            return Json(completion(answer, q, body.model))
         stream = await _started(camera, q, ctx.closing)
         return EventStream(_chunks(stream, q, body), on_close=stream.close)
 
     @app.get("/v1/models")
     async def models() -> Json:
-        return Json(oa.models(cams.names, ctx.created))
+        return Json(models_list(cams.names, ctx.created))
 
     @app.get("/v1/models/{model}")
     async def model(model: str) -> Json:
         cams.get(model)
-        return Json(oa.model(model, ctx.created))
+        return Json(model_entry(model, ctx.created))
 
 
-async def _chunks(stream: AnswerStream, q: Question, body: oa.ChatRequest) -> AsyncIterator[bytes]:
-    chunks = oa.Chunks(body.model)
+async def _chunks(stream: AnswerStream, q: Question, body: ChatRequest) -> AsyncIterator[bytes]:
+    chunks = Chunks(body.model)
     try:
         yield sse(None, chunks.role())
         async for piece in stream.pieces():
@@ -284,8 +284,8 @@ async def _chunks(stream: AnswerStream, q: Question, body: oa.ChatRequest) -> As
         assert stream.answer is not None
         for chunk in chunks.last(stream.answer, q, body.include_usage):
             yield sse(None, chunk)
-        yield oa.DONE
+        yield DONE
     except RequestError as e:
-        yield sse(None, oa.stream_error(e.code, e.message))
+        yield sse(None, stream_error(e.code, e.message))
     finally:
         stream.close()

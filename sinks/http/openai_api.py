@@ -141,9 +141,9 @@ def stream_error(code: str, message: str) -> dict:
 DONE = b"data: [DONE]\n\n"
 
 
-def models(cameras: list[str], created: int) -> dict:
-    return {"object": "list", "data": [model(name, created) for name in cameras]}
+def models_list(cameras: list[str], created: int) -> dict:
+    return {"object": "list", "data": [model_entry(name, created) for name in cameras]}
 
 
-def model(name: str, created: int) -> dict:
+def model_entry(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": OWNER}

@@ -110,6 +110,8 @@ class HttpService(Sink):
         """Listen on the configured host and port; returns once connections are accepted."""
         if self._serving is not None:
             return
+        if self.closing.is_set():
+            raise Error("http: the service was closed before it started")
         s = self.settings
         sock = bind(s.host, s.port)
         config = uvicorn.Config(self.app, log_config=None, log_level="warning", access_log=False, lifespan="off",
@@ -123,15 +125,17 @@ class HttpService(Sink):
                 why = await self._abandon()
                 raise Error(f"http: the server on {s.host}:{s.port} did not start{why}")
             await asyncio.sleep(0.01)
-        host, port = sock.getsockname()[:2]
-        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        port = sock.getsockname()[1]
+        self.url = f"http://{f'[{s.host}]' if ':' in s.host else s.host}:{port}/"
         log.info("HTTP: web page %s", self.url)
         log.info("HTTP: REST API %sapi/cameras, events %sapi/events", self.url, self.url)
         log.info("HTTP: OpenAI-compatible API %sv1 (model = camera: %s)", self.url, ", ".join(self.cameras.names))
         log.info("HTTP: Prometheus metrics %smetrics", self.url)
 
     async def run(self) -> None:
-        """Serve until `close()`."""
+        """Serve until `close()` (at once when it was closed already)."""
+        if self.closing.is_set():
+            return
         await self.start()
         assert self._serving is not None
         await asyncio.shield(self._serving)
