@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import signal
 import socket
 import time
 
@@ -120,6 +122,9 @@ async def test_watches_are_added_listed_and_removed():
             assert r.json()["error"]["message"].startswith(field) and r.json()["error"]["param"] == field
         r = await client.post("/api/cameras/cam/watches", json=[spec])
         assert error_of(r) == (400, "bad_request")
+        odd = json.dumps({**spec, "\ud800" * 5000: 1})  # a long field name that is not valid Unicode
+        r = await client.post("/api/cameras/cam/watches", content=odd, headers={"content-type": "application/json"})
+        assert error_of(r) == (400, "bad_watch") and len(r.json()["error"]["message"]) <= 301
 
         await client.post("/api/cameras/cam/watches", json={**spec, "name": "front/door"})
         r = await client.delete("/api/cameras/cam/watches/front%2Fdoor")
@@ -319,8 +324,11 @@ async def test_close_ends_open_streams_and_questions_promptly():
     cam = StallingCamera("cam")
     service = HttpService(HttpSettings(enabled=True, port=0), {"cam": cam}, "0.1.0")
     cam.bus.subscribe(service)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     await service.start()
     run = asyncio.create_task(service.run())
+    await asyncio.sleep(0.05)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # the CLI's stay
 
     async with httpx2.AsyncClient(base_url=service.url, timeout=10.0) as client:
         async with client.stream("GET", "/api/events") as events, \

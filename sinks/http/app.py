@@ -54,7 +54,7 @@ from .metrics import Metrics
 from .openai_api import DONE, ChatRequest, Chunks, completion, model_entry, models_list, stream_error, to_question
 
 STATIC = Path(__file__).parent / "static"
-ORIGIN = "http"
+ORIGIN = "http"  # Question.origin of what comes in here
 MAX_LLM_BUDGET = 10_000_000  # tokens; larger is surely a mistake, not a budget
 NO_STORE = {"Cache-Control": "no-store"}
 
@@ -258,7 +258,7 @@ def _openai(app: FastAPI, ctx: Context) -> None:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest) -> Response:
         camera = cams.get(body.model)
-        q = to_question(body)
+        q = to_question(body, ORIGIN)
         if not body.stream:
             answer = await until_closed(camera.ask(q), ctx.closing)
             return Json(completion(answer, q, body.model))

@@ -30,6 +30,7 @@ STATUS = {
     "unavailable": 503, "empty_memory": 503, "preempted": 503,
 }
 _TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+MAX_MESSAGE_CHARS = 300  # a message may quote the request (a field's name): cut short
 
 
 def status_of(code: str) -> int:
@@ -66,6 +67,8 @@ class ApiError(HTTPException):
         status = status_of(code) if status is None else status
         if code == "unauthorized":
             headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "…"
         super().__init__(status, message, dict(headers) if headers else None)
         self.code = code
         self.message = message

@@ -65,6 +65,7 @@ class EventClient:
         self.queue: deque[bytes] = deque()
         self.queue_size = queue_size
         self.dropped = 0  # since the last event it was sent
+        self.lagged = False  # it has lost events (logged once)
         self.wake = asyncio.Event()
 
     def wants(self, camera: str) -> bool:
@@ -75,6 +76,9 @@ class EventClient:
             self.queue.popleft()
             self.dropped += 1
             self.owner.dropped += 1
+            if not self.lagged:
+                self.lagged = True
+                log.info("HTTP: an /api/events client is %d events behind; dropping its oldest", self.queue_size)
         self.queue.append(frame)
         self.wake.set()
 

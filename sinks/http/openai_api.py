@@ -21,7 +21,6 @@ from stream.events import Answer, Question
 
 from .errors import error_body
 
-ORIGIN = "http"
 OWNER = "streamprune"
 EVIDENCE = ("camera", "t_start", "t_end", "groups", "tokens_used", "memory_tokens", "prefilled_tokens",
             "prompt_path", "ttft_s", "total_s", "pruner")
@@ -67,7 +66,7 @@ def question_text(messages: list[ChatMessage]) -> str:
     raise RequestError("empty_question", "messages holds no user message: the last user message is the question")
 
 
-def to_question(req: ChatRequest) -> Question:
+def to_question(req: ChatRequest, origin: str) -> Question:
     """The question a chat request asks; RequestError for what no camera could answer."""
     if req.n is not None and req.n != 1:
         raise RequestError("bad_request", f"n must be 1: a camera gives one answer per question, got {req.n}")
@@ -75,7 +74,7 @@ def to_question(req: ChatRequest) -> Question:
     if limit is not None and limit < 1:
         raise RequestError("bad_max_new_tokens", f"max_tokens must be at least 1, got {limit}")
     return Question(question_text(req.messages), max_new_tokens=None if limit is None else min(limit, MAX_NEW_TOKENS),
-                    origin=ORIGIN)
+                    origin=origin)
 
 
 def new_id() -> str:

@@ -38,8 +38,8 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 10.0
-CLOSE_TIMEOUT_S = 2.0  # connections still busy after the streams ended are cut after this
-GRACE_S = 1  # uvicorn's own backstop for requests still running at shutdown
+CLOSE_TIMEOUT_S = 2.0  # the server is cut off if it has not stopped by then
+GRACE_S = 1  # uvicorn's own backstop: requests still running this long after the stop are cancelled
 
 
 class _Server(uvicorn.Server):
@@ -81,7 +81,7 @@ class HttpService(Sink):
         self.version = version
         self.cameras = ServedCameras(cameras)
         self.events = EventClients(settings.max_event_clients)
-        self.metrics = Metrics(cameras, version, lambda: len(self.events), lambda: self.events.dropped)
+        self.metrics = Metrics(self.cameras.cameras, version, lambda: len(self.events), lambda: self.events.dropped)
         self.closing = self.events.closing
         self.app = build_app(Context(settings, self.cameras, self.events, self.metrics, self.closing, version,
                                      int(time.time())))
@@ -161,7 +161,7 @@ class HttpService(Sink):
             return
         server.should_exit = True
         try:
-            await asyncio.wait_for(asyncio.shield(serving), CLOSE_TIMEOUT_S + GRACE_S)
+            await asyncio.wait_for(asyncio.shield(serving), CLOSE_TIMEOUT_S)
         except TimeoutError:
             log.warning("HTTP: the server did not stop in time; cutting its connections")
             server.force_exit = True
