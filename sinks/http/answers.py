@@ -84,10 +84,10 @@ class AnswerStream:
 
     async def first(self) -> None:
         """Until there is text to send or the answer is done; raises what refused the question."""
-        while self._first is None and not self._task.done():
+        while self._first is None:
             piece = await self._next()
             if piece is None:
-                break
+                return
             self._first = self._text.feed(piece) or None
 
     async def pieces(self) -> AsyncIterator[str]:
