@@ -216,6 +216,11 @@ def _check_service(cfg: Config, names: list[str]) -> None:
         check_http(cfg.http)
     except ConfigError as e:
         raise e.under("http") from None
+    if cfg.http.enabled:
+        for i, name in enumerate(names):
+            if "/" in name:
+                raise ConfigError(f"{name!r} must not contain '/' (it is one level of the HTTP API's paths)",
+                                  f"cameras[{i}].name" if cfg.cameras else "name")
     if cfg.mqtt.enabled:
         for i, name in enumerate(names):
             if (problem := topic_level_problem(name)) is not None:

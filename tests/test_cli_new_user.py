@@ -70,6 +70,14 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path, model_cache, ar
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_camera_name_the_http_paths_cannot_carry_is_refused():
+    from stream.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=r"^name: 'porch/east' must not contain '/'"):
+        from_dict({"name": "porch/east", "http": {"enabled": True}})
+    assert from_dict({"name": "porch/east"}).name == "porch/east"  # without HTTP it is only a name
+
+
 def test_source_with_several_cameras_is_refused(tmp_path, model_cache):
     cfg = tmp_path / "two.toml"
     cfg.write_text('[[cameras]]\nname = "a"\n[[cameras]]\nname = "b"\n')

@@ -283,6 +283,21 @@ async def test_a_token_guards_everything_but_the_page():
         assert (await client.get("/static/app.js")).status_code != 401
 
 
+async def test_a_local_server_answers_only_requests_addressed_to_this_machine():
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 makes the
+    browser send `Host: evil.example`; the cameras stay out of its reach."""
+    async with serving(ScriptedCamera("cam")) as (service, client):
+        port = service.url.rsplit(":", 1)[1].strip("/")
+        for host in ("evil.example", f"evil.example:{port}", "192.168.1.5"):
+            r = await client.get("/api/cameras", headers={"Host": host})
+            assert error_of(r) == (403, "foreign_host"), host
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
+            assert (await client.get("/api/cameras", headers={"Host": host})).status_code == 200, host
+    async with serving(ScriptedCamera("cam"), host="0.0.0.0", token="t") as (_, client):  # served to the network
+        r = await client.get("/api/cameras", headers={"Host": "cams.example", "Authorization": "Bearer t"})
+        assert r.status_code == 200
+
+
 async def test_the_page_and_its_files_are_served_from_the_static_folder_only():
     from sinks.http.app import STATIC
 

@@ -3,7 +3,7 @@
 exception classes with our code in `.code`.
 
 The codes are the camera door's and the MQTT door's (stream/door.py, sinks/mqtt/protocol.py),
-plus what only HTTP has: `unauthorized`, `not_found`, `method_not_allowed`, `no_frame`,
+plus what only HTTP has: `unauthorized`, `foreign_host`, `not_found`, `method_not_allowed`, `no_frame`,
 `unknown_snapshot`. A code this table does not know is a request problem (400).
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ STATUS = {
     "bad_request": 400, "empty_question": 400, "question_too_long": 400, "bad_llm_budget": 400,
     "bad_max_new_tokens": 400, "bad_watch": 400,
     "unauthorized": 401,
+    "foreign_host": 403,
     "not_found": 404, "unknown_camera": 404, "unknown_watch": 404, "no_frame": 404, "unknown_snapshot": 404,
     "method_not_allowed": 405,
     "duplicate": 409, "too_many_watches": 409,

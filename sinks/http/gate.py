@@ -3,7 +3,10 @@ every request: the request counter, a debug log line, and a JSON 500 for our own
 
 The token is compared in constant time, from `Authorization: Bearer <token>` or `?token=`
 (a page's <img> and EventSource cannot set headers). The web page itself (`GET /`,
-`/static/*`) is public: it holds no camera data and asks for the token. A body is refused with
+`/static/*`) is public: it holds no camera data and asks for the token. A server bound to this
+machine only answers requests addressed to this machine (`Host: localhost`, `127.0.0.1`,
+`[::1]`): a web page elsewhere that rebinds its own name to 127.0.0.1 (DNS rebinding) must not
+reach the cameras through the user's browser. A body is refused with
 413 before it is read when its Content-Length is over the limit, and while it is read when it
 is chunked and grows past it.
 """
@@ -17,7 +20,7 @@ from urllib.parse import parse_qsl
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stream.http_settings import HttpSettings
+from stream.http_settings import HttpSettings, is_local
 
 from .errors import ApiError
 from .metrics import Metrics
@@ -44,6 +47,17 @@ def presented_token(scope: Scope) -> bytes | None:
     return None
 
 
+def host_name(scope: Scope) -> str | None:
+    """The Host header's name without its port ("[::1]:8080" -> "::1"), or None without one."""
+    for key, value in scope["headers"]:
+        if key == b"host":
+            host = value.decode("latin-1")
+            if host.startswith("["):
+                return host[1:].partition("]")[0]
+            return host.rpartition(":")[0] if host.count(":") == 1 else host
+    return None
+
+
 def content_length(scope: Scope) -> int | None:
     for key, value in scope["headers"]:
         if key == b"content-length":
@@ -58,6 +72,7 @@ class Gate:
         self.app = app
         self.settings = settings
         self.token = settings.token.encode()
+        self.local = is_local(settings.host)
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -94,6 +109,9 @@ class Gate:
             log.debug("HTTP %s %s -> %s in %.1f ms", method, path, status, (time.perf_counter() - t0) * 1e3)
 
     def _refusal(self, method: str, path: str, scope: Scope) -> ApiError | None:
+        if self.local and not is_local(host_name(scope) or "localhost"):
+            return ApiError("foreign_host", "this server serves this machine only: address it as localhost, "
+                            "127.0.0.1 or [::1] (or bind http.host to another address, with a token)")
         if self.token and not is_public(method, path):
             token = presented_token(scope)
             if token is None:
