@@ -463,7 +463,7 @@ class CameraCard {
     remove.addEventListener("click", () => this.removeWatch(w.name, remove));
     const when = [];
     if (w.every_s > 0) {
-      when.push(`every ${num(w.every_s, w.every_s % 1 ? 1 : 0)} s`);
+      when.push(`every ${+w.every_s.toFixed(2)} s`);
       if (w.slowed && w.effective_every_s) when.push(`slowed to ${num(w.effective_every_s, 1)} s`);
     }
     if (w.on_scene_change) when.push("on scene change");
