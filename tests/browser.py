@@ -39,6 +39,7 @@ class Browser:
 
     @classmethod
     async def start(cls, width: int = 1280, height: int = 900) -> Browser:
+        assert os.path.exists(CHROMIUM), f"no {CHROMIUM}: `make test` installs Debian's chromium package"
         profile = tempfile.mkdtemp(prefix="chromium-")
         # its own process group: close() ends its helpers (zygote, renderers) with it
         proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",

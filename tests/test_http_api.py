@@ -65,8 +65,9 @@ async def test_cameras_are_listed_with_health_status_and_watches():
     a, b = ScriptedCamera("a"), ScriptedCamera("b")
     async with serving(a, b) as (_, client):
         await b.source_state("reconnecting")
-        listing = (await client.get("/api/cameras")).json()["cameras"]
-        assert [c["name"] for c in listing] == ["a", "b"]
+        body = (await client.get("/api/cameras")).json()
+        listing = body["cameras"]
+        assert body["version"] == "0.1.0" and [c["name"] for c in listing] == ["a", "b"]
         assert [c["health"] for c in listing] == ["streaming", "reconnecting"]
         one = (await client.get("/api/cameras/a")).json()
         assert set(one) == {"name", "health", "status", "watches"}

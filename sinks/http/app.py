@@ -2,7 +2,7 @@
 
   GET    /                                      the web page (sinks/http/static/index.html); public
   GET    /static/{name}                         the page's files (that folder only); public
-  GET    /api/cameras                           {"cameras": [CAMERA, ...]}
+  GET    /api/cameras                           {"version", "cameras": [CAMERA, ...]}
   GET    /api/cameras/{name}                    CAMERA = {"name", "health", "status", "watches"}
   GET    /api/cameras/{name}/frame.jpg          the newest frame (404 no_frame before the first)
   GET    /api/cameras/{name}/contact_sheet.png  what the memory holds now (404 empty_memory)
@@ -154,7 +154,7 @@ def _rest(app: FastAPI, ctx: Context) -> None:
 
     @app.get("/api/cameras")
     async def cameras() -> Json:
-        return Json({"cameras": [cams.describe(name) for name in cams.names]})
+        return Json({"version": ctx.version, "cameras": [cams.describe(name) for name in cams.names]})
 
     @app.get("/api/cameras/{name}")
     async def camera(name: str) -> Json:
