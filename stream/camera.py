@@ -29,7 +29,7 @@ import pruning
 
 from .bus import Bus
 from .camera_api import MemoryMap
-from .config import Config
+from .config import Config, MemoryConfig
 from .door import Door, DoorSettings, OnText
 from .encoder import RollingEncoder
 from .errors import ConfigError, SourceError
@@ -51,6 +51,12 @@ log = logging.getLogger(__name__)
 THUMB_WIDTH = 96
 INGEST, STATUS, WATCHES, QUESTIONS = "ingest", "status", "watches", "questions"
 PTS_GAP_S = 1e-3  # between the last frame before a reopened live source and its first
+
+
+def pruner_params(memory: MemoryConfig, vlm: VideoLM) -> dict:
+    """The pruner's parameters: the papers' defaults for the model's family, under what the
+    config sets."""
+    return {**vlm.pruner_defaults.get(memory.pruner, {}), **memory.params}
 
 
 def thumbnail(image, width: int = THUMB_WIDTH):
@@ -77,7 +83,7 @@ class Camera:
         self.vlm = vlm
         self.model = vlm.name
         self.bus = bus if bus is not None else Bus()
-        self.pruner = pruning.get_pruner(cfg.memory.pruner, **cfg.memory.params)
+        self.pruner = pruning.get_pruner(cfg.memory.pruner, **pruner_params(cfg.memory, vlm))
         self.memory = pruning.TokenMemory(cfg.memory.capacity, self.pruner, cfg.memory.recent_groups,
                                           evict_slack=int(cfg.memory.capacity * cfg.memory.evict_slack))
         self.source = self.open_source()

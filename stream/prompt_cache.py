@@ -153,7 +153,7 @@ class PromptCache:
         got = self.memory.gather(vis[vis >= 0], version)
         if got is None:
             return None
-        return Prompt(plan, self.vlm.embed(plan, got[0], self.held, end), start=self.held)
+        return Prompt(plan, self.vlm.embed(plan, got[0], self.held, end), start=self.held, extras=got[1])
 
     def extended(self, want: torch.Tensor, end: int) -> int:
         """Record that the KV now holds the first `end` tokens of the plan whose keys `sync`

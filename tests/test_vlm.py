@@ -220,3 +220,16 @@ def test_an_unsupported_model_type_is_a_clear_config_error(tmp_path):
     assert str(e.value) == (f"model {str(tmp_path)!r} is a 'qwen2' checkpoint; "
                             f"supported model types: {', '.join(FAMILIES)}")
     assert "qwen2_5_vl" in str(e.value)
+
+
+def test_a_prompt_hands_each_chunk_the_side_features_of_its_own_visual_tokens():
+    visual = torch.tensor([-1, 0, 1, -1, 2, 3, 4, -1])  # text, 2 visual, text, 3 visual, text
+    plan = PromptPlan(ids=torch.zeros(8, dtype=torch.long), position_ids=torch.arange(8)[None], visual=visual,
+                      prefix_len=7)
+    deep = torch.arange(4 * 2).reshape(4, 2)  # the visual tokens from token 2 on: rows 1..4
+    prompt = Prompt(plan, torch.zeros(1, 6, 3), start=2, extras={"deepstack": deep})
+    mask, ex = prompt.visual_rows(2, 5)
+    assert mask.tolist() == [True, False, True] and ex["deepstack"].tolist() == deep[:2].tolist()
+    mask, ex = prompt.visual_rows(5, 8)
+    assert mask.tolist() == [True, True, False] and ex["deepstack"].tolist() == deep[2:].tolist()
+    assert Prompt(plan, torch.zeros(1, 8, 3)).visual_rows(0, 3)[1] == {}

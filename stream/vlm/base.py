@@ -11,8 +11,8 @@ is kept per camera and extended as groups arrive (stream/prompt_cache.py; docs/D
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -78,11 +78,23 @@ class PromptPlan:
 @dataclass(frozen=True)
 class Prompt:
     """A plan with the input embeddings of its tokens from `start` on (the tokens before `start`
-    are already in the KV cache the prompt is generated on)."""
+    are already in the KV cache the prompt is generated on), and the per-token side features
+    (`extras`, e.g. Qwen3-VL's deepstack) of the visual tokens among them, in prompt order: a
+    family that feeds them to the LLM gets each chunk's rows with it (`visual_rows`)."""
 
     plan: PromptPlan
     inputs_embeds: torch.Tensor  # [1, L - start, D]
     start: int = 0
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)  # [visual tokens from start on, ...] each
+
+    def visual_rows(self, a: int, b: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Tokens a..b (a >= start): which of them are visual ([b - a] bool) and their extras."""
+        is_vis = self.plan.visual[a:b] >= 0
+        if not self.extras:
+            return is_vis, {}
+        i = int((self.plan.visual[self.start:a] >= 0).sum())
+        j = i + int(is_vis.sum())
+        return is_vis, {k: v[i:j] for k, v in self.extras.items()}
 
     @property
     def ids(self) -> torch.Tensor:
@@ -114,6 +126,7 @@ class VideoLM(Protocol):
 
     name: str
     random_weights: bool  # a test model: its answers are noise
+    pruner_defaults: Mapping[str, Mapping[str, Any]]  # pruner -> the papers' parameters for this family
 
     @property
     def group_size(self) -> int:
@@ -158,9 +171,13 @@ class VideoLM(Protocol):
     def new_cache(self, max_tokens: int) -> Any:
         """An empty KV cache for this LLM that never holds more than `max_tokens` tokens."""
 
-    def forward(self, cache: Any, embeds: torch.Tensor, position_ids: torch.Tensor, logits: bool) -> torch.Tensor | None:
+    def forward(self, cache: Any, embeds: torch.Tensor, position_ids: torch.Tensor, logits: bool,
+                visual: torch.Tensor | None = None, extras: Mapping[str, torch.Tensor] | None = None
+                ) -> torch.Tensor | None:
         """Run `embeds` (at `position_ids`) through the LLM on `cache`, appending their KV; the
-        last position's logits [vocab] when `logits`."""
+        last position's logits [vocab] when `logits`. `visual` ([n] bool) marks the visual tokens
+        among them and `extras` holds their side features (Prompt.visual_rows), for a family
+        whose LLM takes them (Qwen3-VL's deepstack); others ignore both."""
 
     def generate(self, prompt: Prompt, max_new_tokens: int, on_text: Callable[[str], None] | None = None,
                  cache: Any = None, stop: threading.Event | None = None) -> Generation:

@@ -50,7 +50,9 @@ def prefill(lm: Any, cache: Any, prompt: Prompt, end: int | None = None, logits:
     while held < end:
         stop = min(end, held + chunk)
         embeds = prompt.inputs_embeds[:, held - prompt.start: stop - prompt.start]
-        out = lm.forward(cache, embeds, prompt.position_ids[..., held:stop], logits=logits and stop == end)
+        visual, extras = prompt.visual_rows(held, stop)
+        out = lm.forward(cache, embeds, prompt.position_ids[..., held:stop], logits=logits and stop == end,
+                         visual=visual, extras=extras)
         held = stop
     return out
 

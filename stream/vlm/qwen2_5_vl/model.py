@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,9 @@ VIDEO_PLACEHOLDER = "\x00video\x00"
 
 class Qwen2_5_VL:
     """A loaded Qwen2.5-VL behind the `VideoLM` seam (stream/vlm/base.py)."""
+
+    # EchoPrune on Qwen: tau 0.5, matching against the whole previous group (Sec. 4.3, App. B.4)
+    pruner_defaults = {"echoprune": {"tau": 0.5, "radius": None}}
 
     def __init__(self, model, tokenizer, name: str, random_weights: bool, max_pixels: int):
         self.model = model.eval()
@@ -202,7 +205,11 @@ class Qwen2_5_VL:
         return BufferedCache(self.model.config, max_tokens)
 
     @torch.inference_mode()
-    def forward(self, cache: Any, embeds: torch.Tensor, position_ids: torch.Tensor, logits: bool) -> torch.Tensor | None:
+    def forward(self, cache: Any, embeds: torch.Tensor, position_ids: torch.Tensor, logits: bool,
+                visual: torch.Tensor | None = None, extras: Mapping[str, torch.Tensor] | None = None
+                ) -> torch.Tensor | None:
+        """The LLM over `embeds` on `cache` (Qwen2.5-VL has no side features: `visual` and
+        `extras` are not used)."""
         n = cache.get_seq_length() + embeds.shape[1]
         mask = torch.ones(1, n, dtype=torch.long, device=self.device)
         if not logits:  # the decoder alone: no logits to compute
