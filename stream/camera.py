@@ -92,7 +92,8 @@ class Camera:
                                       on_group=self._on_group)
         self.scenes = SceneDetector()
         q = cfg.query
-        layout = LayoutSettings(system_prompt=q.system_prompt, timestamps=q.timestamps)
+        interval = 1.0 / cfg.sampler.fps
+        layout = LayoutSettings(system_prompt=q.system_prompt, timestamps=q.timestamps, frame_interval_s=interval)
         try:
             cache_tokens = (limit_tokens(vlm, q.prompt_cache_mib, self.memory, layout, q.max_new_tokens,
                                          q.max_question_chars) if q.prompt_cache else 0)
@@ -100,7 +101,8 @@ class Camera:
             raise ConfigError(f"camera {self.name!r}: {e.detail}", e.path) from None
         self.queries = QueryHandler(vlm, self.memory, QuerySettings(
             llm_budget=q.llm_budget, max_new_tokens=q.max_new_tokens, timestamps=q.timestamps,
-            system_prompt=q.system_prompt, prompt_cache=q.prompt_cache, prompt_cache_tokens=cache_tokens))
+            system_prompt=q.system_prompt, prompt_cache=q.prompt_cache, prompt_cache_tokens=cache_tokens,
+            frame_interval_s=interval))
         self.door = Door(self.name, self._answer, self.publish, DoorSettings(
             max_question_chars=q.max_question_chars, queue_size=q.queue_size, dedup_window_s=q.dedup_window_s,
             watch_share=q.watch_share))

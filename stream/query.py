@@ -45,6 +45,7 @@ class QuerySettings:
     system_prompt: str = DEFAULT_SYSTEM
     prompt_cache: bool = True
     prompt_cache_tokens: int = UNBOUNDED  # the cache's limit in prompt tokens
+    frame_interval_s: float = 0.5  # between sampled frames (1 / sampler fps)
 
 
 class QueryHandler:
@@ -54,7 +55,8 @@ class QueryHandler:
         self.vlm = vlm
         self.memory = memory
         self.settings = settings
-        self.layout = LayoutSettings(system_prompt=settings.system_prompt, timestamps=settings.timestamps)
+        self.layout = LayoutSettings(system_prompt=settings.system_prompt, timestamps=settings.timestamps,
+                                     frame_interval_s=settings.frame_interval_s)
         self.cache = PromptCache(vlm, memory, self.layout, settings.prompt_cache_tokens) if settings.prompt_cache else None
         self.paths = {CACHED: 0, FULL: 0}
         self.refresh_errors = 0

@@ -38,6 +38,7 @@ class LayoutSettings:
 
     system_prompt: str = DEFAULT_SYSTEM
     timestamps: str = "mrope"
+    frame_interval_s: float = 0.5  # between sampled frames: a family that labels a group by the mean time of its frames (Qwen3-VL) needs it
 
     def __post_init__(self) -> None:
         if self.timestamps not in TIMESTAMP_MODES:
