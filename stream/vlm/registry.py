@@ -20,9 +20,14 @@ log = logging.getLogger(__name__)
 
 FAMILIES = {
     "qwen2_5_vl": "stream.vlm.qwen2_5_vl:Qwen2_5_VL",
+    "qwen3_vl": "stream.vlm.qwen3_vl:Qwen3_VL",
+    "qwen3_vl_moe": "stream.vlm.qwen3_vl:Qwen3_VL",
+    "llava_onevision": "stream.vlm.llava_ov:LlavaOneVision",
 }
 TINY_MODELS = {  # name -> builder(root) returning the directory it saved the model in
     "tiny-random": "stream.vlm.qwen2_5_vl.tiny:ensure_tiny_model",
+    "tiny-random-qwen3-vl": "stream.vlm.qwen3_vl.tiny:ensure_tiny_model",
+    "tiny-random-llava-ov": "stream.vlm.llava_ov.tiny:ensure_tiny_model",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
