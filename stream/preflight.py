@@ -18,7 +18,7 @@ import torch
 from .config import Config
 from .errors import ConfigError
 from .sources.file import FileConfig
-from .vlm.registry import DTYPES, hidden_size, local_checkpoint_problem, model_config
+from .vlm.registry import DTYPES, hidden_size, local_checkpoint_problem, model_config, unsupported, vectors_per_token
 
 log = logging.getLogger(__name__)
 
@@ -143,18 +143,23 @@ def _gb(n: int) -> str:
 
 
 def check_memory_fits(cfg: Config) -> None:
-    """Every camera's store together must fit in the available memory."""
-    free = available_memory()
-    if free is None:
-        log.info("preflight: available memory unknown (no /proc/meminfo); capacity not checked")
-        return
+    """The model's family is served, and every camera's store together fits in the available
+    memory (a Qwen3-VL token holds its deepstack vectors too)."""
     try:
         mc = model_config(cfg.model.name)
     except ConfigError as e:
         raise ConfigError(e.detail, "model.name") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read the model's config: {one_line(e)}", "model.name") from None
-    width = hidden_size(mc)
+    if (problem := unsupported(cfg.model.name, mc.model_type)) is not None:
+        raise ConfigError(problem, "model.name")
+    free = available_memory()
+    if free is None:
+        log.info("preflight: available memory unknown (no /proc/meminfo); capacity not checked")
+        return
+    vectors = vectors_per_token(mc)
+    width = hidden_size(mc) * vectors
+    what = f"{hidden_size(mc)}-wide {cfg.model.dtype} tokens" + (f" with {vectors - 1} deepstack vectors each" if vectors > 1 else "")
     vision = getattr(mc, "vision_config", None)
     side = getattr(vision, "patch_size", 0) * getattr(vision, "spatial_merge_size", 0)
     per_token = side * side or PIXELS_PER_TOKEN
@@ -165,7 +170,7 @@ def check_memory_fits(cfg: Config) -> None:
         if total > free:
             together = f" ({_gb(total)} with the cameras before it)" if total > need else ""
             raise ConfigError(
-                f"{cam.memory.capacity} tokens preallocate {_gb(need)}{together} ({width}-wide {cfg.model.dtype} "
-                f"tokens of {cfg.model.name}), more than the {_gb(free)} of memory available; lower it",
+                f"{cam.memory.capacity} tokens preallocate {_gb(need)}{together} ({what} "
+                f"of {cfg.model.name}), more than the {_gb(free)} of memory available; lower it",
                 f"{prefix}memory.capacity")
     log.info("preflight: the memories preallocate %s of %s available", _gb(total), _gb(free))

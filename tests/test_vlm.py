@@ -14,7 +14,7 @@ from stream.vlm.base import LayoutSettings, Prompt, PromptPlan, VideoLM
 from stream.vlm.positions import TextPart, VisualPart, build_positions
 from stream.vlm.qwen2_5_vl.positions import time_offsets
 from stream.vlm.qwen2_5_vl.preprocess import VisionGeometry, frames_to_pairs, patchify, smart_resize
-from stream.vlm.registry import FAMILIES, load_model
+from stream.vlm.registry import FAMILIES, FAMILY_NAMES, load_model
 
 
 def _frames(n, h=120, w=160, seed=0):
@@ -217,9 +217,9 @@ def test_an_unsupported_model_type_is_a_clear_config_error(tmp_path):
                 num_key_value_heads=1).save_pretrained(tmp_path)
     with pytest.raises(ConfigError) as e:
         load_model(str(tmp_path))
-    assert str(e.value) == (f"model {str(tmp_path)!r} is a 'qwen2' checkpoint; "
-                            f"supported model types: {', '.join(FAMILIES)}")
-    assert "qwen2_5_vl" in str(e.value)
+    assert str(e.value) == (f"model {str(tmp_path)!r} is a 'qwen2' checkpoint; supported families (model types): "
+                            "Qwen2.5-VL (qwen2_5_vl); Qwen3-VL (qwen3_vl, qwen3_vl_moe); LLaVA-OneVision (llava_onevision)")
+    assert {t for types in FAMILY_NAMES.values() for t in types} == set(FAMILIES)
 
 
 def test_a_prompt_hands_each_chunk_the_side_features_of_its_own_visual_tokens():

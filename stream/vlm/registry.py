@@ -29,7 +29,23 @@ TINY_MODELS = {  # name -> builder(root) returning the directory it saved the mo
     "tiny-random-qwen3-vl": "stream.vlm.qwen3_vl.tiny:ensure_tiny_model",
     "tiny-random-llava-ov": "stream.vlm.llava_ov.tiny:ensure_tiny_model",
 }
+FAMILY_NAMES = {  # model types of one family, by the name people know it by
+    "Qwen2.5-VL": ("qwen2_5_vl",), "Qwen3-VL": ("qwen3_vl", "qwen3_vl_moe"), "LLaVA-OneVision": ("llava_onevision",),
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def unsupported(name: str, model_type: str) -> str | None:
+    """Why checkpoint `name` of `model_type` cannot be served, naming the families that can; or None."""
+    if model_type in FAMILIES:
+        return None
+    families = "; ".join(f"{family} ({', '.join(types)})" for family, types in FAMILY_NAMES.items())
+    return f"model {name!r} is a {model_type!r} checkpoint; supported families (model types): {families}"
+
+
+def vectors_per_token(config) -> int:
+    """Vectors a kept token holds in the memory: the token, plus Qwen3-VL's deepstack features."""
+    return 1 + len(getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", None) or ())
 
 
 def _resolve(target: str):
@@ -94,8 +110,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", max_pixel
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     path = checkpoint_path(name, cache)
     model_type = AutoConfig.from_pretrained(path).model_type
-    if model_type not in FAMILIES:
-        raise ConfigError(f"model {name!r} is a {model_type!r} checkpoint; supported model types: {', '.join(FAMILIES)}")
+    if (problem := unsupported(name, model_type)) is not None:
+        raise ConfigError(problem)
     random_weights = name in TINY_MODELS
     vlm = _resolve(FAMILIES[model_type]).from_pretrained(path, name=name, dtype=DTYPES[dtype], device=device,
                                                       max_pixels=max_pixels, random_weights=random_weights)
