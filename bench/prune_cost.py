@@ -1,8 +1,9 @@
 """Benchmark 2: pruning cost per group at real shapes.
 
-Random features shaped like Qwen2.5-VL-7B (a 448x448 frame pair = 16x16 tokens x 3584) and
-LLaVA-OV-7B (14x14 x 3584), with a video's statistics (`common.video_like_features`), go into a
-`TokenMemory` with capacity 8192. Once the store is full (the pruner's `evict` has run), the
+Random features shaped like Qwen2.5-VL-7B (a 448x448 frame pair = 16x16 tokens x 3584),
+Qwen3-VL-8B (a 448x448 pair = 14x14 x 4096, each token carrying 3 deepstack vectors of 4096 that
+the memory stores and evicts with it) and LLaVA-OV-7B (one 384x384 frame = 14x14 x 3584), with a
+video's statistics (`common.video_like_features`), go into a `TokenMemory` with capacity 8192. Once the store is full (the pruner's `evict` has run), the
 next groups are timed:
 - add ms: `TokenMemory.add`'s own prune_ms (score + evict + moving the rows into and out of
   the preallocated store), what a group costs the ingest thread;
@@ -29,7 +30,8 @@ GOALS_MS = {"echoprune-3x3": 2.0, "moprune": 2.0, "dtd": 2.0, "echoprune": 10.0,
 
 @dataclass(frozen=True)
 class CostSettings:
-    shapes: tuple[tuple[str, int, int, int], ...] = (("Qwen2.5-VL-7B", 16, 16, 3584), ("LLaVA-OV-7B", 14, 14, 3584))
+    shapes: tuple[tuple[str, int, int, int, int], ...] = (  # name, H, W, D, deepstack vectors per token
+        ("Qwen2.5-VL-7B", 16, 16, 3584, 0), ("Qwen3-VL-8B", 14, 14, 4096, 3), ("LLaVA-OV-7B", 14, 14, 3584, 0))
     variants: tuple[str, ...] = VARIANTS
     capacity: int = 8192
     recent_groups: int = 4
@@ -42,20 +44,23 @@ class CostSettings:
 
     @classmethod
     def quick(cls) -> "CostSettings":
-        return cls(shapes=(("toy", 4, 4, 64),), capacity=96, measure_groups=3, max_fill_groups=60, query_budget=48,
+        return cls(shapes=(("toy", 4, 4, 64, 0), ("toy-deepstack", 4, 4, 64, 3)), capacity=96, measure_groups=3, max_fill_groups=60, query_budget=48,
                    rank_repeats=2)
 
 
-def measure(s: CostSettings, label: str, h: int, w: int, d: int) -> dict:
-    """Fill a memory until its store is full, then time `measure_groups` adds and the queries."""
+def measure(s: CostSettings, label: str, h: int, w: int, d: int, deepstack: int = 0) -> dict:
+    """Fill a memory until its store is full, then time `measure_groups` adds and the queries;
+    with `deepstack`, each token carries that many side vectors (Qwen3-VL)."""
     pruner = TimedPruner(variant(label).build())
     mem = TokenMemory(s.capacity, pruner, s.recent_groups)
     feats = video_like_features(h, w, d, s.max_fill_groups + s.measure_groups, seed=1)
+    gen = torch.Generator().manual_seed(3)
     add_ms, own_ms, fed = [], [], 0
     for i, x in enumerate(feats):
         full = pruner.evictions > 0
         before = pruner.ms
-        res = mem.add(FrameTokens(index=i, pts=float(i), tokens=x))
+        extras = {"deepstack": torch.randn(deepstack, h, w, d, generator=gen)} if deepstack else {}
+        res = mem.add(FrameTokens(index=i, pts=float(i), tokens=x, extras=extras))
         fed = i + 1
         if full:
             add_ms.append(res.prune_ms)
@@ -65,7 +70,7 @@ def measure(s: CostSettings, label: str, h: int, w: int, d: int) -> dict:
         elif fed >= s.max_fill_groups:
             break
     snap = mem.snapshot()
-    gen = torch.Generator().manual_seed(2)
+    gen.manual_seed(2)
     query = torch.randn(s.query_tokens, d, generator=gen)
     rank_ms = []
     for _ in range(s.rank_repeats if pruner.evictions else 0):
@@ -105,10 +110,11 @@ def run(s: CostSettings, out_dir: Path) -> Report:
         "(TokenMemory.add: the pruner's score + evict and the memory's own bookkeeping of rows); `pruner` is "
         "score + evict alone.")
     raw = {}
-    for shape, h, w, d in s.shapes:
-        t = Table(f"{shape}: {h}x{w} tokens x {d} per group", ["pruner", "add ms", "pruner ms", "rank_for_query ms",
-                                                                "groups to fill"])
-        runs = {label: measure(s, label, h, w, d) for label in s.variants}
+    for shape, h, w, d, deepstack in s.shapes:
+        extra = f" + {deepstack} deepstack vectors per token" if deepstack else ""
+        t = Table(f"{shape}: {h}x{w} tokens x {d} per group{extra}", ["pruner", "add ms", "pruner ms",
+                                                                       "rank_for_query ms", "groups to fill"])
+        runs = {label: measure(s, label, h, w, d, deepstack) for label in s.variants}
         for label, m in runs.items():
             raw[f"{shape}/{label}"] = m
             fill = str(m["groups_fed"] - len(m["add_ms"])) if m["full"] else f"not full after {m['groups_fed']}"

@@ -98,9 +98,11 @@ def test_recall_smoke(model_cache, tmp_path):
 def test_prune_cost_smoke(tmp_path):
     report = prune_cost.run(prune_cost.CostSettings.quick(), tmp_path)
     _written(tmp_path, "prune_cost")
-    (t,) = report.tables
-    assert [r[0] for r in t.rows] == list(prune_cost.VARIANTS)
-    assert all(_num(r[1]) >= _num(r[2]) * 0.5 and _num(r[1]) > 0 for r in t.rows)
+    plain, deepstack = report.tables
+    assert "3 deepstack vectors per token" in deepstack.title and "deepstack" not in plain.title
+    for t in report.tables:
+        assert [r[0] for r in t.rows] == list(prune_cost.VARIANTS)
+        assert all(_num(r[1]) >= _num(r[2]) * 0.5 and _num(r[1]) > 0 for r in t.rows)
     assert {x.subject.split()[0] for x in report.targets} == set(prune_cost.GOALS_MS)
 
 
