@@ -1,10 +1,11 @@
 """The rolling encoder: frame groups -> visual tokens -> the token memory, off the event loop.
 
 Frames are grouped by the model's temporal patch (Qwen: 2 frames). Encoding and `memory.add`
-run on one worker thread. While it works, new groups wait in a short list; the next call takes
-all of them as one batch (the vision tower handles a batch of groups in one pass), so falling
-behind costs bigger batches, not a growing queue. Past `max_pending` the oldest waiting group is
-dropped and counted (live), or the frame reader waits (files).
+run on one worker thread; a family's per-token side features (Qwen3-VL's deepstack) go into the
+memory with their group (`FrameTokens.extras`). While it works, new groups wait in a short
+list; the next call takes all of them as one batch (the vision tower handles a batch of groups
+in one pass), so falling behind costs bigger batches, not a growing queue. Past `max_pending`
+the oldest waiting group is dropped and counted (live), or the frame reader waits (files).
 """
 from __future__ import annotations
 
@@ -127,12 +128,13 @@ class RollingEncoder:
             s.encode_ms = (time.perf_counter() - t0) * 1e3 / len(batch)
             s.batches += 1
             prune_ms = 0.0
-            for frames, grid in zip(batch, grids):
+            for frames, encoded in zip(batch, grids):
+                grid, extras = encoded if isinstance(encoded, tuple) else (encoded, {})
                 reset_at = self.reset_at_pts
                 if reset_at is not None and frames[0].pts >= reset_at:
                     self.memory.reset_stream()
                     self.reset_at_pts = None
-                tokens = FrameTokens(index=self._next_group, pts=frames[0].pts, tokens=grid)
+                tokens = FrameTokens(index=self._next_group, pts=frames[0].pts, tokens=grid, extras=extras)
                 res = self.memory.add(tokens)
                 self._next_group += 1
                 added += 1

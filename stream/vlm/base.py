@@ -150,9 +150,11 @@ class VideoLM(Protocol):
     def kv_bytes_per_token(self) -> int:
         """Bytes one prompt token takes in the LLM's KV cache (every layer's keys and values)."""
 
-    def encode(self, groups: list[list[np.ndarray]]) -> list[torch.Tensor]:
+    def encode(self, groups: list[list[np.ndarray]]
+               ) -> list[torch.Tensor] | list[tuple[torch.Tensor, Mapping[str, torch.Tensor]]]:
         """Frame groups (up to `group_size` H x W x 3 uint8 RGB frames each) -> one [H, W, D]
-        token grid per group."""
+        token grid per group; a family with per-token side features gives (grid, extras) instead,
+        each extra [..., H, W, D] (`FrameTokens.extras`, e.g. Qwen3-VL's {"deepstack": [3, H, W, D]})."""
 
     def question_embeds(self, text: str) -> torch.Tensor:
         """The LLM input embeddings of the question's tokens [L, D], for query-aware ranking."""
