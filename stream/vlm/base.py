@@ -68,7 +68,9 @@ class PromptPlan:
     def key(self, stamps: torch.Tensor) -> torch.Tensor:
         """[prefix_len, K] int64: one row per prefix token that changes whenever the token's id,
         position or (for a visual token, through the memory's `stamps` of the laid-out rows) its
-        vector does. Two prompts agree up to their first differing key row."""
+        vector does. Two prompts agree up to their first differing key row. Stamps change per
+        group, not per token: a family whose positions do not name a visual token's cell (1-D
+        running positions) adds the cell to its key (stream/vlm/llava_ov)."""
         n = self.prefix_len
         vis = self.visual[:n]
         stamp = torch.where(vis >= 0, stamps[vis.clamp_min(0)], torch.full_like(vis, -1)) if n else vis
