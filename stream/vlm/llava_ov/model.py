@@ -42,8 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +51,8 @@ import torch
 
 from pruning import TokenSet
 
-from .. import decode
-from ..base import Generation, LayoutSettings, Prompt, PromptPlan
-from ..kv_cache import BufferedCache
+from ..base import LayoutSettings, Prompt, PromptPlan
+from ..chat_llm import ChatLLM
 from ..qwen2_5_vl.positions import group_time_text
 from .preprocess import FrameGeometry, checkpoint_normalisation, preprocess_frame
 
@@ -72,23 +70,18 @@ class CellPlan(PromptPlan):
         return torch.cat([super().key(stamps), self.cells[:self.prefix_len]], dim=1)
 
 
-class LlavaOneVision:
+class LlavaOneVision(ChatLLM):
     """A loaded LLaVA-OneVision behind the `VideoLM` seam (stream/vlm/base.py)."""
 
     # EchoPrune on LLaVA-OneVision: tau 0.1, matching in the 3x3 window around each token (Sec. 4.3, App. B.3)
     pruner_defaults = {"echoprune": {"tau": 0.1, "radius": 1}}
 
     def __init__(self, model, tokenizer, name: str, random_weights: bool, geometry: FrameGeometry):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name
-        self.random_weights = random_weights
+        super().__init__(model, tokenizer, name, random_weights)
         self.geometry = geometry
         vc = model.config.vision_config
         self.side = math.ceil((vc.image_size // vc.patch_size) / 2)  # pooled tokens per frame side
-        self.hidden_size = int(model.config.text_config.hidden_size)
         self.video_token_id = int(model.config.video_token_id)
-        self.eos_ids = self._eos_ids()
 
     @classmethod
     def from_pretrained(cls, path: str, name: str, dtype: torch.dtype, device: str, max_pixels: int,
@@ -108,28 +101,8 @@ class LlavaOneVision:
         return 1
 
     @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    @property
     def max_tokens_per_group(self) -> int:
         return self.side * self.side
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        tc = self.model.config.text_config
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        return 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * self.dtype.itemsize
-
-    def _eos_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id or self.model.config.text_config.eos_token_id
-        ids = eos if isinstance(eos, list) else [eos]
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        return sorted({int(i) for i in ids if i is not None} | ({int(im_end)} if im_end is not None else set()))
 
     @torch.inference_mode()
     def encode(self, groups: list[list[np.ndarray]]) -> list[torch.Tensor]:
@@ -143,9 +116,6 @@ class LlavaOneVision:
         feats = self.model.model.get_video_features(
             pixel_values_videos=torch.from_numpy(pixels).to(self.device, self.dtype)).pooler_output[0, :-1]
         return list(feats.reshape(len(groups), self.side, self.side, -1).cpu())
-
-    def tokenize(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
 
     @functools.lru_cache(maxsize=4096)
     def _label(self, text: str) -> torch.Tensor:
@@ -161,14 +131,6 @@ class LlavaOneVision:
     def _after_video(self, question: str) -> torch.Tensor:
         """The question and the assistant prompt, after the video's newline."""
         return self.tokenize(f"\n{question}<|im_end|>\n<|im_start|>assistant\n")
-
-    @torch.inference_mode()
-    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids.to(self.device))
-
-    def question_embeds(self, text: str) -> torch.Tensor:
-        """The LLM input-embedding rows of the question's tokens [L, D] (for query-aware pruning)."""
-        return self.embed_ids(self.tokenize(text)).float().cpu()
 
     def plan(self, rows: Any, question: str, settings: LayoutSettings) -> PromptPlan:
         """The prompt for `question` over the laid-out rows (their group, pts, row and col, in
@@ -198,11 +160,7 @@ class LlavaOneVision:
         """Input embeddings [1, end - start, D] of plan tokens start..end: the visual tokens among
         them from `visual` in order, the video's newline (at `prefix_len`) from `image_newline`."""
         end = len(plan) if end is None else end
-        is_vis = plan.visual[start:end] >= 0
-        if int(is_vis.sum()) != len(visual):
-            raise ValueError(f"{int(is_vis.sum())} visual tokens in tokens {start}..{end}, {len(visual)} vectors given")
-        out = self.embed_ids(plan.ids[start:end])
-        out[is_vis.to(self.device)] = visual.to(self.device, self.dtype)
+        out = self.embed_visual(plan, visual, start, end)
         if start <= plan.prefix_len < end:
             out[plan.prefix_len - start] = self.model.model.image_newline.to(self.dtype)
         return out.unsqueeze(0)
@@ -211,9 +169,6 @@ class LlavaOneVision:
         """The whole prompt for `question` over the kept tokens `seen` (in temporal order)."""
         plan = self.plan(seen, question, settings)
         return Prompt(plan, self.embed(plan, seen.tokens[plan.visual[plan.visual >= 0]]))
-
-    def new_cache(self, max_tokens: int) -> BufferedCache:
-        return BufferedCache(self.model.config, max_tokens)
 
     @torch.inference_mode()
     def forward(self, cache: Any, embeds: torch.Tensor, position_ids: torch.Tensor, logits: bool,
@@ -230,8 +185,3 @@ class LlavaOneVision:
         out = self.model(inputs_embeds=embeds, position_ids=position_ids.to(self.device), attention_mask=mask,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]
-
-    def generate(self, prompt: Prompt, max_new_tokens: int, on_text: Callable[[str], None] | None = None,
-                 cache: Any = None, stop: threading.Event | None = None) -> Generation:
-        """Greedy decoding with explicit positions (stream/vlm/decode.py)."""
-        return decode.generate(self, prompt, max_new_tokens, on_text, cache=cache, stop=stop)

@@ -10,13 +10,11 @@ checkpoint. Seeded, so every build is identical.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from ..qwen2_5_vl.tiny import build_tokenizer
+from ..qwen2_5_vl.tiny import build_tokenizer, save_atomically
 from .preprocess import SIGLIP_MEAN, SIGLIP_STD
 
 log = logging.getLogger(__name__)
@@ -88,12 +86,4 @@ def ensure_tiny_model(root: Path, seed: int = 0) -> Path:
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]],
         image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD),
     )
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(path)
-    return path
+    return save_atomically(path, model, tokenizer, processor)

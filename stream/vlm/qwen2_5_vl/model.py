@@ -15,8 +15,7 @@ Prompt layout, question last so the video block's KV can be reused between quest
 from __future__ import annotations
 
 import functools
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,35 +23,28 @@ import torch
 
 from pruning import TokenSet
 
-from .. import decode
-from ..base import Generation, LayoutSettings, Prompt, PromptPlan
-from ..kv_cache import BufferedCache
+from ..base import LayoutSettings, Prompt, PromptPlan
+from ..chat_llm import ChatLLM
 from ..positions import TextPart, VisualPart, build_positions
 from .positions import group_time_text, time_offsets
 from .preprocess import VisionGeometry, frames_to_pairs, patchify
 
-VIDEO_PLACEHOLDER = "\x00video\x00"
 
 
-class Qwen2_5_VL:
+class Qwen2_5_VL(ChatLLM):
     """A loaded Qwen2.5-VL behind the `VideoLM` seam (stream/vlm/base.py)."""
 
     # EchoPrune on Qwen: tau 0.5, matching against the whole previous group (Sec. 4.3, App. B.4)
     pruner_defaults = {"echoprune": {"tau": 0.5, "radius": None}}
 
     def __init__(self, model, tokenizer, name: str, random_weights: bool, max_pixels: int):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name
-        self.random_weights = random_weights
+        super().__init__(model, tokenizer, name, random_weights)
         vc = model.config.vision_config
         self.geometry = VisionGeometry(
             patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
             temporal_patch_size=vc.temporal_patch_size, max_pixels=max_pixels,
         )
         self.tokens_per_second = float(vc.tokens_per_second)
-        self.hidden_size = int(model.config.text_config.hidden_size)
-        self.eos_ids = self._eos_ids()
         self.vision_start_id = int(model.config.vision_start_token_id)
         self.vision_end_id = int(model.config.vision_end_token_id)
         self.video_token_id = int(model.config.video_token_id)
@@ -72,28 +64,8 @@ class Qwen2_5_VL:
         return self.geometry.temporal_patch_size
 
     @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    @property
     def max_tokens_per_group(self) -> int:
         return self.geometry.max_pixels // self.geometry.factor ** 2
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        tc = self.model.config.text_config
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        return 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * self.dtype.itemsize
-
-    def _eos_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id or self.model.config.text_config.eos_token_id
-        ids = eos if isinstance(eos, list) else [eos]
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        return sorted({int(i) for i in ids if i is not None} | ({int(im_end)} if im_end is not None else set()))
 
     @torch.inference_mode()
     def encode(self, groups: list[list[np.ndarray]]) -> list[torch.Tensor]:
@@ -117,37 +89,10 @@ class Qwen2_5_VL:
                 out[i] = grid[k]
         return out  # type: ignore[return-value]
 
-    def tokenize(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
-
     @functools.lru_cache(maxsize=4096)
     def _label(self, text: str) -> torch.Tensor:
         """A group's timestamp text and `<|vision_start|>` (tokenized once per distinct label)."""
         return torch.cat([self.tokenize(text), torch.tensor([self.vision_start_id])])
-
-    @torch.inference_mode()
-    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids.to(self.device))
-
-    def question_embeds(self, text: str) -> torch.Tensor:
-        """The LLM input-embedding rows of the question's tokens [L, D] (for query-aware pruning)."""
-        return self.embed_ids(self.tokenize(text)).float().cpu()
-
-    @functools.lru_cache(maxsize=64)
-    def _before_video(self, system: str) -> torch.Tensor:
-        return self.chat_parts(system, "")[0]
-
-    def chat_parts(self, system: str, after_video: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chat template rendered around the video: (ids before it, ids after it up to the
-        assistant prompt). The video opens the user turn, so the ids before it depend on the
-        system prompt only. The caller adds the vision start/end tokens."""
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "system", "content": system},
-             {"role": "user", "content": f"{VIDEO_PLACEHOLDER}{after_video}"}],
-            tokenize=False, add_generation_prompt=True,
-        )
-        before, after = text.split(VIDEO_PLACEHOLDER)
-        return self.tokenize(before), self.tokenize(after)
 
     def plan(self, rows: Any, question: str, settings: LayoutSettings) -> PromptPlan:
         """The prompt for `question` over the laid-out rows (their group, pts, row and col, in
@@ -184,25 +129,10 @@ class Qwen2_5_VL:
         return PromptPlan(ids=torch.cat(ids), position_ids=build_positions(parts).unsqueeze(1), visual=torch.cat(visual),
                           prefix_len=prefix_len)
 
-    @torch.inference_mode()
-    def embed(self, plan: PromptPlan, visual: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Input embeddings [1, end - start, D] of plan tokens start..end, the visual tokens among
-        them taken from `visual` in order."""
-        end = len(plan) if end is None else end
-        is_vis = plan.visual[start:end] >= 0
-        if int(is_vis.sum()) != len(visual):
-            raise ValueError(f"{int(is_vis.sum())} visual tokens in tokens {start}..{end}, {len(visual)} vectors given")
-        out = self.embed_ids(plan.ids[start:end])
-        out[is_vis.to(self.device)] = visual.to(self.device, self.dtype)
-        return out.unsqueeze(0)
-
     def layout(self, seen: TokenSet, question: str, settings: LayoutSettings) -> Prompt:
         """The whole prompt for `question` over the kept tokens `seen` (in temporal order)."""
         plan = self.plan(seen, question, settings)
         return Prompt(plan, self.embed(plan, seen.tokens[plan.visual[plan.visual >= 0]]))
-
-    def new_cache(self, max_tokens: int) -> BufferedCache:
-        return BufferedCache(self.model.config, max_tokens)
 
     @torch.inference_mode()
     def forward(self, cache: Any, embeds: torch.Tensor, position_ids: torch.Tensor, logits: bool,
@@ -219,8 +149,3 @@ class Qwen2_5_VL:
         out = self.model(inputs_embeds=embeds, position_ids=position_ids.to(self.device), attention_mask=mask,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]
-
-    def generate(self, prompt: Prompt, max_new_tokens: int, on_text: Callable[[str], None] | None = None,
-                 cache: Any = None, stop: threading.Event | None = None) -> Generation:
-        """Greedy decoding with explicit positions (stream/vlm/decode.py)."""
-        return decode.generate(self, prompt, max_new_tokens, on_text, cache=cache, stop=stop)

@@ -90,10 +90,16 @@ def ensure_tiny_model(root: Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer()
     config = tiny_config(tokenizer)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return save_atomically(path, Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer)
+
+
+def save_atomically(path: Path, *parts) -> Path:
+    """`save_pretrained` each of `parts` (model, tokenizer, processor) into `path`, atomically: a
+    concurrent build of the same path (two test processes) keeps the first one. Every family's
+    tiny model is saved this way."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    for part in parts:
+        part.save_pretrained(tmp)
     if path.exists():
         shutil.rmtree(tmp)
     else:

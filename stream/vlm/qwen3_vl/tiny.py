@@ -10,13 +10,11 @@ config's default is 128, not hidden / heads.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from ..qwen2_5_vl.tiny import SPECIAL_TOKENS, build_tokenizer
+from ..qwen2_5_vl.tiny import SPECIAL_TOKENS, build_tokenizer, save_atomically
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +57,7 @@ def save_tiny_model(path: Path, moe: bool = False, seed: int = 0) -> Path:
     config = tiny_config(tokenizer, moe=moe)
     torch.manual_seed(seed)
     model = (Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration)(config).eval()
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(path)
-    return path
+    return save_atomically(path, model, tokenizer)
 
 
 def ensure_tiny_model(root: Path) -> Path:

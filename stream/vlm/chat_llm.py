@@ -1,0 +1,106 @@
+"""What every family shares on the LLM side: tokenizing and embedding text, the ids that end an
+answer, the size of a prompt token in the KV cache, putting the kept visual vectors in place
+among a plan's text embeddings, and greedy decoding (stream/vlm/decode.py).
+
+A family (stream/vlm/<family>/model.py) subclasses `ChatLLM` and adds what is its own: the
+vision tower (`encode`), its prompt plan and positions, and `forward`.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from . import decode
+from .base import Generation, Prompt, PromptPlan
+from .kv_cache import BufferedCache
+
+VIDEO_PLACEHOLDER = "\x00video\x00"  # where the video goes in a rendered chat template
+
+
+class ChatLLM:
+    """The LLM half of a loaded family: `model` (a transformers VLM) and its tokenizer."""
+
+    pruner_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}  # pruner -> the papers' setting for the family
+
+    def __init__(self, model, tokenizer, name: str, random_weights: bool):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.random_weights = random_weights
+        self.hidden_size = int(model.config.text_config.hidden_size)
+        self.eos_ids = self._eos_ids()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        tc = self.model.config.text_config
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        return 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * self.dtype.itemsize
+
+    def _eos_ids(self) -> list[int]:
+        """The generation config's end ids and the chat turn's end, `<|im_end|>`."""
+        eos = self.model.generation_config.eos_token_id or self.model.config.text_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        return sorted({int(i) for i in ids if i is not None} | ({int(im_end)} if im_end is not None else set()))
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+    @torch.inference_mode()
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def question_embeds(self, text: str) -> torch.Tensor:
+        """The LLM input-embedding rows of the question's tokens [L, D] (for query-aware pruning)."""
+        return self.embed_ids(self.tokenize(text)).float().cpu()
+
+    @functools.lru_cache(maxsize=64)
+    def _before_video(self, system: str) -> torch.Tensor:
+        return self.chat_parts(system, "")[0]
+
+    def chat_parts(self, system: str, after_video: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokenizer's chat template rendered around the video: (ids before it, ids after it
+        up to the assistant prompt). The video opens the user turn, so the ids before it depend
+        on the system prompt only. The family adds its own video markers."""
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "system", "content": system},
+             {"role": "user", "content": f"{VIDEO_PLACEHOLDER}{after_video}"}],
+            tokenize=False, add_generation_prompt=True,
+        )
+        before, after = text.split(VIDEO_PLACEHOLDER)
+        return self.tokenize(before), self.tokenize(after)
+
+    @torch.inference_mode()
+    def embed_visual(self, plan: PromptPlan, visual: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Input embeddings [end - start, D] of plan tokens start..end: text from the embedding
+        table, the visual tokens among them from `visual` in order."""
+        is_vis = plan.visual[start:end] >= 0
+        if int(is_vis.sum()) != len(visual):
+            raise ValueError(f"{int(is_vis.sum())} visual tokens in tokens {start}..{end}, {len(visual)} vectors given")
+        out = self.embed_ids(plan.ids[start:end])
+        out[is_vis.to(self.device)] = visual.to(self.device, self.dtype)
+        return out
+
+    def embed(self, plan: PromptPlan, visual: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Input embeddings [1, end - start, D] of plan tokens start..end (`VideoLM.embed`)."""
+        return self.embed_visual(plan, visual, start, len(plan) if end is None else end).unsqueeze(0)
+
+    def new_cache(self, max_tokens: int) -> BufferedCache:
+        return BufferedCache(self.model.config, max_tokens)
+
+    def generate(self, prompt: Prompt, max_new_tokens: int, on_text: Callable[[str], None] | None = None,
+                 cache: Any = None, stop: threading.Event | None = None) -> Generation:
+        """Greedy decoding with explicit positions (stream/vlm/decode.py)."""
+        return decode.generate(self, prompt, max_new_tokens, on_text, cache=cache, stop=stop)
