@@ -25,6 +25,7 @@ class VisualPart:
     t: torch.Tensor  # [n] long, temporal offset from the block start
     row: torch.Tensor  # [n] long
     col: torch.Tensor  # [n] long
+    extent: int | None = None  # how far the cursor moves past the block's start; None: past its largest position
 
 
 def build_positions(parts: list[TextPart | VisualPart]) -> torch.Tensor:
@@ -36,9 +37,10 @@ def build_positions(parts: list[TextPart | VisualPart]) -> torch.Tensor:
             k = int(part.ids.numel())
             out.append(torch.arange(cursor, cursor + k).expand(3, k))
             cursor += k
-        else:
-            if part.t.numel() == 0:
-                continue
+        elif part.extent is not None:
+            out.append(torch.stack([part.t, part.row, part.col]) + cursor)
+            cursor += part.extent
+        elif part.t.numel():
             pos = torch.stack([part.t, part.row, part.col]) + cursor
             out.append(pos)
             cursor = int(pos.max()) + 1

@@ -44,9 +44,9 @@ from pruning import TokenSet
 
 from ..base import LayoutSettings, Prompt, PromptPlan
 from ..chat_llm import ChatLLM
-from ..positions import TextPart
+from ..positions import TextPart, VisualPart, build_positions
 from ..qwen2_5_vl.preprocess import frames_to_pairs, patchify
-from .positions import GroupPart, build_positions, group_time, time_label
+from .positions import group_time, time_label
 from .preprocess import DEFAULT_MEAN, DEFAULT_STD, geometry, normalization
 
 DEEPSTACK = "deepstack"
@@ -136,14 +136,14 @@ class Qwen3_VL(ChatLLM):
         n = len(rows.group)
         everything = torch.arange(n)
         starts = torch.searchsorted(rows.group, torch.unique_consecutive(rows.group)).tolist() + [n]
-        parts: list[TextPart | GroupPart] = []
+        parts: list[TextPart | VisualPart] = []
         text = self._before_video(settings.system_prompt)  # the text before the next block
         for a, b in zip(starts[:-1], starts[1:]):
             seconds = group_time(float(rows.pts[a]), self.group_size, settings.frame_interval_s)
             row, col = rows.row[a:b], rows.col[a:b]
             extent = max(int(grid_h), int(grid_w), int(row.max()) + 1, int(col.max()) + 1)
             parts += [TextPart(torch.cat([text, self._label(time_label(seconds))])),
-                      GroupPart(everything[a:b], row, col, extent)]
+                      VisualPart(everything[a:b], torch.zeros_like(row), row, col, extent)]
             text = torch.tensor([self.vision_end_id])
         prefix_end = len(parts)
         parts.append(TextPart(torch.cat([text, self.chat_parts(settings.system_prompt, question)[1]])))

@@ -6,23 +6,10 @@ sits at t = h = w = the running index. A group's tokens sit at (c, c + row, c + 
 the running position just after its `<|vision_start|>`: time is carried by the label text, not
 by the t position. After a group the cursor moves to c + its extent, max(H, W) of its token
 grid, whatever was pruned from it: a kept token keeps its dense (row, col), and its position
-depends on its own coordinates and on the groups before it only.
+depends on its own coordinates and on the groups before it only. stream/vlm/positions.py builds
+them: a group is a `VisualPart` with t = 0 and that extent.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-
-import torch
-
-from ..positions import TextPart
-
-
-@dataclass(frozen=True)
-class GroupPart:
-    rows: torch.Tensor  # [n] long: which laid-out rows (held tokens) the group's block shows, in order
-    row: torch.Tensor  # [n] long
-    col: torch.Tensor  # [n] long
-    extent: int  # how far the cursor moves past the block's start: max(H, W) of the group's grid
 
 
 def group_time(pts: float, group_size: int, frame_interval_s: float) -> float:
@@ -34,18 +21,3 @@ def group_time(pts: float, group_size: int, frame_interval_s: float) -> float:
 def time_label(seconds: float) -> str:
     """The processor's label text, e.g. '<1.2 seconds>' for 1.25 s (`:.1f` rounds half to even)."""
     return f"<{seconds:.1f} seconds>"
-
-
-def build_positions(parts: list[TextPart | GroupPart]) -> torch.Tensor:
-    """Position ids [3, L] for the concatenated parts."""
-    out = []
-    cursor = 0
-    for part in parts:
-        if isinstance(part, TextPart):
-            k = int(part.ids.numel())
-            out.append(torch.arange(cursor, cursor + k).expand(3, k))
-            cursor += k
-        else:
-            out.append(torch.stack([torch.zeros_like(part.row), part.row, part.col]) + cursor)
-            cursor += part.extent
-    return torch.cat(out, dim=1) if out else torch.zeros(3, 0, dtype=torch.long)
