@@ -3,7 +3,8 @@ answer, the size of a prompt token in the KV cache, putting the kept visual vect
 among a plan's text embeddings, and greedy decoding (stream/vlm/decode.py).
 
 A family (stream/vlm/<family>/model.py) subclasses `ChatLLM` and adds what is its own: the
-vision tower (`encode`), its prompt plan and positions, and `forward`.
+vision tower (`encode`), its prompt plan and positions, and where its LLM differs (Qwen3-VL's
+deepstack in `forward` and `layout`, LLaVA-OneVision's newline in `embed`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from typing import Any, ClassVar
 import torch
 
 from . import decode
-from .base import Generation, Prompt, PromptPlan
+from pruning import TokenSet
+
+from .base import Generation, LayoutSettings, Prompt, PromptPlan
 from .kv_cache import BufferedCache
 
 VIDEO_PLACEHOLDER = "\x00video\x00"  # where the video goes in a rendered chat template
@@ -97,8 +100,29 @@ class ChatLLM:
         """Input embeddings [1, end - start, D] of plan tokens start..end (`VideoLM.embed`)."""
         return self.embed_visual(plan, visual, start, len(plan) if end is None else end).unsqueeze(0)
 
+    def layout(self, seen: TokenSet, question: str, settings: LayoutSettings) -> Prompt:
+        """The whole prompt for `question` over the kept tokens `seen` (in temporal order)."""
+        plan = self.plan(seen, question, settings)
+        return Prompt(plan, self.embed(plan, seen.tokens[plan.visual[plan.visual >= 0]]))
+
     def new_cache(self, max_tokens: int) -> BufferedCache:
         return BufferedCache(self.model.config, max_tokens)
+
+    @torch.inference_mode()
+    def forward(self, cache: Any, embeds: torch.Tensor, position_ids: torch.Tensor, logits: bool,
+                visual: torch.Tensor | None = None, extras: Mapping[str, torch.Tensor] | None = None
+                ) -> torch.Tensor | None:
+        """The LLM over `embeds` on `cache`, with a mask over everything cached and new (a family
+        without side features ignores `visual` and `extras`; Qwen3-VL overrides this)."""
+        n = cache.get_seq_length() + embeds.shape[1]
+        mask = torch.ones(1, n, dtype=torch.long, device=self.device)
+        if not logits:  # the decoder alone: no logits to compute
+            self.model.model.language_model(inputs_embeds=embeds, position_ids=position_ids.to(self.device),
+                                            attention_mask=mask, past_key_values=cache, use_cache=True)
+            return None
+        out = self.model(inputs_embeds=embeds, position_ids=position_ids.to(self.device), attention_mask=mask,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
 
     def generate(self, prompt: Prompt, max_new_tokens: int, on_text: Callable[[str], None] | None = None,
                  cache: Any = None, stop: threading.Event | None = None) -> Generation:

@@ -42,16 +42,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from pruning import TokenSet
 
-from ..base import LayoutSettings, Prompt, PromptPlan
+from ..base import LayoutSettings, PromptPlan
 from ..chat_llm import ChatLLM
 from ..qwen2_5_vl.positions import group_time_text
 from .preprocess import FrameGeometry, checkpoint_normalisation, preprocess_frame
@@ -164,24 +162,3 @@ class LlavaOneVision(ChatLLM):
         if start <= plan.prefix_len < end:
             out[plan.prefix_len - start] = self.model.model.image_newline.to(self.dtype)
         return out.unsqueeze(0)
-
-    def layout(self, seen: TokenSet, question: str, settings: LayoutSettings) -> Prompt:
-        """The whole prompt for `question` over the kept tokens `seen` (in temporal order)."""
-        plan = self.plan(seen, question, settings)
-        return Prompt(plan, self.embed(plan, seen.tokens[plan.visual[plan.visual >= 0]]))
-
-    @torch.inference_mode()
-    def forward(self, cache: Any, embeds: torch.Tensor, position_ids: torch.Tensor, logits: bool,
-                visual: torch.Tensor | None = None, extras: Mapping[str, torch.Tensor] | None = None
-                ) -> torch.Tensor | None:
-        """The LLM over `embeds` on `cache`, with a mask over everything cached and new (LLaVA-OV
-        has no side features: `visual` and `extras` are not used)."""
-        n = cache.get_seq_length() + embeds.shape[1]
-        mask = torch.ones(1, n, dtype=torch.long, device=self.device)
-        if not logits:  # the decoder alone: no logits to compute
-            self.model.model.language_model(inputs_embeds=embeds, position_ids=position_ids.to(self.device),
-                                            attention_mask=mask, past_key_values=cache, use_cache=True)
-            return None
-        out = self.model(inputs_embeds=embeds, position_ids=position_ids.to(self.device), attention_mask=mask,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1]

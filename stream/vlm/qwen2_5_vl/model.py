@@ -15,19 +15,17 @@ Prompt layout, question last so the video block's KV can be reused between quest
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from pruning import TokenSet
 
-from ..base import LayoutSettings, Prompt, PromptPlan
+from ..base import LayoutSettings, PromptPlan
 from ..chat_llm import ChatLLM
-from ..positions import TextPart, VisualPart, build_positions
+from ..positions import TextPart, VisualPart, plan_of
 from .positions import group_time_text, time_offsets
-from .preprocess import VisionGeometry, frames_to_pairs, patchify
+from .preprocess import VisionGeometry, batches_by_shape
 
 
 
@@ -73,13 +71,8 @@ class Qwen2_5_VL(ChatLLM):
         per group. Groups of one size go through the tower in one call: Qwen's vision attention
         is per temporal group, so this equals encoding them one by one."""
         out: list[torch.Tensor | None] = [None] * len(groups)
-        stacks = [frames_to_pairs(g, self.geometry) for g in groups]
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, s in enumerate(stacks):
-            by_shape.setdefault(s.shape[1:], []).append(i)
         m = self.geometry.merge_size
-        for idxs in by_shape.values():
-            pixels, (t, gh, gw) = patchify(np.concatenate([stacks[i] for i in idxs]), self.geometry)
+        for idxs, pixels, (t, gh, gw) in batches_by_shape(groups, self.geometry):
             feats = self.model.model.get_video_features(
                 pixel_values_videos=torch.from_numpy(pixels).to(self.device),
                 video_grid_thw=torch.tensor([[t, gh, gw]], device=self.device),
@@ -117,35 +110,4 @@ class Qwen2_5_VL(ChatLLM):
             parts[0] = TextPart(torch.cat([before, self._label(group_time_text(t0))]))
             prefix_end = len(parts)
             parts.append(TextPart(after))
-        ids, visual = [], []
-        for part in parts:
-            if isinstance(part, TextPart):
-                ids.append(part.ids)
-                visual.append(torch.full((len(part.ids),), -1, dtype=torch.long))
-            else:
-                ids.append(torch.full((len(part.rows),), self.video_token_id, dtype=torch.long))
-                visual.append(part.rows)
-        prefix_len = sum(len(v) for v in visual[:prefix_end])
-        return PromptPlan(ids=torch.cat(ids), position_ids=build_positions(parts).unsqueeze(1), visual=torch.cat(visual),
-                          prefix_len=prefix_len)
-
-    def layout(self, seen: TokenSet, question: str, settings: LayoutSettings) -> Prompt:
-        """The whole prompt for `question` over the kept tokens `seen` (in temporal order)."""
-        plan = self.plan(seen, question, settings)
-        return Prompt(plan, self.embed(plan, seen.tokens[plan.visual[plan.visual >= 0]]))
-
-    @torch.inference_mode()
-    def forward(self, cache: Any, embeds: torch.Tensor, position_ids: torch.Tensor, logits: bool,
-                visual: torch.Tensor | None = None, extras: Mapping[str, torch.Tensor] | None = None
-                ) -> torch.Tensor | None:
-        """The LLM over `embeds` on `cache` (Qwen2.5-VL has no side features: `visual` and
-        `extras` are not used)."""
-        n = cache.get_seq_length() + embeds.shape[1]
-        mask = torch.ones(1, n, dtype=torch.long, device=self.device)
-        if not logits:  # the decoder alone: no logits to compute
-            self.model.model(inputs_embeds=embeds, position_ids=position_ids.to(self.device), attention_mask=mask,
-                             past_key_values=cache, use_cache=True)
-            return None
-        out = self.model(inputs_embeds=embeds, position_ids=position_ids.to(self.device), attention_mask=mask,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1]
+        return plan_of(parts, prefix_end, self.video_token_id)

@@ -104,3 +104,14 @@ def frames_to_pairs(images: list[np.ndarray], geo: VisionGeometry) -> np.ndarray
     while len(resized) % geo.temporal_patch_size:
         resized.append(resized[-1])
     return np.stack(resized)
+
+
+def batches_by_shape(groups: list[list[np.ndarray]], geo: VisionGeometry
+                     ) -> list[tuple[list[int], np.ndarray, tuple[int, int, int]]]:
+    """The groups' patches, one batch per frame size: (which groups, patches, (t, gh, gw)). The
+    Qwen towers attend within a temporal group, so a batch equals its groups one by one."""
+    stacks = [frames_to_pairs(g, geo) for g in groups]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(stacks):
+        by_shape.setdefault(s.shape[1:], []).append(i)
+    return [(idxs, *patchify(np.concatenate([stacks[i] for i in idxs]), geo)) for idxs in by_shape.values()]

@@ -44,8 +44,8 @@ from pruning import TokenSet
 
 from ..base import LayoutSettings, Prompt, PromptPlan
 from ..chat_llm import ChatLLM
-from ..positions import TextPart, VisualPart, build_positions
-from ..qwen2_5_vl.preprocess import frames_to_pairs, patchify
+from ..positions import TextPart, VisualPart, plan_of
+from ..qwen2_5_vl.preprocess import batches_by_shape
 from .positions import group_time, time_label
 from .preprocess import DEFAULT_MEAN, DEFAULT_STD, geometry, normalization
 
@@ -104,13 +104,8 @@ class Qwen3_VL(ChatLLM):
         size go through the tower in one call: its attention is per temporal group, so this
         equals encoding them one by one."""
         out: list[tuple[torch.Tensor, dict[str, torch.Tensor]] | None] = [None] * len(groups)
-        stacks = [frames_to_pairs(g, self.geometry) for g in groups]
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, s in enumerate(stacks):
-            by_shape.setdefault(s.shape[1:], []).append(i)
         m = self.geometry.merge_size
-        for idxs in by_shape.values():
-            pixels, (t, gh, gw) = patchify(np.concatenate([stacks[i] for i in idxs]), self.geometry)
+        for idxs, pixels, (t, gh, gw) in batches_by_shape(groups, self.geometry):
             feats = self.model.model.get_video_features(
                 pixel_values_videos=torch.from_numpy(pixels).to(self.device),
                 video_grid_thw=torch.tensor([[t, gh, gw]], device=self.device),
@@ -147,17 +142,7 @@ class Qwen3_VL(ChatLLM):
             text = torch.tensor([self.vision_end_id])
         prefix_end = len(parts)
         parts.append(TextPart(torch.cat([text, self.chat_parts(settings.system_prompt, question)[1]])))
-        ids, visual = [], []
-        for part in parts:
-            if isinstance(part, TextPart):
-                ids.append(part.ids)
-                visual.append(torch.full((len(part.ids),), -1, dtype=torch.long))
-            else:
-                ids.append(torch.full((len(part.rows),), self.video_token_id, dtype=torch.long))
-                visual.append(part.rows)
-        prefix_len = sum(len(v) for v in visual[:prefix_end])
-        return PromptPlan(ids=torch.cat(ids), position_ids=build_positions(parts).unsqueeze(1),
-                          visual=torch.cat(visual), prefix_len=prefix_len)
+        return plan_of(parts, prefix_end, self.video_token_id)
 
     def layout(self, seen: TokenSet, question: str, settings: LayoutSettings) -> Prompt:
         """The whole prompt for `question` over the kept tokens `seen` (in temporal order), with
