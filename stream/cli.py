@@ -260,7 +260,9 @@ def pruners_text() -> str:
             lines.append(f"    {key} = {default!r}  ({describe_range(lo, hi)})")
         if not params:
             lines.append("    (no parameters)")
-    lines.append("Choose one with --pruner NAME or [memory] pruner = \"NAME\"; set parameters in [memory.params].")
+    lines.append("Choose one with --pruner NAME or [memory] pruner = \"NAME\"; set parameters in [memory.params]. "
+                 "A model family applies its papers' values where they differ (EchoPrune on LLaVA-OneVision: "
+                 "tau 0.1, radius 1); a value the config sets wins.")
     return "\n".join(lines)
 
 
