@@ -60,9 +60,11 @@ class GroupScore:
     """What a pruner says about one incoming group (all tensors are [N], N = H*W, raster order).
 
     `keep` False drops a token when its group leaves the dense recent window (e.g. DTD drops
-    static tokens). `merge_into[i] = g >= 0` folds token i, at that moment, into the token at the
-    same (row, col) of earlier group g by running mean (HieraVid's static runs); if that token
-    is no longer held, token i is dropped. `meta` is stored per token and handed to `evict`.
+    static tokens). `merge_into[i] = g >= 0` folds token i, at that moment, by running mean into
+    its run's head: the newest held token at the same (row, col) from group g on (HieraVid's
+    static runs; g's own token, or the one that restarted the run once g's was evicted); with
+    none held, token i is kept as a row and starts the run anew. `meta`
+    is stored per token and handed to `evict`.
     """
 
     score: torch.Tensor
@@ -107,7 +109,9 @@ class TokenSet:
 
     Used both as the long-term store handed to `evict` (read-only; there `tokens` and `extras`
     are `RowView`s: index them to read rows) and as the immutable snapshot a query runs on
-    (plain tensors). `recent` marks tokens of the dense recent window.
+    (plain tensors). `recent` marks tokens of the dense recent window. `run` is how many
+    consecutive groups a row stands for: a merged run's length from the row's group on (its
+    vector their mean), 1 for every other row; left out, it is all 1.
     """
 
     tokens: torch.Tensor  # [n, D]
@@ -120,6 +124,11 @@ class TokenSet:
     grid: tuple[int, int]  # (H, W) of the token grid
     meta: Mapping[str, torch.Tensor] = field(default_factory=dict)  # [n] each
     extras: Mapping[str, torch.Tensor] = field(default_factory=dict)  # [n, ...] each
+    run: torch.Tensor | None = None  # [n] long, groups each row stands for (None: all 1)
+
+    def __post_init__(self) -> None:
+        if self.run is None:
+            object.__setattr__(self, "run", torch.ones(self.group.shape[0], dtype=torch.long))
 
     def __len__(self) -> int:
         return int(self.group.shape[0])
@@ -138,6 +147,7 @@ class TokenSet:
             recent=self.recent[idx],
             meta={k: v[idx] for k, v in self.meta.items()},
             extras={k: v[idx] for k, v in self.extras.items()},
+            run=self.run[idx],
         )
 
     def groups(self) -> torch.Tensor:

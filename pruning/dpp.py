@@ -9,15 +9,14 @@ of the order is the greedy pick for a smaller k. Once the best gain is <= 1e-10 
 the set lies numerically in the span of what was picked; dividing by its square root would give
 NaN, so the remaining picks are filled by descending diagonal (ties toward the lower index).
 
-`block_scores` and `span_of` serve the streaming HieraVid, which cannot afford a DPP over a
-whole segment per group: it runs the same greedy on one block of tokens at a time, conditioned
-on the tokens picked in the block before (pruning/hieravid.py, departure 4, says why and what
-it costs).
+`span_greedy` serves the streaming HieraVid, which cannot afford a DPP over a whole segment per
+group: it runs the same greedy in feature space on one block of tokens at a time, conditioned on
+an orthonormal basis of the segment's earlier picks, which it extends (pruning/hieravid.py,
+departure 4, says why and what it costs).
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
@@ -86,48 +85,50 @@ def unit_kernel(units: torch.Tensor) -> torch.Tensor:
     return kernel
 
 
-class Span(NamedTuple):
-    """The span of linearly independent unit rows `vectors` [p, D], with the Cholesky factor
-    `chol` [p, p] (float64) of their Gram matrix: projecting onto it needs no orthonormal basis."""
-
-    vectors: torch.Tensor
-    chol: torch.Tensor
+SPAN_GAIN = 1e-5
 
 
-def span_of(units: torch.Tensor) -> Span:
-    """The span of unit rows [p, D], keeping the longest prefix whose Gram matrix is
-    numerically positive definite (greedy picks are independent, but rounding may say not)."""
-    gram = (units @ units.T).to(torch.float64)
-    p = units.shape[0]
-    while True:  # a shorter prefix can round differently again, so re-check each one
-        chol, info = torch.linalg.cholesky_ex(gram[:p, :p])
-        if int(info) == 0:
-            return Span(units[:p], chol)
-        p = int(info) - 1
-
-
-def block_scores(
-    units: torch.Tensor, given: Span | None, relevance: torch.Tensor | None, picks: int
+def span_greedy(
+    units: torch.Tensor, basis: torch.Tensor, relevance: torch.Tensor | None, picks: int, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPP ranking scores [n] of a block of tokens and the greedy picks that set them.
+    """Greedy MAP scores [n] (float64) of a block of unit tokens given the picks behind `basis`.
 
-    `units` [n, D] are unit-norm tokens, so their cosine kernel is `units @ units.T`. Having
-    already picked the tokens of `given` conditions the DPP to the Schur complement
-    `C - A G^-1 A^T`, `A = units @ given.vectors.T`, G their Gram matrix; Eq. 9's relevance
-    scales it as `diag(r) (C - A G^-1 A^T) diag(r)`, exact because scaling a picked token by
-    r > 0 keeps its span. The first `picks` greedy picks score their gain; every other token
-    scores its residual gain after them, which is below the last pick's gain, so sorting by
-    score replays the greedy order for the picks and ranks the rest by what they would add.
+    `basis` [p, D] is an orthonormal basis of the tokens picked before (float32). For a cosine
+    kernel, conditioning on them leaves each token's residual `v = u - Q^T Q u`, and the greedy
+    gain of a token is `r^2 |v|^2` (Eq. 9's relevance r, 1 when None): the same gains as
+    `greedy_map` on `diag(r) (C - A G^-1 A^T) diag(r)`, computed as Gram-Schmidt in feature space
+    (n D per pick instead of an n x n kernel). Up to `picks` tokens are picked while the basis
+    has fewer than `rank` rows; a pick scores its gain, every other token its residual gain
+    after the picks. A gain <= SPAN_GAIN is float32 rounding of a vector already in the span
+    (offline's float64 stops at 1e-10): such a token scores `SPAN_GAIN r^2 / 2`, below every
+    pick, so that ranking by score fills by relevance and then by the lower row, as
+    `greedy_map_gains` fills by diagonal. Returns (scores, the basis with the picks appended).
     """
-    kernel = unit_kernel(units).to(torch.float64)
-    if given is not None and given.vectors.shape[0]:
-        cross = (given.vectors @ units.T).to(torch.float64)
-        w = torch.linalg.solve_triangular(given.chol, cross, upper=False)
-        kernel = kernel - w.T @ w
-    if relevance is not None:
-        r = relevance.to(torch.float64)
-        kernel = r[:, None] * kernel * r[None, :]
-    picked, gains, d2 = _greedy(kernel, picks)
-    scores = d2.clamp_min(0.0)
-    scores[picked] = gains
-    return scores, picked
+    v = units.float().clone()  # updated in place below
+    if basis.shape[0]:
+        v -= (v @ basis.T) @ basis
+    r = None if relevance is None else relevance.float()
+    if r is not None:
+        v = v * r[:, None]
+    d2 = v.double().square().sum(-1)
+    gains: dict[int, float] = {}
+    new = basis.float()
+    for _ in range(max(0, min(int(picks), int(rank) - basis.shape[0], v.shape[0]))):
+        best, j = torch.max(d2, 0)
+        gain, j = best.item(), j.item()
+        if not gain > SPAN_GAIN:
+            break
+        e = v[j] / math.sqrt(gain)
+        proj = v @ e
+        v -= proj[:, None] * e[None, :]
+        d2 -= proj.double().square()
+        d2[j] = -math.inf
+        gains[j] = gain
+        e = e - (e @ new.T) @ new  # float32 Gram-Schmidt drifts: re-orthogonalise once
+        new = torch.cat([new, (e / e.norm())[None]])
+    scores = v.double().square().sum(-1)
+    fill = SPAN_GAIN / 2 if r is None else SPAN_GAIN / 2 * r.double().square()
+    scores = torch.where(scores <= SPAN_GAIN, fill, scores)
+    if gains:
+        scores[torch.tensor(list(gains))] = torch.tensor(list(gains.values()), dtype=torch.float64)
+    return scores, new

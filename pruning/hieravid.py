@@ -19,44 +19,51 @@ Sec. 3.3, is not a memory decision and is not implemented):
    so diverse segments keep more as Sec. 3.1.2 intends). Segment m keeps
    `min(n_m, floor(keep_m T_m N))` of its n_m merged tokens: `ratio` is the fraction of the
    clip's T N tokens kept, as for the other pruners;
-4. frame-level DPP (Sec. 3.2, Eq. 6-10): `r = minmax(softmax(H h_q / sqrt(D)))` over all
-   merged tokens, h_q the last question token (Eq. 8; r = 1 without a query); greedy MAP
-   (Eq. 6-7, `dpp.greedy_map`) of `diag(r) C diag(r)` (Eq. 9, with C the cosine matrix where
-   the paper writes H H^T / d) in each segment (Eq. 10). We keep the paper's sign
-   (instruction-relevant tokens favoured); the authors' code negates r.
+4. frame-level DPP (Sec. 3.2, Eq. 6-10): `r = minmax(mean_l softmax(H h_l / sqrt(D)))` over all
+   merged tokens, h_l the question's rows (Eq. 8 takes the last instruction token only; we
+   average over every question token, the paper's Table 7 variant, because the question's
+   states are computed without the video in context and end in the chat template's fixed
+   tokens; the last input embedding, "?", gave three different questions identical picks;
+   r = 1 without a query); greedy MAP (Eq. 6-7, `dpp.greedy_map`) of `diag(r) C diag(r)`
+   (Eq. 9, with C the cosine matrix where the paper writes H H^T / d) in each segment
+   (Eq. 10). We keep the paper's sign (instruction-relevant tokens favoured); the authors'
+   code negates r. `HieraVid.query_layer` (7: where the first pruning stage starts in a
+   28-layer LLM, Sec. 3.3 and 4.1) asks the query side for the question's hidden states at
+   that layer (Eq. 11's H_t), computed once per question.
 
-The streaming `HieraVid` shares every step's code and departs from the offline version here:
+The streaming `HieraVid` shares every step's code and departs from the offline version here
+(measured on the tiny model's encoded 40-group recall clips and 60-group video-like features):
 1. Segments open causally with the same test (it needs only the previous group); `reset()`
    or a change of grid opens a new one.
-2. Offline's top-K over the clip becomes a running quantile: a token merges when its
-   same-position cos is in the top `merge_ratio` fraction of the within-segment values seen so
-   far (a 2048-bin histogram over [-1, 1]: bounded memory, 1e-3 resolution). Offline's K is
-   the fraction `merge_ratio T / (T - #segments)` of its candidates, so offline merges a little
-   more. TokenMemory folds the token into its run head by running mean when it leaves the
-   recent window (`GroupScore.merge_into`); if the head was evicted the token is dropped.
-3. Step 3 runs at each eviction over the segments the store holds. The store has no `T N`,
-   so `ratio = capacity / (N * groups held)` and segment m's share is `keep_m * G_m` (G_m its
-   groups held), apportioned exactly to capacity (`moprune.quota_select`). `g_m` is the
-   running mean of all the segment's raw tokens (ingest state, as offline).
-4. Step 4's exact DPP over a segment costs `n k^2` greedy flops plus `n^2 D` for its kernel,
-   n and k up to the capacity: ~1e11 per group at 8192 tokens, far over a 10 ms budget. So
-   each group runs greedy MAP (r = 1) over its own non-merged tokens only, conditioned on the
-   span of the first `dpp_picks` picks of the group before it in its segment
-   (`dpp.block_scores`); those picks score their gain, the others their residual gain, and
-   eviction keeps each segment's best scores. Greedy picks in order of falling gain, so this
-   is the segment DPP's greedy order with cross-group redundancy seen through the previous
-   group only (and through merging, which removes static tokens). Per group it costs one
-   [n, n] kernel (n <= N), an [n, dpp_picks] projection and `dpp_picks` greedy steps,
-   independent of capacity and stream length; eviction reads only per-row scalars (one
-   integer sort and O(n) selection). Measured: 7.7 ms per group at Qwen2.5-VL-7B shapes with
-   capacity 8192 (bench/results/prune_cost.md).
+2. Offline's top-K over the clip becomes a running one: a token merges when its same-position
+   cos is at or above the k-th largest within-segment value seen so far, k = floor(merge_ratio
+   * values seen) (`_MergeQuantile`: exact counts per float32 value of 1 - cos with 12 low
+   mantissa bits dropped, 2 MB; exact for cos > 1 - 2^-12, within 2^-11 of 1 - cos below).
+   Offline's K is a fraction of all T N tokens; over a prefix that would flag every candidate
+   of the first groups, so k counts candidates. A 2048-bin histogram put 58% of a static
+   camera's values in one bin (Jaccard 0.007 with offline's flags); now 0.86-0.97.
+   TokenMemory folds the token into its run's newest held head by running mean when it leaves
+   the recent window (`GroupScore.merge_into`); a run whose head was evicted restarts at the
+   token (it was dropped before: 45-54% of merged tokens at 10%). `TokenSet.run` says how many
+   groups a row stands for.
+3. Step 3 runs at each eviction over the segments the store holds, segment m weighing
+   `keep_m * G_m` with G_m the groups it spans (meta `segment_start`), `ratio = capacity /
+   (N * sum G)`, apportioned exactly to capacity (`moprune.quota_select`). `g_m` is the running
+   mean of all the segment's raw tokens (ingest state, as offline).
+4. Step 4's exact DPP over a segment costs `n k^2` with n, k up to the capacity (~1e11 flops a
+   group at 8192). Instead each group's non-merged tokens run the greedy conditioned on an
+   orthonormal basis of the segment's picks so far (`dpp.span_greedy`: at most `dpp_picks` a
+   group, until the basis has `dpp_rank` rows): picks score their gain, the rest their
+   residual gain; a token already in the span scores below every pick, so eviction fills by
+   the lower row as offline's greedy fills by diagonal. Per group: an [n, p] projection and
+   `dpp_picks` rank-one updates of [n, D], independent of capacity and stream length. The
+   per-group DPP conditioned on the previous group's 32 picks held 0.31-0.62 of offline's pick;
+   this one 0.77-0.89 at ratio 0.25 and 0.50-0.69 at 0.10 (the 0.8 goal is not met at 0.10:
+   offline's greedy spreads its first picks over the whole segment, a prefix cannot).
 5. At query time the recent window is spent first (as `base.recent_first`); the rest of the
-   budget goes through step 3 over the store's segments, with `g_m` the mean of the
-   segment's held tokens (a query must not read ingest state), and the same blocked DPP
-   rerun with the question's relevance (softmax over all snapshot rows), blocks being runs of
-   at most N consecutive store rows of one segment: one [N, N] kernel per N held rows.
-Measured (tests/test_hieravid.py): the store holds 0.61-0.72 of the offline pick at ratio 0.25,
-against 0.48-0.51 for a random pick among offline's merged tokens; departures 2 and 4 are the gap.
+   budget goes through step 3 over the store's segments, with `g_m` the mean of the segment's
+   held tokens (a query must not read ingest state), and step 4 rerun as at ingest with the
+   question's relevance, blocks of N consecutive store rows of one segment.
 """
 from __future__ import annotations
 
@@ -66,12 +73,14 @@ from typing import ClassVar
 import torch
 
 from .base import GroupScore, ParamRange, Pruner, TokenSet, check_params, recent_first
-from .dpp import Span, block_scores, greedy_map, span_of, unit_kernel
+from .dpp import greedy_map, span_greedy, unit_kernel
 from .moprune import quota_select
 from .similarity import EPS, cos, minmax, normalize, topk_indices
 from .types import FrameTokens
 
-HIST_BINS = 2048
+SHIFT = 12  # float32 bits of 1 - cos kept by the merge histogram: 11 of 23 mantissa bits
+BINS = (0x40000000 >> SHIFT) + 1  # 1 - cos in [0, 2]; 2.0 is 0x40000000
+FINE = 512
 
 
 def overlap_ratio(sim: torch.Tensor, sim_threshold: float) -> torch.Tensor:
@@ -160,11 +169,13 @@ def keep_ratios(b: torch.Tensor, ratio: float, r_var: float) -> torch.Tensor:
 
 
 def relevance(tokens: torch.Tensor, query: torch.Tensor | None) -> torch.Tensor | None:
-    """Eq. 8: `minmax(softmax(H h_q / sqrt(D)))`, h_q the last row of `query` [L, D] or [D]."""
+    """Eq. 8 over every question token: `minmax(mean_l softmax(H h_l / sqrt(D)))`, `query` [L, D]
+    (or [D]) the question's states, h_l its rows (the paper's Table 7 "average" variant)."""
     if query is None or query.numel() == 0 or tokens.shape[0] == 0:
         return None
-    h_q = query.reshape(-1, query.shape[-1])[-1].float()
-    return minmax(torch.softmax(tokens.float() @ h_q / math.sqrt(h_q.shape[0]), 0))
+    h = query.reshape(-1, query.shape[-1]).float()
+    p = torch.softmax((tokens.float() @ h.T).double() / math.sqrt(h.shape[1]), 0).mean(1)
+    return minmax(p)
 
 
 def dpp_kernel(feats: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
@@ -174,19 +185,21 @@ def dpp_kernel(feats: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
 
 
 def allocate(
-    score: torch.Tensor, seg: torch.Tensor, group: torch.Tensor, b: torch.Tensor,
+    score: torch.Tensor, seg: torch.Tensor, start: torch.Tensor, last: int, b: torch.Tensor,
     total: int, n: int, r_var: float,
 ) -> torch.Tensor:
     """Step 3 over held rows sorted by group: `total` rows, best `score` first per segment.
 
-    `seg` [rows] ids 0..M-1, `b` [M] Eq. 4's scores; `n` tokens per full group. Segment m's
-    share is `keep_m * G_m`, G_m the groups it holds, with `ratio = total / (n * groups held)`.
+    `seg` [rows] ids 0..M-1, `start` [rows] the first group of each row's segment, `last` the
+    newest group of the last one, `b` [M] Eq. 4's scores; `n` tokens per full group. Segment m
+    spans `G_m` groups (from its start to the next one's), its share is `keep_m * G_m` with
+    `ratio = total / (n * sum G)`, as offline's `keep_m * T_m * N`.
     """
-    first = torch.ones(group.shape[0], dtype=torch.bool)
-    first[1:] = group[1:] != group[:-1]
-    held = torch.bincount(seg[first], minlength=b.shape[0]).to(torch.float64)
-    keep = keep_ratios(b, total / (n * float(held.sum())), r_var)
-    return quota_select(score, seg, keep * held, total)
+    starts = torch.zeros(b.shape[0], dtype=torch.long).scatter_(0, seg, start)
+    ends = torch.cat([starts[1:], torch.tensor([last + 1])])
+    groups = (ends - starts).clamp_min(1).to(torch.float64)
+    keep = keep_ratios(b, total / (n * float(groups.sum())), r_var)
+    return quota_select(score, seg, keep * groups, total)
 
 
 def hieravid_select(
@@ -195,7 +208,7 @@ def hieravid_select(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Offline HieraVid on `video` [T, H, W, D]: (kept flat indices ascending, their merged features).
 
-    `query` [L, D] (or [D]) holds the question's LLM input embeddings; its last row is h_q.
+    `query` [L, D] (or [D]) holds the question tokens' states (`relevance`).
     """
     if ratio < 0:
         raise ValueError(f"ratio must be >= 0, got {ratio}")
@@ -218,6 +231,41 @@ def hieravid_select(
         kept.append(rows[greedy_map(dpp_kernel(feats[rows], None if r is None else r[rows]), k)])
     kept = torch.sort(torch.cat(kept)).values
     return heads[kept], feats[kept].to(video.dtype)
+
+
+class _MergeQuantile:
+    """Every within-segment same-position cos seen, as an exact count per float32 value of
+    `1 - cos` with its low SHIFT mantissa bits dropped: 2^18 bins (2 MB), in 512-bin blocks with
+    their own counts, so adding a group costs O(N) and a quantile O(2 * 512).
+
+    `1 - cos` is exact in float32 for cos >= 0.5 and every float32 cos > 1 - 2^-12 has a bin of
+    its own, so the order is exact there (where a static camera's values crowd: a fixed-width
+    2048-bin histogram put 58% of them in its top bin); below, values within a relative
+    2^-11 of `1 - cos` of each other share a bin."""
+
+    def __init__(self) -> None:
+        self.count = torch.zeros(BINS, dtype=torch.long)
+        self.block = torch.zeros((BINS + FINE - 1) // FINE, dtype=torch.long)
+        self.total = 0
+
+    @staticmethod
+    def bins(sim: torch.Tensor) -> torch.Tensor:
+        dist = (1.0 - sim.float().clamp(-1.0, 1.0)).clamp_min(0.0)
+        return dist.view(torch.int32).long() >> SHIFT
+
+    def add(self, bins: torch.Tensor) -> None:
+        ones = torch.ones_like(bins)
+        self.count.index_add_(0, bins, ones)
+        self.block.index_add_(0, bins // FINE, ones)
+        self.total += int(bins.numel())
+
+    def kth(self, k: int) -> int:
+        """The bin of the k-th smallest `1 - cos` (k >= 1), i.e. of the k-th largest cos."""
+        cum = torch.cumsum(self.block, 0)
+        b = int(torch.searchsorted(cum, torch.tensor(k)))
+        below = int(cum[b - 1]) if b else 0
+        fine = torch.cumsum(self.count[b * FINE:(b + 1) * FINE], 0)
+        return b * FINE + int(torch.searchsorted(fine, torch.tensor(k - below)))
 
 
 class _SegmentMeans:
@@ -274,44 +322,56 @@ class _SegmentMeans:
 
 
 class HieraVid(Pruner):
-    """Streaming HieraVid: causal segments and static runs, blocked DPP, budgets per segment."""
+    """Streaming HieraVid: causal segments, exact running merge quantile, runs that outlive
+    their head, a segment DPP on a basis of the segment's picks, budgets per segment."""
 
     name = "hieravid"
     paper = "HieraVid: Hierarchical Token Pruning for Fast Video Large Language Models (2026)"
     param_ranges: ClassVar[dict[str, ParamRange]] = {
         "beta": (0.0, 1.0), "sim_threshold": (-1.0, 1.0), "merge_ratio": (0.0, 1.0),
-        "lam": (0.0, 1.0), "r_var": (0.0, None), "dpp_picks": (0, None),
+        "lam": (0.0, 1.0), "r_var": (0.0, None), "dpp_picks": (0, None), "dpp_rank": (0, None),
     }
+    # `rank_for_query` wants the question tokens' hidden states at this LLM layer (Eq. 8 and 11:
+    # the instruction's state where the first pruning stage starts, after a quarter of a 28-layer
+    # LLM); None would mean the question's input embeddings.
+    query_layer: ClassVar[int | None] = 7
 
     def __init__(
         self, beta: float = 0.4, sim_threshold: float = 0.6, merge_ratio: float = 0.5,
-        lam: float = 0.5, r_var: float = 0.1, dpp_picks: int = 32,
+        lam: float = 0.5, r_var: float = 0.1, dpp_picks: int = 32, dpp_rank: int = 64,
     ):
         check_params(HieraVid, beta=beta, sim_threshold=sim_threshold, merge_ratio=merge_ratio, lam=lam,
-                     r_var=r_var, dpp_picks=dpp_picks)
+                     r_var=r_var, dpp_picks=dpp_picks, dpp_rank=dpp_rank)
         self.beta = float(beta)
         self.sim_threshold = float(sim_threshold)
         self.merge_ratio = float(merge_ratio)
         self.lam = float(lam)
         self.r_var = float(r_var)
         self.dpp_picks = int(dpp_picks)
+        self.dpp_rank = int(dpp_rank)
         self._segment = -1
-        self._hist = torch.zeros(HIST_BINS, dtype=torch.float64)
+        self._start = 0
+        self._last = 0
+        self._quantile = _MergeQuantile()
         self._means = _SegmentMeans()
         self.reset()
 
     def reset(self) -> None:
         self._prev: torch.Tensor | None = None
         self._head: torch.Tensor | None = None
-        self._given: Span | None = None
+        self._basis: torch.Tensor | None = None
 
     def _merging(self, sim: torch.Tensor) -> torch.Tensor:
-        """Tokens whose cos is in the running top `merge_ratio` (this group counted)."""
-        bins = ((sim.clamp(-1.0, 1.0) + 1.0) * (HIST_BINS / 2)).long().clamp_max(HIST_BINS - 1)
-        self._hist += torch.bincount(bins, minlength=HIST_BINS)
-        at_or_above = torch.flip(torch.cumsum(torch.flip(self._hist, [0]), 0), [0])
-        lowest = HIST_BINS - int((at_or_above <= self.merge_ratio * float(self._hist.sum())).sum())
-        return bins >= lowest
+        """Step 2 so far: tokens among the top `floor(merge_ratio * values seen)` within-segment
+        cos of the stream (this group's counted), ties at the cut included."""
+        bins = self._quantile.bins(sim)
+        self._quantile.add(bins)
+        k = math.floor(self.merge_ratio * self._quantile.total)
+        if k <= 0:
+            return torch.zeros(sim.shape[0], dtype=torch.bool)
+        if k >= self._quantile.total:
+            return torch.ones(sim.shape[0], dtype=torch.bool)
+        return bins <= self._quantile.kth(k)
 
     def score(self, group: FrameTokens) -> GroupScore:
         h, w = group.grid
@@ -325,21 +385,23 @@ class HieraVid(Pruner):
             self._means.open(self._segment, x.shape[1])
             merging = torch.zeros(n, dtype=torch.bool)
             self._head = torch.full((n,), group.index, dtype=torch.long)
-            self._given = None
+            self._basis = torch.zeros(0, x.shape[1])
+            self._start = group.index
         else:
             merging = self._merging(sim)
             self._head = torch.where(merging, self._head, group.index)
         self._means.add(x.mean(0), n)
+        self._last = group.index
         cand = torch.nonzero(~merging).flatten()
         scores = torch.zeros(n)
-        block, picked = block_scores(unit[cand], self._given, None, self.dpp_picks)
+        block, self._basis = span_greedy(unit[cand], self._basis, None, self.dpp_picks, self.dpp_rank)
         scores[cand] = block.float()
-        self._given = span_of(unit[cand[picked]])
         self._prev = unit
         return GroupScore(
             score=scores,
             merge_into=torch.where(merging, self._head, -1),
-            meta={"segment": torch.full((n,), self._segment, dtype=torch.long)},
+            meta={"segment": torch.full((n,), self._segment, dtype=torch.long),
+                  "segment_start": torch.full((n,), self._start, dtype=torch.long)},
         )
 
     def evict(self, store: TokenSet, capacity: int) -> torch.Tensor:
@@ -347,29 +409,28 @@ class HieraVid(Pruner):
         self._means.drop_before(int(ids[0]))
         b = gram_budget_scores(self._means.gram_of(ids), self.lam)
         h, w = store.grid
-        return allocate(store.score, seg, store.group, b, capacity, h * w, self.r_var)
+        return allocate(store.score, seg, store.meta["segment_start"], self._last, b, capacity, h * w, self.r_var)
 
     def _dpp_scores(
         self, snap: TokenSet, rows: torch.Tensor, r: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocked DPP scores of `rows` (sorted by group), blocks being runs of <= N
-        consecutive rows of one segment, and the mean token of each segment's rows [M, D]."""
+        """Step 4 over `rows` (sorted by group) as at ingest, with relevance `r`: each segment's
+        rows in blocks of <= N, each block's greedy conditioned on the segment's basis so far;
+        and the mean token of each segment's rows [M, D]."""
         h, w = snap.grid
         seg = snap.meta["segment"][rows]
         cuts = (torch.nonzero(seg[1:] != seg[:-1]).flatten() + 1).tolist()
         out = torch.zeros(rows.numel(), dtype=torch.float64)
         means = []
         for a, b in zip([0, *cuts], [*cuts, rows.numel()]):
-            given = None
+            basis = torch.zeros(0, snap.tokens.shape[1])
             total = torch.zeros(snap.tokens.shape[1], dtype=torch.float64)
             for s in range(a, b, h * w):
                 idx = rows[s:min(s + h * w, b)]
                 x = snap.tokens[idx].float()
                 total += x.sum(0)
-                unit = normalize(x)
-                block, picked = block_scores(unit, given, None if r is None else r[idx], self.dpp_picks)
-                out[s:s + idx.numel()] = block
-                given = span_of(unit[picked])
+                out[s:s + idx.numel()], basis = span_greedy(
+                    normalize(x), basis, None if r is None else r[idx], self.dpp_picks, self.dpp_rank)
             means.append(total / (b - a))
         return out, torch.stack(means).float()
 
@@ -395,5 +456,6 @@ class HieraVid(Pruner):
         h, w = snap.grid
         b = budget_scores(means, self.lam)
         share = budget - recent.numel()
-        picked = rest[allocate(scores, seg, snap.group[rest], b, share, h * w, self.r_var)]
+        last = int(snap.group.max())
+        picked = rest[allocate(scores, seg, snap.meta["segment_start"][rest], last, b, share, h * w, self.r_var)]
         return torch.sort(torch.cat([recent, picked])).values

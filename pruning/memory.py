@@ -56,6 +56,7 @@ class MemoryLayout:
     groups_seen: int
     version: int
     stamp: torch.Tensor  # int64 [n]: changes whenever the row's vector does
+    run: torch.Tensor  # int64 [n]: groups the row stands for (a merged run's length, else 1)
 
 
 def per_token_extras(extras: Mapping[str, torch.Tensor], h: int, w: int) -> dict[str, torch.Tensor]:
@@ -122,13 +123,17 @@ class _Store:
             row=self.row[:n], col=self.col[:n], score=self.score[:n],
             recent=torch.zeros(n, dtype=torch.bool), grid=grid,
             meta={k: v[:n] for k, v in self.meta.items()},
-            extras={k: RowView(v, slots) for k, v in self.extras.items()},
+            extras={k: RowView(v, slots) for k, v in self.extras.items()}, run=self.run(),
         )
 
     def positions(self) -> list[torch.Tensor]:
-        """Copies of the group, pts, row, col and stamp columns of the live rows."""
+        """Copies of the group, pts, row, col, stamp and run columns of the live rows."""
         n = self.n
-        return [c[:n].clone() for c in (self.group, self.pts, self.row, self.col, self.stamp)]
+        return [*(c[:n].clone() for c in (self.group, self.pts, self.row, self.col, self.stamp)), self.run()]
+
+    def run(self) -> torch.Tensor:
+        """Groups each live row stands for: the tokens folded into it, itself included."""
+        return self.weight[: self.n].long()
 
     def copy(self, grid: tuple[int, int]) -> TokenSet:
         """The store's rows as plain tensors (a snapshot part)."""
@@ -139,7 +144,7 @@ class _Store:
             pts=self.pts[:n].clone(), row=self.row[:n].clone(), col=self.col[:n].clone(),
             score=self.score[:n].clone(), recent=torch.zeros(n, dtype=torch.bool), grid=grid,
             meta={k: v[:n].clone() for k, v in self.meta.items()},
-            extras={k: v.index_select(0, slots) for k, v in self.extras.items()},
+            extras={k: v.index_select(0, slots) for k, v in self.extras.items()}, run=self.run(),
         )
 
     def keep_rows(self, keep: torch.Tensor) -> None:
@@ -233,8 +238,9 @@ class TokenMemory:
         dropped = n_tok - int(keep.sum())
         if scored.merge_into is not None:
             merging = keep & (scored.merge_into >= 0)
-            dropped += self._merge(st, scored.merge_into, merging, tokens, extras, w, self._new_stamp())
-            keep &= ~merging
+            folded = self._merge(st, scored.merge_into, merging, tokens, extras, w, self._new_stamp())
+            dropped += int(folded.sum())
+            keep &= ~folded
         rows = torch.nonzero(keep).flatten()
         k = int(rows.numel())
         if st.n + k > st.size:
@@ -290,19 +296,26 @@ class TokenMemory:
 
     @staticmethod
     def _merge(st: _Store, merge_into: torch.Tensor, merging: torch.Tensor, tokens: torch.Tensor,
-               extras: dict[str, torch.Tensor], w: int, stamp: int) -> int:
-        """Fold `merging` tokens into their run heads by running mean (the heads get `stamp`);
-        count those dropped."""
+               extras: dict[str, torch.Tensor], w: int, stamp: int) -> torch.Tensor:
+        """Fold `merging` tokens into their runs by running mean (the heads get `stamp`); returns
+        the tokens folded. A run's head is the newest held row at the token's position from
+        group `merge_into` on: the row the run started at or, once that was evicted, the token
+        that started it again. A token with no such row is not folded: it starts the run anew."""
+        folded = torch.zeros_like(merging)
         rows = torch.nonzero(merging).flatten()
-        if rows.numel() == 0:
-            return 0
-        key_store = _position_key(st.group[: st.n], st.row[: st.n], st.col[: st.n])
-        key_new = _position_key(merge_into[rows], rows // w, rows % w)
-        if st.n == 0:
-            return int(rows.numel())
-        pos = torch.searchsorted(key_store, key_new).clamp_max(st.n - 1)
-        found = key_store[pos] == key_new
-        heads, src = pos[found], rows[found]
+        if rows.numel() == 0 or st.n == 0:
+            return folded
+        first = int(torch.searchsorted(st.group[: st.n], merge_into[rows].min()))
+        pos = st.row[first: st.n] * w + st.col[first: st.n]
+        since = torch.full((merging.numel(),), 1 << 62, dtype=torch.long)
+        since[rows] = merge_into[rows]
+        inside = (pos < merging.numel()) & (st.group[first: st.n] >= since[pos.clamp_max(merging.numel() - 1)])
+        newest = torch.full((merging.numel(),), -1, dtype=torch.long)
+        newest.scatter_reduce_(0, pos[inside], torch.arange(first, st.n)[inside], "amax")
+        src = rows[newest[rows] >= 0]
+        if src.numel() == 0:
+            return folded
+        heads = newest[src]
         slots = st.slot[heads]
         wt = st.weight[heads].unsqueeze(1)
         st.tokens[slots] = ((st.tokens[slots].float() * wt + tokens[src].float()) / (wt + 1)).to(st.tokens.dtype)
@@ -313,7 +326,8 @@ class TokenMemory:
                 buf[slots] = ((buf[slots].float() * wv + v[src].float()) / (wv + 1)).to(buf.dtype)
         st.weight[heads] += 1
         st.stamp[heads] = stamp
-        return int(rows.numel())
+        folded[src] = True
+        return folded
 
     def layout(self) -> MemoryLayout:
         """The snapshot's group, pts, row and col columns (copies) and the counters, taken
@@ -326,14 +340,15 @@ class TokenMemory:
                 idx = torch.arange(h * w)
                 parts.append([torch.full((h * w,), g.index, dtype=torch.long),
                               torch.full((h * w,), g.pts, dtype=torch.float64), idx // w, idx % w,
-                              torch.full((h * w,), stamp, dtype=torch.long)])
+                              torch.full((h * w,), stamp, dtype=torch.long), torch.ones(h * w, dtype=torch.long)])
             if parts:
-                group, pts, row, col, stamps = (torch.cat(c) for c in zip(*parts))
+                group, pts, row, col, stamps, run = (torch.cat(c) for c in zip(*parts))
             else:
                 z = torch.zeros(0, dtype=torch.long)
-                group, pts, row, col, stamps = z, torch.zeros(0, dtype=torch.float64), z.clone(), z.clone(), z.clone()
+                group, pts, row, col, stamps, run = (z, torch.zeros(0, dtype=torch.float64), z.clone(), z.clone(),
+                                                     z.clone(), z.clone())
             return MemoryLayout(group, pts, row, col, self._grid or (0, 0), self.tokens_seen,
-                                self.groups_seen, self._version, stamps)
+                                self.groups_seen, self._version, stamps, run)
 
     def gather(self, rows: torch.Tensor, version: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """The vectors (tokens, extras) of snapshot rows `rows` (ascending), or None when the
@@ -398,11 +413,6 @@ class TokenMemory:
         )
 
 
-def _position_key(group: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """A key that sorts like (group, row, col); store rows are ascending in it."""
-    return (group * 65536 + row) * 65536 + col
-
-
 def _concat(parts: list[TokenSet]) -> TokenSet:
     meta_keys = set().union(*(p.meta.keys() for p in parts))
     extra_keys = set.intersection(*(set(p.extras.keys()) for p in parts))
@@ -423,6 +433,7 @@ def _concat(parts: list[TokenSet]) -> TokenSet:
         grid=parts[-1].grid,
         meta={k: cat_meta(k) for k in sorted(meta_keys)},
         extras={k: torch.cat([p.extras[k].to(dtype) for p in parts]) for k in sorted(extra_keys)},
+        run=torch.cat([p.run for p in parts]),
     )
 
 

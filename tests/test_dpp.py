@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pruning.dpp import block_scores, greedy_map, greedy_map_gains, span_of, unit_kernel
+from pruning.dpp import SPAN_GAIN, greedy_map, greedy_map_gains, span_greedy, unit_kernel
 from pruning.similarity import normalize
 
 
@@ -97,37 +97,43 @@ def conditional_gain(kernel: torch.Tensor, given: list[int], j: int) -> float:
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(2, 6), b=st.integers(0, 3), with_r=st.booleans())
-def test_block_scores_are_greedy_gains_conditioned_on_earlier_picks(seed, n, b, with_r):
+def test_span_greedy_scores_are_greedy_gains_conditioned_on_earlier_picks(seed, n, b, with_r):
     g = torch.Generator().manual_seed(seed)
     ref = normalize(torch.randn(b, 12, generator=g))
     units = normalize(torch.randn(n, 12, generator=g))
     r = torch.rand(n, generator=g) + 0.1 if with_r else None
     picks = n // 2 + 1
-    scores, picked = block_scores(units, span_of(ref) if b else None, r, picks)
+    basis = torch.linalg.qr(ref.T).Q.T if b else torch.zeros(0, 12)
+    scores, grown = span_greedy(units, basis, r, picks, rank=b + picks)
+    picked = torch.sort(scores, descending=True, stable=True).indices[:picks].tolist()
     # slow: the joint kernel of [ref; units] (ref relevance 1), gains conditioned on ref
     allv = torch.cat([ref, units]).double()
     rr = torch.cat([torch.ones(b), r if r is not None else torch.ones(n)]).double()
     kernel = rr[:, None] * (allv @ allv.T) * rr[None, :]
     given = list(range(b))
-    for j in picked.tolist():
+    for j in picked:
         want = max(conditional_gain(kernel, given, b + i) for i in range(n) if b + i not in given)
         assert abs(conditional_gain(kernel, given, b + j) - want) < 1e-5
         assert abs(float(scores[j]) - want) < 1e-5
         given.append(b + j)
-    assert picked.numel() == min(picks, n)
-    for i in set(range(n)) - set(picked.tolist()):
+    for i in set(range(n)) - set(picked):
         assert abs(float(scores[i]) - max(conditional_gain(kernel, given, b + i), 0.0)) < 1e-5
-        assert float(scores[i]) <= float(scores[picked[-1]]) + 1e-9
+    assert grown.shape == (b + picks, 12)
+    assert torch.allclose(grown @ grown.T, torch.eye(b + picks), atol=1e-5)
+    assert torch.equal(grown[:b], basis)
 
 
-def test_span_keeps_the_independent_prefix_and_its_cholesky_factor():
-    units = normalize(torch.randn(4, 10))
-    span = span_of(units)
-    gram = (units @ units.T).double()
-    assert torch.allclose(span.chol @ span.chol.T, gram, atol=1e-6)
-    dependent = torch.cat([units[:2], units[:1], units[2:]])
-    assert span_of(dependent).vectors.shape == (2, 10)
-    assert span_of(torch.zeros(0, 10)).vectors.shape == (0, 10)
+def test_span_greedy_stops_at_its_rank_and_fills_what_the_span_holds_by_relevance():
+    g = torch.Generator().manual_seed(4)
+    units = normalize(torch.randn(6, 4, generator=g))
+    scores, basis = span_greedy(units, torch.zeros(0, 4), None, picks=6, rank=3)
+    assert basis.shape == (3, 4) and int((scores > SPAN_GAIN).sum()) == 6  # rank 3 of 4: residuals stay
+    scores, basis = span_greedy(units, torch.zeros(0, 4), None, picks=6, rank=8)
+    assert basis.shape == (4, 4)  # the span is full after 4: the rest lie in it
+    assert scores.tolist().count(SPAN_GAIN / 2) == 2
+    r = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.2, 0.6])
+    scores, _ = span_greedy(units, basis, r, picks=6, rank=8)
+    assert torch.allclose(scores, SPAN_GAIN / 2 * r.double() ** 2)
 
 
 def test_unit_kernel_diagonal_is_exact():
