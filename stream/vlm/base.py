@@ -121,6 +121,7 @@ class Generation:
     new_tokens: int
     ttft_s: float  # from the start of the prefill to the first new token
     total_s: float
+    stage_tokens: tuple[int, ...] = ()  # with a layer schedule: visual tokens per stage, layer 0 first
 
 
 @runtime_checkable
@@ -161,6 +162,14 @@ class VideoLM(Protocol):
     def question_embeds(self, text: str) -> torch.Tensor:
         """The LLM input embeddings of the question's tokens [L, D], for query-aware ranking."""
 
+    def question_states(self, text: str, layer: int) -> torch.Tensor:
+        """Hidden states [L, D] of the question's chat-formatted tokens (the text that follows
+        the video) at the input of decoder layer `layer`, run alone through the first `layer`
+        layers (layer 0: their input embeddings), for query-aware ranking."""
+
+    def check_layer_schedule(self, schedule: tuple[tuple[int, float], ...]) -> None:
+        """A ValueError when `generate(..., layer_schedule=schedule)` cannot run on this model."""
+
     def plan(self, rows: Any, question: str, settings: LayoutSettings) -> PromptPlan:
         """The family's prompt around the laid-out rows `rows` (anything with the `group`, `pts`,
         `row` and `col` columns of held tokens in (group, row, col) order), question after the
@@ -185,8 +194,10 @@ class VideoLM(Protocol):
         whose LLM takes them (Qwen3-VL's deepstack); others ignore both."""
 
     def generate(self, prompt: Prompt, max_new_tokens: int, on_text: Callable[[str], None] | None = None,
-                 cache: Any = None, stop: threading.Event | None = None) -> Generation:
+                 cache: Any = None, stop: threading.Event | None = None,
+                 layer_schedule: tuple[tuple[int, float], ...] = ()) -> Generation:
         """Greedy answer to `prompt`, streaming text to `on_text`. `cache`, when given, holds the
         KV of the prompt's first `prompt.start` tokens; the rest is prefilled onto it and the
         cache is left holding the prompt's prefix (`prefix_len` tokens). Decoding ends after the
-        current token once `stop` is set."""
+        current token once `stop` is set. A `layer_schedule` (`(layer, keep share)` stages, no
+        `cache`) drops visual tokens inside the LLM (stream/vlm/layer_pruning.py)."""

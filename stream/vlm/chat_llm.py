@@ -11,17 +11,34 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from transformers import DynamicCache
 
 from . import decode
 from pruning import TokenSet
 
 from .base import Generation, LayoutSettings, Prompt, PromptPlan
 from .kv_cache import BufferedCache
+from .layer_pruning import LayerPruned, Schedule, check_layers
 
 VIDEO_PLACEHOLDER = "\x00video\x00"  # where the video goes in a rendered chat template
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The columns of held tokens a family's `plan` reads."""
+
+    group: torch.Tensor
+    pts: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+
+
+_ONE_TOKEN = _Columns(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.float64),
+                      torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
 
 
 class ChatLLM:
@@ -68,6 +85,38 @@ class ChatLLM:
     def question_embeds(self, text: str) -> torch.Tensor:
         """The LLM input-embedding rows of the question's tokens [L, D] (for query-aware pruning)."""
         return self.embed_ids(self.tokenize(text)).float().cpu()
+
+    @torch.inference_mode()
+    def question_states(self, text: str, layer: int) -> torch.Tensor:
+        """Hidden states [L, D] of the question's chat-formatted tokens (what follows the video
+        in this family's prompt: the question, the turn's end and the assistant prompt) at the
+        input of decoder layer `layer`, run alone through layers 0..layer-1 at positions
+        0..L-1 (layer 0: their input embeddings; a layer past the LLM's depth gives its last
+        layer's output, as a pruner names the paper's layer and the model may be shallower).
+        The last row is the prompt's last token, the paper's instruction state.
+
+        A departure from HieraVid (Eq. 8, 11), where the instruction's hidden state is taken
+        inside the prompt and has attended to the video: ranking picks which tokens go into the
+        prompt, so it runs before there is one, and the question alone is what is known then."""
+        if layer < 0:
+            raise ValueError(f"layer must be >= 0, got {layer}")
+        layer = min(layer, len(self.model.model.language_model.layers))
+        plan = self.plan(_ONE_TOKEN, text, LayoutSettings(timestamps="text"))  # "text": no span line to fake
+        hidden = self.embed(plan, torch.zeros(0, self.hidden_size), plan.prefix_len)
+        if layer:
+            suffix = plan.position_ids[..., plan.prefix_len:]
+            positions = torch.arange(suffix.shape[-1]).expand_as(suffix)  # from 0, in the family's position rows
+            hidden = LayerPruned(self, ()).run_layers(hidden, positions, DynamicCache(config=self.model.config), 0, layer)
+        return hidden[0].float().cpu()
+
+    def check_layer_schedule(self, schedule: Schedule) -> None:
+        """A ValueError when this family cannot run `schedule` (stream/vlm/layer_pruning.py):
+        a stage past the last layer, or a family whose own `forward` feeds the LLM more than
+        embeddings (Qwen3-VL's deepstack), which the layer loop does not reproduce."""
+        if schedule and type(self).forward is not ChatLLM.forward:
+            raise ValueError(f"{self.name}: layer pruning runs the plain decoder stack, and this family's LLM "
+                             "takes side features of its visual tokens (its own forward)")
+        check_layers(schedule, len(self.model.model.language_model.layers))
 
     @functools.lru_cache(maxsize=64)
     def _before_video(self, system: str) -> torch.Tensor:
@@ -125,6 +174,9 @@ class ChatLLM:
         return out.logits[0, -1]
 
     def generate(self, prompt: Prompt, max_new_tokens: int, on_text: Callable[[str], None] | None = None,
-                 cache: Any = None, stop: threading.Event | None = None) -> Generation:
-        """Greedy decoding with explicit positions (stream/vlm/decode.py)."""
-        return decode.generate(self, prompt, max_new_tokens, on_text, cache=cache, stop=stop)
+                 cache: Any = None, stop: threading.Event | None = None, layer_schedule: Schedule = ()) -> Generation:
+        """Greedy decoding with explicit positions (stream/vlm/decode.py), with visual tokens
+        dropped inside the LLM at `layer_schedule`'s stages when one is given."""
+        self.check_layer_schedule(layer_schedule)
+        return decode.generate(self, prompt, max_new_tokens, on_text, cache=cache, stop=stop,
+                               layer_schedule=layer_schedule)
