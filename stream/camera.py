@@ -99,10 +99,16 @@ class Camera:
                                          q.max_question_chars) if q.prompt_cache else 0)
         except ConfigError as e:
             raise ConfigError(f"camera {self.name!r}: {e.detail}", e.path) from None
+        schedule = tuple((int(layer), float(keep)) for layer, keep in q.layer_pruning)
+        try:
+            if schedule:
+                vlm.check_layer_schedule(schedule)
+        except ValueError as e:
+            raise ConfigError(f"camera {self.name!r}: {e}", "query.layer_pruning") from None
         self.queries = QueryHandler(vlm, self.memory, QuerySettings(
             llm_budget=q.llm_budget, max_new_tokens=q.max_new_tokens, timestamps=q.timestamps,
             system_prompt=q.system_prompt, prompt_cache=q.prompt_cache, prompt_cache_tokens=cache_tokens,
-            frame_interval_s=interval))
+            frame_interval_s=interval, layer_pruning=schedule))
         self.door = Door(self.name, self._answer, self.publish, DoorSettings(
             max_question_chars=q.max_question_chars, queue_size=q.queue_size, dedup_window_s=q.dedup_window_s,
             watch_share=q.watch_share))

@@ -27,6 +27,7 @@ from .query import DEFAULT_SYSTEM, TIMESTAMP_MODES
 from .sampler import POLICIES
 from .sources.registry import source_config
 from .validation import bounded, build, choice, convert
+from .vlm.layer_pruning import parse_schedule
 from .watches import WatchSpec, check_watch
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class QueryConfig:
     system_prompt: str = DEFAULT_SYSTEM
     prompt_cache: bool = True  # keep the prompt's KV current as frames arrive; false: prefill every question
     prompt_cache_mib: float = bounded(0.0, 0.0, 16_777_216.0)  # the cache's limit; 0 = what the memory needs
+    layer_pruning: list = field(default_factory=list)  # [[layer, keep_ratio], ...]: drop visual tokens inside the LLM on the full path; [] = off
 
 
 @dataclass(frozen=True)
@@ -198,12 +200,16 @@ def _one_camera(data: dict, where: str) -> Config:
     data.pop("cameras", None)
     cfg = build(Config, data, where)
     memory = replace(cfg.memory, params=pruner_params(cfg.memory.pruner, cfg.memory.params, f"{prefix}memory.params"))
+    try:
+        schedule = parse_schedule(cfg.query.layer_pruning)
+    except ValueError as e:
+        raise ConfigError(f"{e}; e.g. [[14, 0.5], [21, 0.25]]", f"{prefix}query.layer_pruning") from None
     if not cfg.name.strip():
         raise ConfigError("must not be empty", f"{prefix}name")
     for i, q in enumerate(cfg.questions):
         if not q.text.strip():
             raise ConfigError("must not be empty", f"{prefix}questions[{i}].text")
-    return replace(cfg, source=source, memory=memory)
+    return replace(cfg, source=source, memory=memory, query=replace(cfg.query, layer_pruning=[list(s) for s in schedule]))
 
 
 def _check_service(cfg: Config, names: list[str]) -> None:

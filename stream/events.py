@@ -51,8 +51,10 @@ class Answer(Event):
     `prompt_tokens` is the prompt's length and `prefilled_tokens` the part of it prefilled for this
     question; `prompt_path` says how: "cached" (on the camera's prompt cache: the question and at
     most the newest groups) or "full" (the whole prompt: the cache is off, or a question budget
-    picked a question-dependent subset). `ttft_s` runs from when the LLM took the question to the
-    first new token.
+    picked a question-dependent subset). `layer_visual_tokens` is what the LLM's deepest layers
+    attended to when `query.layer_pruning` dropped visual tokens inside it (the full path only;
+    `tokens_used` entered its first layer), 0 when it did not. `ttft_s` runs from when the LLM
+    took the question to the first new token.
     """
 
     type: ClassVar[str] = "answer"
@@ -70,6 +72,7 @@ class Answer(Event):
     total_s: float
     prefilled_tokens: int = 0
     prompt_path: str = "full"
+    layer_visual_tokens: int = 0
     camera: str = ""
     id: str | int | None = None
     model: str = ""

@@ -9,7 +9,12 @@ their original positions, the question after the video. Two paths, the same answ
 - `full`: the whole prompt is prefilled for this question alone. Taken with `prompt_cache`
   off, when a question budget (`llm_budget` below what the memory holds) has a query-aware
   ranking pick a question-dependent subset, which no shared prefix can serve, and when the
-  prompt would not fit in the cache's limit.
+  prompt would not fit in the cache's limit. With `layer_pruning` set, this prefill drops
+  visual tokens inside the LLM at the schedule's stages (stream/vlm/layer_pruning.py); the
+  cached path never does: its shared KV is question-independent, and the question's suffix
+  runs over all of it (docs/DESIGN.md, "Layer pruning and the prompt cache").
+A pruner with an integer `query_layer` K ranks by the question's hidden states at decoder layer
+K (`VideoLM.question_states`), not by its input embeddings.
 Questions arrive already validated by the camera's door (stream/door.py); the only refusal left
 here is a memory or budget that leaves nothing to look at.
 """
@@ -46,6 +51,7 @@ class QuerySettings:
     prompt_cache: bool = True
     prompt_cache_tokens: int = UNBOUNDED  # the cache's limit in prompt tokens
     frame_interval_s: float = 0.5  # between sampled frames (1 / sampler fps)
+    layer_pruning: tuple[tuple[int, float], ...] = ()  # (layer, keep share) stages on the full path; () = off
 
 
 class QueryHandler:
@@ -55,6 +61,8 @@ class QueryHandler:
         self.vlm = vlm
         self.memory = memory
         self.settings = settings
+        if settings.layer_pruning:
+            vlm.check_layer_schedule(settings.layer_pruning)
         self.layout = LayoutSettings(system_prompt=settings.system_prompt, timestamps=settings.timestamps,
                                      frame_interval_s=settings.frame_interval_s)
         self.cache = PromptCache(vlm, memory, self.layout, settings.prompt_cache_tokens) if settings.prompt_cache else None
@@ -122,14 +130,24 @@ class QueryHandler:
         if len(snap) == 0:
             raise RequestError("empty_memory", "the memory holds no video yet; ask again once frames have arrived")
         budget = question.llm_budget or self.settings.llm_budget or len(snap)
-        rows = self.pruner.rank_for_query(snap, self.vlm.question_embeds(question.text), budget)
+        rows = self.pruner.rank_for_query(snap, self._query_embeds(question.text), budget)
         seen = snap.select(rows)
         if len(seen) == 0:
             raise RequestError("empty_memory", "the query budget left no visual tokens to answer from")
         prompt = self.vlm.layout(seen, question.text, self.layout)
-        gen = self.vlm.generate(prompt, max_new, on_text, stop=stop)
+        schedule = self.settings.layer_pruning
+        gen = (self.vlm.generate(prompt, max_new, on_text, stop=stop, layer_schedule=schedule) if schedule
+               else self.vlm.generate(prompt, max_new, on_text, stop=stop))
         return self._answer(question, gen, t0, FULL, len(prompt), len(prompt), float(seen.pts.min()),
                             float(seen.pts.max()), int(seen.groups().numel()), len(seen), len(snap))
+
+    def _query_embeds(self, text: str):
+        """What the pruner ranks by: the question's hidden states at its `query_layer`, when it
+        names one (HieraVid's instruction state, Eq. 8), else its input embeddings."""
+        layer = getattr(self.pruner, "query_layer", None)
+        if isinstance(layer, int) and not isinstance(layer, bool):
+            return self.vlm.question_states(text, layer)
+        return self.vlm.question_embeds(text)
 
     def _answer(self, question: Question, gen: Generation, t0: float, path: str, prefilled: int, prompt_tokens: int,
                 t_start: float, t_end: float, groups: int, used: int, held: int) -> Answer:
@@ -139,6 +157,7 @@ class QueryHandler:
             text=gen.text, question=question.text, t_start=t_start, t_end=t_end, groups=groups, tokens_used=used,
             memory_tokens=held, prompt_tokens=prompt_tokens, prefilled_tokens=prefilled, prompt_path=path,
             new_tokens=gen.new_tokens, ttft_s=before + gen.ttft_s, total_s=before + gen.total_s,
+            layer_visual_tokens=gen.stage_tokens[-1] if gen.stage_tokens else 0,
         )
 
     async def aask(self, question: Question, on_text: Callable[[str], None] | None = None) -> Answer:
