@@ -23,8 +23,8 @@ import torch
 MIN_GAIN = 1e-10
 
 
-def _greedy(kernel: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Up to k greedy picks, stopping at the first gain <= MIN_GAIN: (picks, gains, residual d2).
+def _greedy(kernel: torch.Tensor, k: int, min_gain: float = MIN_GAIN) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to k greedy picks, stopping at the first gain <= min_gain: (picks, gains, residual d2).
 
     Float64, so float32 cosine kernels keep the small gains late picks have. Picks and gains
     live in Python lists because per-element tensor writes cost more than the arithmetic here.
@@ -39,7 +39,7 @@ def _greedy(kernel: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     for i in range(ct.shape[1]):
         best, j = torch.max(d2, 0)
         gain, j = best.item(), j.item()
-        if not gain > MIN_GAIN:
+        if not gain > min_gain:
             break
         picks.append(j)
         gains.append(gain)
@@ -94,41 +94,29 @@ def span_greedy(
     """Greedy MAP scores [n] (float64) of a block of unit tokens given the picks behind `basis`.
 
     `basis` [p, D] is an orthonormal basis of the tokens picked before (float32). For a cosine
-    kernel, conditioning on them leaves each token's residual `v = u - Q^T Q u`, and the greedy
-    gain of a token is `r^2 |v|^2` (Eq. 9's relevance r, 1 when None): the same gains as
-    `greedy_map` on `diag(r) (C - A G^-1 A^T) diag(r)`, computed as Gram-Schmidt in feature space
-    (n D per pick instead of an n x n kernel). Up to `picks` tokens are picked while the basis
-    has fewer than `rank` rows; a pick scores its gain, every other token its residual gain
-    after the picks. A gain <= SPAN_GAIN is float32 rounding of a vector already in the span
-    (offline's float64 stops at 1e-10): such a token scores `SPAN_GAIN r^2 / 2`, below every
-    pick, so that ranking by score fills by relevance and then by the lower row, as
+    kernel, conditioning on them is the Schur complement `C - A A^T`, `A = units @ basis.T`
+    (a token's gain is its residual's squared norm), and Eq. 9's relevance scales it as
+    `diag(r) (C - A A^T) diag(r)`, exact because scaling a picked token by r > 0 keeps its
+    span. Up to `picks` tokens are picked while the basis has fewer than `rank` rows; a pick
+    scores its gain, every other token its residual gain after the picks, so sorting by score
+    replays the greedy order. A gain <= SPAN_GAIN is float32 rounding of a vector already in
+    the span (offline's float64 stops at 1e-10): such a token scores `SPAN_GAIN r^2 / 2`, below
+    every pick, so that ranking by score fills by relevance and then by the lower row, as
     `greedy_map_gains` fills by diagonal. Returns (scores, the basis with the picks appended).
     """
-    v = units.float().clone()  # updated in place below
-    if basis.shape[0]:
-        v -= (v @ basis.T) @ basis
-    r = None if relevance is None else relevance.float()
+    u = units.float()
+    proj = u @ basis.T
+    kernel = unit_kernel(u).to(torch.float64) - (proj @ proj.T).to(torch.float64)
+    r = None if relevance is None else relevance.to(torch.float64)
     if r is not None:
-        v = v * r[:, None]
-    d2 = v.double().square().sum(-1)
-    gains: dict[int, float] = {}
-    new = basis.float()
-    for _ in range(max(0, min(int(picks), int(rank) - basis.shape[0], v.shape[0]))):
-        best, j = torch.max(d2, 0)
-        gain, j = best.item(), j.item()
-        if not gain > SPAN_GAIN:
-            break
-        e = v[j] / math.sqrt(gain)
-        proj = v @ e
-        v -= proj[:, None] * e[None, :]
-        d2 -= proj.double().square()
-        d2[j] = -math.inf
-        gains[j] = gain
-        e = e - (e @ new.T) @ new  # float32 Gram-Schmidt drifts: re-orthogonalise once
-        new = torch.cat([new, (e / e.norm())[None]])
-    scores = v.double().square().sum(-1)
-    fill = SPAN_GAIN / 2 if r is None else SPAN_GAIN / 2 * r.double().square()
-    scores = torch.where(scores <= SPAN_GAIN, fill, scores)
-    if gains:
-        scores[torch.tensor(list(gains))] = torch.tensor(list(gains.values()), dtype=torch.float64)
-    return scores, new
+        kernel = r[:, None] * kernel * r[None, :]
+    steps = max(0, min(int(picks), int(rank) - basis.shape[0], u.shape[0]))
+    picked, gains, d2 = _greedy(kernel, steps, SPAN_GAIN)
+    fill = SPAN_GAIN / 2 if r is None else SPAN_GAIN / 2 * r.square()
+    scores = torch.where(d2 <= SPAN_GAIN, fill, d2)
+    scores[picked] = gains
+    if picked.numel() == 0:
+        return scores, basis
+    resid = u[picked] - proj[picked] @ basis
+    resid -= (resid @ basis.T) @ basis  # float32 Gram-Schmidt drifts: re-orthogonalise once
+    return scores, torch.cat([basis.float(), torch.linalg.qr(resid.T).Q.T])

@@ -456,7 +456,7 @@ def test_streaming_memory_stays_bounded_and_overlaps_offline():
 def test_registry_and_parameters():
     assert pruner_params("hieravid") == {
         "beta": 0.4, "sim_threshold": 0.6, "merge_ratio": 0.5, "lam": 0.5, "r_var": 0.1, "dpp_picks": 32,
-        "dpp_rank": 64,
+        "dpp_rank": 32,
     }
     assert isinstance(get_pruner("hieravid", beta=0.3), HieraVid)
 
