@@ -26,11 +26,19 @@ and departs from the offline version where the clip's future is unknown:
    divisor (Jefferson) apportionment, `quota_select`: it fills the store exactly to capacity,
    and a group that holds fewer tokens than its share passes the rest on, in proportion.
 3. `reset()` (a reconnect) or a change of grid opens a new scene at the next group: it has
-   no predecessor.
-Ingest costs a few passes over the group's [N, D] tokens; eviction reads only per-row scalars
-(one integer sort and an O(n) selection), never the store's features: 2.4 ms per group at
-Qwen2.5-VL-7B shapes, half of it each (bench/results/prune_cost.md). Measured
-(tests/test_moprune.py): with no recent window the store holds 0.94-1.00 of the offline pick.
+   no predecessor. The state bank (4) stays across a reconnect and restarts on a new grid.
+4. Memory-aware motion (`memory_states`, default 4; 0 is the paper), because a stream never
+   ends and repeats its cycles: a token that returns to a state its position left
+   (`novelty.StateBank`, cosine >= 0.9 to the state) moved only as far as that state, so Eq. 9
+   becomes `m = min(||x_t - x_{t-1}||, ||x_t - state||)` for it (before the min-max of Eq. 10).
+   Measured reason (tests/test_novelty.py, planted blinking and swaying regions on 20% of the
+   grid, 3% and 10% capacity): the paper's motion spent 0.93-0.98 of the store on them and kept
+   3 and 11 of 12 events; with the bank 0.05-0.07 and every event.
+Ingest costs a few passes over the group's [N, D] tokens (the bank one more, about 1 ms at
+Qwen2.5-VL-7B shapes on one core); eviction reads only per-row scalars (one integer sort and an
+O(n) selection), never the store's features: 2.4 ms per group at Qwen2.5-VL-7B shapes without
+the bank, half of it each (bench/results/prune_cost.md). Measured (tests/test_moprune.py, with
+`memory_states=0`): with no recent window the store holds 0.94-1.00 of the offline pick.
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ from typing import ClassVar
 import torch
 
 from .base import POSITIVE, GroupScore, ParamRange, Pruner, TokenSet, check_params
+from .novelty import StateBank, check_states
 from .similarity import EPS, cos, minmax, normalize, topk_indices
 from .types import FrameTokens
 
@@ -53,20 +62,27 @@ def scene_starts(means: torch.Tensor, scene_threshold: float) -> torch.Tensor:
 
 
 def group_scores(
-    x: torch.Tensor, mean: torch.Tensor, centroid: torch.Tensor, prev: torch.Tensor | None, eta: float
+    x: torch.Tensor, mean: torch.Tensor, centroid: torch.Tensor, prev: torch.Tensor | None, eta: float,
+    recur: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Token scores `s` [N] (Eq. 7-11) and frame uniqueness `u_t` (Sec. 3.3) of one group.
 
     `x` [N, D] float32 tokens, `mean` [D] their mean `g_t`, `centroid` [D] the scene centroid,
     `prev` [N, D] the previous group of the same scene, or None in a scene's first group
-    (motion 0). The cosines are matrix-vector products over the token norms, which is the
-    same cos on L2-normalised vectors without a normalised copy of the group.
+    (motion 0). `recur` [N], the distance to a state the position left (`novelty.StateBank`,
+    inf if none), caps the motion: a return to a known state moved only that far. The cosines
+    are matrix-vector products over the token norms, which is the same cos on L2-normalised
+    vectors without a normalised copy of the group.
     """
     norms = x.norm(dim=-1).clamp_min(EPS)
     s_scene = torch.mv(x, normalize(centroid)) / norms
     s_frame = torch.mv(x, normalize(mean)) / norms
     u = minmax(-s_scene - s_frame)
-    m = minmax((x - prev).norm(dim=-1)) if prev is not None else torch.zeros_like(u)
+    if prev is None:
+        m = torch.zeros_like(u)
+    else:
+        motion = (x - prev).norm(dim=-1)
+        m = minmax(motion if recur is None else torch.minimum(motion, recur))
     s = torch.exp((1 - eta) * torch.log(u + EPS) + eta * torch.log(m + EPS))
     return s, float(-s_scene.mean())
 
@@ -153,17 +169,23 @@ class MoPrune(Pruner):
 
     name = "moprune"
     paper = "MoPrune: Scene-Guided Motion-Aware Token Pruning for Efficient Video LLMs (2026)"
-    param_ranges: ClassVar[dict[str, ParamRange]] = {"scene_threshold": (-1.0, 1.0), "alpha": (POSITIVE, None), "eta": (0.0, 1.0)}
+    param_ranges: ClassVar[dict[str, ParamRange]] = {
+        "scene_threshold": (-1.0, 1.0), "alpha": (POSITIVE, None), "eta": (0.0, 1.0), "memory_states": (0, 64)}
 
-    def __init__(self, scene_threshold: float = 0.8, alpha: float = 0.01, eta: float = 0.5):
+    def __init__(self, scene_threshold: float = 0.8, alpha: float = 0.01, eta: float = 0.5, memory_states: int = 4):
         check_params(MoPrune, scene_threshold=scene_threshold, alpha=alpha, eta=eta)
+        check_states(MoPrune, memory_states)
         self.scene_threshold = float(scene_threshold)
         self.alpha = float(alpha)
         self.eta = float(eta)
+        self.memory_states = memory_states
+        self._bank = StateBank(memory_states) if memory_states else None
         self._scene = -1
         self.reset()
 
     def reset(self) -> None:
+        """A reconnect opens a new scene with no predecessor; the bank stays (it restarts only on
+        a change of grid)."""
         self._prev: torch.Tensor | None = None
         self._prev_mean: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
@@ -185,7 +207,8 @@ class MoPrune(Pruner):
             self._count = 0
         self._sum += mean.to(torch.float64) * n
         self._count += n
-        s, u = group_scores(x, mean, (self._sum / self._count).float(), prev if same_scene else None, self.eta)
+        recur = self._bank.observe(x)[1] if self._bank is not None else None
+        s, u = group_scores(x, mean, (self._sum / self._count).float(), prev if same_scene else None, self.eta, recur)
         self._prev, self._prev_mean = x, mean
         meta = {"scene": torch.full((n,), self._scene, dtype=torch.long), "u": torch.full((n,), u)}
         return GroupScore(score=s, meta=meta)

@@ -340,7 +340,8 @@ def test_streaming_memory_overlaps_the_offline_selection(tau, radius):
     video = moving_clip()
     t, h, w, _ = video.shape
     n, recent = h * w, 2
-    mem = TokenMemory(capacity=80, pruner=EchoPrune(tau=tau, radius=radius), recent_groups=recent)
+    # the paper's novelty (no bank): the object leaving a cell returns it to a state it held
+    mem = TokenMemory(capacity=80, pruner=EchoPrune(tau=tau, radius=radius, memory_states=0), recent_groups=recent)
     for k in range(t):
         mem.add(FrameTokens(k, float(k), video[k]))
     snap = mem.snapshot()

@@ -159,7 +159,7 @@ def test_streaming_ingest_is_the_causal_transcription():
     video = clip(4)
     x = video.reshape(12, 16, -1)
     starts = slow_starts(x, 0.8)
-    pruner = MoPrune()
+    pruner = MoPrune(memory_states=0)  # the paper's motion: the moving token's cells return to the background
     scene, begin = -1, 0
     for t in range(12):
         if starts[t]:
@@ -244,7 +244,7 @@ OVERLAP_FLOOR = 0.9
 def test_streaming_memory_stays_bounded_and_overlaps_offline():
     video = clip(7, t_len=24, cuts=(6, 14, 19))
     offline = set(moprune_select(video, 0.25).tolist())
-    mem = stream(get_pruner("moprune"), video, capacity=len(offline))
+    mem = stream(get_pruner("moprune", memory_states=0), video, capacity=len(offline))  # the paper's motion
     snap = mem.snapshot()
     assert len(snap) == len(offline)
     overlap = len(flat(snap) & offline) / len(offline)
@@ -252,6 +252,6 @@ def test_streaming_memory_stays_bounded_and_overlaps_offline():
 
 
 def test_registry_and_parameters():
-    assert pruner_params("moprune") == {"scene_threshold": 0.8, "alpha": 0.01, "eta": 0.5}
+    assert pruner_params("moprune") == {"scene_threshold": 0.8, "alpha": 0.01, "eta": 0.5, "memory_states": 4}
     pruner = get_pruner("moprune", eta=0.3)
     assert isinstance(pruner, MoPrune) and pruner.eta == 0.3
