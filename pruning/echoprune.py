@@ -15,14 +15,14 @@ Sec. 3 and Alg. 1. Offline, `echoprune_select` implements:
 
 The streaming `EchoPrune` (Qwen defaults, Sec. 4.3 and App. B.3: tau 0.5, whole group) shares
 `relevance` and `novelty` with it and departs from it in these places, 1-3 because a live
-stream has neither the question nor the clip's end at ingest, 4 because it never ends:
+stream has neither the question nor the clip's end at ingest, 4-5 because it never ends:
 1. The ingest score is the novelty `-(corr + echo)` alone, bit-identical to the offline one for
    groups >= 1 where no token returns to a banked state (4); `r` against the question's token
    embeddings is added at query time.
-2. The first group of a stream (and after `reset()` or a change of grid) has no predecessor.
-   Offline gives it `budget // T` tokens by `r`; streaming knows neither T nor the question, so
-   it gets a fixed quota, `first_ratio` of its tokens (at least one if > 0), chosen by intra-group
-   uniqueness `1 - cos(v, mean of the group)`. They are scored as the novelty against a virtual
+2. The first group of a stream (and after a change of grid) has no predecessor. Offline gives
+   it `budget // T` tokens by `r`; streaming knows neither T nor the question, so it gets a fixed
+   quota, `first_ratio` of its tokens (at least one if > 0), chosen by intra-group uniqueness
+   `1 - cos(v, mean of the group)`. They are scored as the novelty against a virtual
    predecessor made only of the group's mean token, for which corr = echo = cos(v, mean), i.e.
    `-2 cos(v, mean)`, on the same scale as later novelty; the other tokens of the group get that
    minus 5, below any novelty (>= -2), so beyond its quota the group yields to every later token.
@@ -37,6 +37,10 @@ stream has neither the question nor the clip's end at ingest, 4 because it never
    recurrence. Measured reason (tests/test_novelty.py, planted blinking and swaying regions on
    20% of the grid, 3% and 10% capacity): the paper's novelty spent 0.96-0.99 of the store on
    them and kept 3 and 11 of 12 events; with the bank 0.00 and every event.
+5. A reconnect (`reset()`) keeps the predecessor and the bank when the grid is unchanged: the
+   camera most likely shows the same view. Without its predecessor the first group back was
+   scored as a stream's first: a quarter of it as novelty, the rest below every later token,
+   whatever had changed during the outage. A change of grid still starts afresh.
 Measured (tests/test_echoprune.py, with `memory_states=0`): the store's tokens beyond the first
 group are a subset of the offline pick at the same budget, and the store agrees with it on
 >= 0.85 of its tokens.
@@ -207,7 +211,9 @@ class EchoPrune(Pruner):
         self._prev: Prepared | None = None
 
     def reset(self) -> None:
-        self._prev = None
+        """A reconnect keeps the predecessor and the bank: the next group is compared with them
+        if its grid is the same (the camera most likely shows the same view), else it is a
+        first group (`score` checks the grid)."""
 
     def score(self, group: FrameTokens) -> GroupScore:
         cur = prepare(group.tokens)

@@ -278,20 +278,34 @@ def test_streaming_novelty_is_exactly_the_offline_novelty(tau, radius, shape):
 def test_first_group_gets_a_bounded_quota_of_its_most_unique_tokens():
     video, _ = video_and_text(3, 3, 4, 4, 8, False)
     pruner = EchoPrune(first_ratio=0.25)
-    for _ in range(2):  # the stream start, then after a reconnect
-        score = pruner.score(FrameTokens(0, 0.0, video[0])).score
-        mean = unit(video[0].reshape(16, 8).mean(0))
-        uniq = [1 - float(unit(v) @ mean) for v in video[0].reshape(16, 8)]
-        quota = sorted(range(16), key=lambda i: (-uniq[i], i))[:4]
+    for first in (video[0], video[0, :, :3]):  # the stream start, then a change of grid
+        score = pruner.score(FrameTokens(0, 0.0, first)).score
+        n = first.shape[0] * first.shape[1]
+        mean = unit(first.reshape(n, 8).mean(0))
+        uniq = [1 - float(unit(v) @ mean) for v in first.reshape(n, 8)]
+        quota = sorted(range(n), key=lambda i: (-uniq[i], i))[: n // 4]
         above = torch.nonzero(score >= -2).flatten().tolist()
         assert above == sorted(quota)
         for i in quota:
             assert score[i].item() == pytest.approx(-2 * (1 - uniq[i]), abs=1e-5)
         assert bool(torch.all(score[score < -2] < -2.5))
-        assert bool(torch.all(pruner.score(FrameTokens(1, 1.0, video[1])).score >= -2.0001))
-        pruner.reset()
-    grid_change = pruner.score(FrameTokens(2, 2.0, video[2, :2]))  # a new grid has no predecessor
-    assert int((grid_change.score >= -2).sum()) == 2
+        assert bool(torch.all(pruner.score(FrameTokens(1, 1.0, video[1, :, : first.shape[1]])).score >= -2.0001))
+
+
+def test_a_reconnect_with_the_same_grid_keeps_the_predecessor():
+    """The view after a reconnect is most likely the one before: the first group back is
+    compared with the last group seen, as without the reconnect; a new grid starts afresh."""
+    video = moving_clip(t=8)
+    plain, reconnected = EchoPrune(), EchoPrune()
+    mem = TokenMemory(capacity=40, pruner=reconnected, recent_groups=1)
+    for k in range(8):
+        if k == 5:
+            mem.reset_stream()
+        mem.add(FrameTokens(k, float(k), video[k]))
+        assert torch.equal(mem.snapshot().score[-36:], plain.score(FrameTokens(k, float(k), video[k])).score), k
+    mem.reset_stream()
+    mem.add(FrameTokens(8, 8.0, video[7, :, :4]))
+    assert int((mem.snapshot().score[-24:] >= -2).sum()) == 6  # a first group: its quota of 24 * 0.25
 
 
 def test_query_score_is_relevance_plus_stored_novelty():
