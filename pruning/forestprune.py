@@ -23,8 +23,22 @@ only the past is known:
   the groups not yet evicted), not every earlier node: evicted features are gone.
 - The parent is still the tree's tail when that tail was evicted, so depth keeps meaning "groups
   the tree spans", as offline.
-- Step 4 becomes eviction by (current depth, group): deepest first, later groups first among
-  equals. It is offline's depth + t/1000 without the t < 1000 limit of an unbounded stream.
+- Step 4 becomes eviction, ordered so that the memory's age profile follows the stream. Offline
+  (Sec. 3.3: leaves and tails go first, ties to earlier groups) keeps every tree's prefix, its
+  earliest nodes; in a stream whose trees span hours that is the oldest quarter. Kept first: the
+  roots and each tree's `chain_cap` shallowest nodes below its root, by (current depth, newer
+  group first); then the other nodes by the coarsest power-of-two stride of their depth (depth
+  512 before 256 before 768 ...), newer first among equals, so what a long tree holds beyond
+  its cap spreads over its whole span. Measured with `fixed_camera` (tests/test_forestprune.py:
+  a still background whose trees span the stream, a few new tokens a group; 12x12x32, 400
+  groups, 4 recent groups), share of the store from the oldest quarter at 10% / 25%: 0.65 / 0.52
+  with offline's order, the same with ties toward newer groups alone (a still tree's depth-d
+  node is always group d), 0.24 / 0.18 with this order; a hard cap of 8 nodes a tree instead
+  left 6% / 64% of the budget unused. video_like_features without cuts (16x16x256, 600 groups,
+  moving 0.02) at 5%: 0.38 -> 0.20. On the recall benchmark's streams event recall is unchanged
+  (seeds 0-1, 2-25%), the oldest quarter 0.25-0.31 -> 0.23-0.31. Cost: the order sorts only the
+  non-root rows (sorting all 8.8k rows of the 7B store cost 1.6 ms a group); per group within
+  noise of before (44 ms at the 7B shape on this machine).
 - Step 3 runs at eviction, over the store's roots, when they alone exceed the capacity. Offline
   merges the globally most similar pair of roots repeatedly, O(R^2 D) per eviction, too slow
   for a live store. Instead each root records, at ingest, its most similar earlier root held then
@@ -38,10 +52,15 @@ only the past is known:
 - Nodes of a different token grid (a resolution change) never match: distances are not comparable.
 - `reset` keeps the forest: the memory still holds its tokens and nothing here needs the
   previous group.
+- Still old-leaning: when the store's roots alone exceed it, the recorded redundancy decides which
+  roots stay, and a root recorded against few held roots (early in the stream) looks less
+  redundant, so a store of roots only (video_like_features with cuts every 60 groups, 5%) keeps
+  0.34 of itself from the oldest quarter. Not changed here.
 Measured (tests/test_forestprune.py, a drifting 32-group clip with a cut, budget 10%): the store
-holds 0.63 of the offline pick without a recent window and 0.98 with four recent groups. Cost:
-82 ms per group at Qwen2.5-VL-7B shapes with capacity 8192, ~90% of it `match_nodes`'s product
-with every held node (bench/results/prune_cost.md).
+holds 0.63 of the offline pick without a recent window and 0.82 with four recent groups (0.98
+before ties went to newer groups: offline keeps the earlier of equal depths). Cost: 44 ms per
+group at Qwen2.5-VL-7B shapes with capacity 8192 on a 2-core Xeon, ~75% of it `match_nodes`'s
+product with every held node (bench/results/prune_cost.md).
 """
 from __future__ import annotations
 
@@ -63,6 +82,33 @@ _BIG = torch.iinfo(torch.long).max
 
 def _check(tau_s: float, tau_p: float, node_ratio: float) -> None:
     check_params(ForestPrune, tau_s=tau_s, tau_p=tau_p, node_ratio=node_ratio)
+
+
+def eviction_order(tree: torch.Tensor, depth: torch.Tensor, group: torch.Tensor, chain_cap: int) -> torch.Tensor:
+    """[n] int64 rank keys, lowest kept first: the roots and each tree's `chain_cap` shallowest
+    nodes below its root (ties: newer group) by (depth, newer group); then the other nodes by the
+    trailing zero bits of their depth, most first (a coarse stride over the tree's span), newer
+    group first among equals. Only non-root rows are sorted (a store of 8k rows is mostly roots;
+    a sort of all of them cost 1.6 ms a group)."""
+    if tree.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    late = group.max() - group
+    span = int(late.max()) + 1
+    key = depth * span + late
+    below = torch.nonzero(depth > 0).flatten()
+    if below.numel() == 0:
+        return key
+    order = below[torch.sort(key[below], stable=True).indices]
+    order = order[torch.sort(tree[order], stable=True).indices]
+    t = tree[order]
+    idx = torch.arange(order.numel())
+    start = torch.ones(order.numel(), dtype=torch.bool)
+    start[1:] = t[1:] != t[:-1]
+    over = order[idx - torch.cummax(torch.where(start, idx, 0), 0).values >= chain_cap]
+    zeros = (depth[over] & -depth[over]).double().log2().round().long()
+    out = key.clone()
+    out[over] = int(key.max()) + 1 + (63 - zeros) * span + late[over]
+    return out
 
 
 def propagate(cosm: torch.Tensor, norms: torch.Tensor, edge: float = 0.5, temperature: float = 0.03,
@@ -324,7 +370,8 @@ class _Held:
 
 
 class ForestPrune(Pruner):
-    """Streaming ForestPrune: trees grow as groups arrive; the store keeps the shallowest nodes.
+    """Streaming ForestPrune: trees grow as groups arrive; the store keeps each tree's shallowest
+    nodes up to `chain_cap`, then long trees' further nodes at a coarse stride of depth.
 
     Non-node tokens are dropped when their group leaves the recent window (`keep` False). Each
     node carries meta `tree` (its root's node id), `depth` and `node` (a stream-wide node id).
@@ -332,10 +379,15 @@ class ForestPrune(Pruner):
 
     name = "forestprune"
     paper = "ForestPrune: High-ratio Visual Token Compression for Video MLLMs via Spatial-Temporal Forest Modeling (2026)"
-    param_ranges: ClassVar[dict[str, ParamRange]] = {"tau_s": (-1.0, 1.0), "tau_p": (0.0, 1.0), "node_ratio": (POSITIVE, 1.0)}
+    param_ranges: ClassVar[dict[str, ParamRange]] = {"tau_s": (-1.0, 1.0), "tau_p": (0.0, 1.0), "node_ratio": (POSITIVE, 1.0),
+                                                      "chain_cap": (0, None)}
 
-    def __init__(self, *, tau_s: float = 0.9, tau_p: float = 0.8, node_ratio: float = 0.5):
+    def __init__(self, *, tau_s: float = 0.9, tau_p: float = 0.8, node_ratio: float = 0.5, chain_cap: int = 3):
         _check(tau_s, tau_p, node_ratio)
+        check_params(ForestPrune, chain_cap=chain_cap)
+        if chain_cap != int(chain_cap):
+            raise ValueError(f"chain_cap must be a whole number >= 0, got {chain_cap!r}")
+        self.chain_cap = int(chain_cap)
         self.tau_s = float(tau_s)
         self.tau_p = float(tau_p)
         self.node_ratio = float(node_ratio)
@@ -395,8 +447,8 @@ class ForestPrune(Pruner):
         return redundancy, partner
 
     def evict(self, store: TokenSet, capacity: int) -> torch.Tensor:
-        """Keep the `capacity` shallowest rows, earlier groups first among equals; when the
-        store's roots alone exceed it, demote the most redundant roots first (step 3)."""
+        """Keep the `capacity` first rows of `eviction_order`; when the store's roots alone
+        exceed it, demote the most redundant roots first (step 3)."""
         held = self._held
         if "node" not in store.meta:
             raise RuntimeError("forestprune.evict got rows without node meta")
@@ -407,7 +459,8 @@ class ForestPrune(Pruner):
         excess = int(is_root.sum()) - capacity
         if excess > 0:
             self._demote(slots[is_root], excess)
-        keep = topk_indices(-held["depth"][slots].double(), capacity)
+        order = eviction_order(held["tree"][slots], held["depth"][slots], store.group.to(torch.long), self.chain_cap)
+        keep = topk_indices(-order.double(), capacity)
         gone = torch.ones(len(store), dtype=torch.bool)
         gone[keep] = False
         held.free(slots[gone])
