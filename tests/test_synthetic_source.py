@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream.sources import SyntheticSource, make_script
-from stream.sources.synthetic import Actor, Flicker, Script
+from stream.sources.synthetic import PERIODIC_KINDS, Actor, Flicker, Periodic, Script
 
 EVENT_KINDS = {"enter", "move", "leave", "appear", "brief", "cut"}
 
@@ -285,3 +285,34 @@ def test_hand_written_script_ground_truth():
     frame = s.render(2.5)
     assert (frame[38:63, 38:63] == [255, 0, 0]).all(axis=2).mean() > 0.3  # striped red
     assert s.boxes_at(3.0) == {}
+
+
+def test_periodic_distractors_are_opt_in_and_repeat():
+    plain, periodic = make_script(120.0, seed=5), make_script(120.0, seed=5, periodic=True)
+    assert plain.periodic == () and dataclasses.replace(periodic, periodic=()) == plain  # same actors, cuts, lamps
+    a = SyntheticSource(script=plain, width=320, height=240, seed=5)
+    b = SyntheticSource(script=periodic, width=320, height=240, seed=5)
+    assert a.events == b.events
+    kinds = {d.kind: d for d in b.distractors}
+    assert set(kinds) == {"flicker", "lighting", "blink", "sway", "shimmer"}
+    area = sum((d.box[2] - d.box[0]) * (d.box[3] - d.box[1]) for d in b.distractors if d.kind in PERIODIC_KINDS)
+    assert 0.10 <= area / (320 * 240) <= 0.20
+    quiet = bare(periodic, drift_amplitude=0.0, noise_sigma=0.0)
+    s = SyntheticSource(script=quiet, width=320, height=240, seed=5)
+    off = SyntheticSource(script=dataclasses.replace(quiet, periodic=()), width=320, height=240, seed=5)
+    for t in (0.0, 1.0, 2.5, 7.0):
+        changed = (s.render(t) != off.render(t)).any(axis=2)
+        assert all(changed[d.box[1]:d.box[3], d.box[0]:d.box[2]].any() for d in b.distractors if d.kind in PERIODIC_KINDS)
+        union = np.zeros_like(changed)
+        for d in b.distractors:
+            if d.kind in PERIODIC_KINDS:
+                union[d.box[1]:d.box[3], d.box[0]:d.box[2]] = True
+        assert not (changed & ~union).any()  # nothing changes outside the distractors' boxes
+    for p in periodic.periodic:  # each repeats with its period, and changes within it
+        x0, y0, x1, y1 = s._px_box(p.box)
+        crop = [s.render(t)[y0:y1, x0:x1] for t in (10.0, 10.0 + p.period_s / 2, 10.0 + p.period_s)]
+        assert np.array_equal(crop[0], crop[2]) and not np.array_equal(crop[0], crop[1])
+    with pytest.raises(ValueError, match="kind"):
+        Periodic("x", "spin", (0.0, 0.0, 0.1, 0.1), 2.0)
+    with pytest.raises(ValueError, match="box"):
+        Periodic("x", "blink", (0.0, 0.0, 1.1, 0.1), 2.0)

@@ -2,7 +2,9 @@
 
 The scene is a `Script`: scenes split by cuts (each with its own textured background), actors
 (textured shapes and text signs moving along piecewise-linear paths), flickering lamps, slow
-lighting drift and per-pixel sensor noise. Positions are fractions of the frame, so one script
+lighting drift, per-pixel sensor noise and, when asked for (`make_script(periodic=True)`),
+periodic distractors: a blinking light, a swaying branch and a shimmering region that repeat
+forever without being events (the scene a memory should not fill with repeats). Positions are fractions of the frame, so one script
 renders at any resolution. `render(t)` is a pure function of (seed, script, size, t): a frame can
 be re-rendered at will, and backgrounds, sprites and noise are built once and cached.
 
@@ -11,8 +13,8 @@ Ground truth (`events`): every actor path segment whose phase is not "stay" is a
 the time the actor is at least partly inside the frame; its `box` (x0, y0, x1, y1; pixels,
 x1/y1 exclusive) is the union of the actor's boxes over that interval, clipped to the frame:
 for linear motion that is the union of the boxes at both ends. `boxes_at(t)` gives the exact
-per-frame boxes. Flickering lamps and the lighting drift are `distractors`: they change pixels
-but are not events.
+per-frame boxes. Flickering lamps, the periodic distractors and the lighting drift are
+`distractors`: they change pixels but are not events.
 
 Sensor noise comes from a few precomputed Gaussian frames at a per-frame hashed offset: fresh
 noise costs ~12 ms per 640x480 frame here, the whole render ~0.5 ms.
@@ -51,6 +53,9 @@ SIGN_TEXTS = ("OPEN", "CLOSED", "EXIT", "SALE", "STOP", "PUSH")
 SIGN_ASPECT = 2.4  # sign width / height
 LAMP_ON = (255, 244, 200)
 LAMP_OFF = (70, 70, 80)
+PERIODIC_KINDS = ("blink", "sway", "shimmer")
+BLINK_ON = (255, 150, 30)
+BLINK_OFF = (60, 45, 35)
 _NOISE_BANKS = 4
 _NOISE_PAD = 32  # noise frames are this much larger; a random offset picks the window
 _MASK64 = (1 << 64) - 1
@@ -103,6 +108,40 @@ class Flicker:
 
 
 @dataclass(frozen=True)
+class Periodic:
+    """A distractor at `box` (frame fractions) repeating every `period_s` for the whole script.
+
+    "blink": a light, on for the first half of each period and off for the second. "sway": a
+    branch hanging across `box` (the area it sweeps), stepping through `steps` positions and
+    back, a pendulum. "shimmer": a region cycling through `steps` textures (water, a screen).
+    """
+
+    label: str
+    kind: str
+    box: tuple[float, float, float, float]
+    period_s: float
+    steps: int = 3
+
+    def __post_init__(self) -> None:
+        if self.kind not in PERIODIC_KINDS:
+            raise ValueError(f"periodic {self.label!r}: kind {self.kind!r} not in {PERIODIC_KINDS}")
+        x0, y0, x1, y1 = self.box
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError(f"periodic {self.label!r}: box must lie inside the frame, x0 < x1 and y0 < y1")
+        if not (self.period_s > 0 and self.steps >= 2):
+            raise ValueError(f"periodic {self.label!r}: need period_s > 0 and steps >= 2")
+
+    def phase(self, t: float) -> int:
+        """Which state shows at time t: on (0) / off (1), a sway position, a texture."""
+        if self.kind == "blink":
+            return int((t / self.period_s) % 1.0 >= 0.5)
+        if self.kind == "sway":
+            cycle = [*range(self.steps), *range(self.steps - 2, 0, -1)]
+            return cycle[math.floor(t / self.period_s * len(cycle)) % len(cycle)]
+        return math.floor(t / self.period_s * self.steps) % self.steps
+
+
+@dataclass(frozen=True)
 class Script:
     """The whole scene: background k is shown from cuts[k - 1] (0 for k = 0)."""
 
@@ -113,6 +152,7 @@ class Script:
     drift_amplitude: float = 0.08
     drift_period_s: float = 40.0
     noise_sigma: float = 3.0
+    periodic: tuple[Periodic, ...] = ()  # empty: the scene renders as before periodic distractors existed
 
     def __post_init__(self) -> None:
         if not self.duration_s > 0:
@@ -123,7 +163,7 @@ class Script:
         times += [t for f in self.flickers for t in (f.start_s, f.end_s)]
         if any(not 0 <= t <= self.duration_s for t in times):
             raise ValueError("script actor keys and flicker times must lie in [0, duration_s]")
-        labels = [a.label for a in self.actors] + [f.label for f in self.flickers]
+        labels = [a.label for a in self.actors] + [f.label for f in self.flickers] + [p.label for p in self.periodic]
         if len(labels) != len(set(labels)):
             raise ValueError("script labels must be unique")
 
@@ -208,11 +248,13 @@ class SyntheticSource(Source):
 
     @property
     def distractors(self) -> tuple[GroundTruthEvent, ...]:
-        """Pixel changes that are not events: flickering lamps ("flicker"), lighting drift."""
+        """Pixel changes that are not events: flickering lamps ("flicker"), the periodic
+        distractors ("blink", "sway": the whole swept area, "shimmer"), lighting drift."""
         out = [
             GroundTruthEvent("flicker", f.label, f.start_s, f.end_s, self._px_box(f.box))
             for f in self.script.flickers
         ]
+        out += [GroundTruthEvent(p.kind, p.label, 0.0, self.duration_s, self._px_box(p.box)) for p in self.script.periodic]
         if self.script.drift_amplitude:
             full = (0, 0, self.width, self.height)
             out.append(GroundTruthEvent("lighting", "lighting drift", 0.0, self.duration_s, full))
@@ -238,6 +280,8 @@ class SyntheticSource(Source):
                 on = _mix(self.seed, i, math.floor((t - f.start_s) / f.slot_s)) % 100 < 55
                 x0, y0, x1, y1 = self._px_box(f.box)
                 frame[y0:y1, x0:x1] = LAMP_ON if on else LAMP_OFF
+        for i, p in enumerate(s.periodic):
+            self._draw_periodic(frame, i, p, t)
         for actor, times, size in zip(s.actors, self._times, self._sizes):
             centre = _centre(actor, times, t)
             if centre is not None:
@@ -264,6 +308,18 @@ class SyntheticSource(Source):
             if self._pacer is not None:
                 await self._pacer.wait(pts)
             yield pts, image
+
+    def _draw_periodic(self, frame: np.ndarray, i: int, p: Periodic, t: float) -> None:
+        x0, y0, x1, y1 = self._px_box(p.box)
+        k = p.phase(t)
+        if p.kind == "blink":
+            frame[y0:y1, x0:x1] = BLINK_OFF if k else BLINK_ON
+        elif p.kind == "shimmer":
+            frame[y0:y1, x0:x1] = _shimmer(self.seed, i, k, x1 - x0, y1 - y0)
+        else:
+            bw = max(1, round(0.45 * (x1 - x0)))
+            patch, mask = _branch(bw, y1 - y0)
+            _paste(frame, patch, mask, (x0 + round(k * (x1 - x0 - bw) / (p.steps - 1)), y0))
 
     def _corner(self, centre: tuple[float, float], size: tuple[int, int]) -> tuple[int, int]:
         """Top-left pixel of a sprite of `size` (w, h) centred at `centre` (frame fractions)."""
@@ -309,11 +365,15 @@ def make_script(
     drift_amplitude: float = 0.08,
     drift_period_s: float = 40.0,
     noise_sigma: float = 3.0,
+    periodic: bool = False,
 ) -> Script:
     """A random (by seed) script: about `duration_s / scene_s` scenes split by cuts, each with
     its movers (enter, move, stay, leave), signs appearing until the cut, brief (1-2 s)
     objects and a flickering lamp. A 60 s script has one cut near 30 s; the first sign says
     "OPEN". Movers stay in the lower part of the frame, signs and lamps in the upper part.
+    `periodic` adds a blinking light (left edge), a swaying branch (right edge) and a shimmering
+    strip (bottom), about 13% of the frame, from their own random stream: the actors, cuts and
+    lamps are those of the same seed without them.
     """
     if not duration_s > 0 or not scene_s > 0:
         raise ValueError("duration_s and scene_s must be > 0")
@@ -341,8 +401,21 @@ def make_script(
         for _ in range(flickers_per_scene):
             flickers.append(_flicker(rng, s0, s1, unique("flickering lamp")))
     return Script(
-        duration_s, cuts, tuple(actors), tuple(flickers), drift_amplitude, drift_period_s, noise_sigma
+        duration_s, cuts, tuple(actors), tuple(flickers), drift_amplitude, drift_period_s, noise_sigma,
+        _periodic(random.Random(_mix(seed, 0x5E71))) if periodic else (),
     )
+
+
+def _periodic(rng: random.Random) -> tuple[Periodic, ...]:
+    """A light blinking every 1 or 2 s (a group or two at 2 fps), a branch swaying through 3
+    positions in 4 s and a strip shimmering through 3 textures in 1.5 s."""
+    x, y = rng.uniform(0.02, 0.06), rng.uniform(0.28, 0.34)
+    blink = Periodic("blinking light", "blink", (x, y, x + 0.12, y + 0.16), rng.choice((2.0, 4.0)))
+    x, y = rng.uniform(0.79, 0.82), rng.uniform(0.25, 0.28)
+    sway = Periodic("swaying branch", "sway", (x, y, x + 0.17, y + 0.38), 4.0)
+    x = rng.uniform(0.3, 0.34)
+    shimmer = Periodic("shimmering strip", "shimmer", (x, 0.87, x + 0.36, 1.0), 1.5)
+    return blink, sway, shimmer
 
 
 def _sign(rng: random.Random, s0: float, s1: float, label: str, text: str) -> Actor:
@@ -522,6 +595,37 @@ def _sprite(
         stripes = ((xx + yy) // max(2, h // 6)) % 2
         shade = np.where(stripes[..., None] == 1, 1.0, 0.6)
         patch = (np.array(colour, np.float32) * shade).astype(np.uint8)
+    mask = mask > 0
+    patch.setflags(write=False)
+    mask.setflags(write=False)
+    return patch, mask
+
+
+@functools.lru_cache(maxsize=32)
+def _shimmer(seed: int, index: int, k: int, width: int, height: int) -> np.ndarray:
+    """Texture k of a shimmering region: blue-green ripples, a different pattern per k."""
+    rng = np.random.default_rng([seed, 3, index, k])
+    low = rng.normal(0.0, 1.0, size=(max(1, height // 8), max(1, width // 8))).astype(np.float32)
+    ripple = cv2.resize(low, (width, height), interpolation=cv2.INTER_CUBIC)
+    base = np.array([40, 120, 150], np.float32)
+    img = np.clip(base + 45.0 * ripple[..., None] * np.array([0.6, 1.0, 1.0], np.float32), 0, 255).astype(np.uint8)
+    img.setflags(write=False)
+    return img
+
+
+@functools.lru_cache(maxsize=16)
+def _branch(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(patch, mask) of a branch: a brown stem down the middle with green leaf blobs."""
+    patch = np.zeros((height, width, 3), np.uint8)
+    mask = np.zeros((height, width), np.uint8)
+    cx = width // 2
+    cv2.line(patch, (cx, 0), (cx, height - 1), (110, 70, 30), max(1, width // 8))
+    cv2.line(mask, (cx, 0), (cx, height - 1), 255, max(1, width // 8))
+    r = max(2, width // 3)
+    for j in range(1, 6):
+        centre = (cx + (r // 2 if j % 2 else -r // 2), j * height // 6)
+        cv2.circle(patch, centre, r, (40, 140 + 15 * (j % 3), 50), -1)
+        cv2.circle(mask, centre, r, 255, -1)
     mask = mask > 0
     patch.setflags(write=False)
     mask.setflags(write=False)
