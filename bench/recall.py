@@ -2,7 +2,9 @@
 
 Scripted synthetic streams (`make_script`: 30-s scenes split by cuts, objects entering, moving
 and leaving, a sign appearing, a brief 1-2 s object, a flickering lamp, lighting drift, sensor
-noise) are rendered at 2 fps and encoded ONCE per seed through the tiny model's real vision
+noise; with `distractors`, also periodic distractors over ~13% of the frame: a light blinking
+every 1 or 2 s, a branch swaying through 3 positions in 4 s, a strip shimmering through 3
+textures in 1.5 s) are rendered at 2 fps and encoded ONCE per seed through the tiny model's real vision
 path (`VideoLM.encode`); the encoded groups are then replayed into `TokenMemory` with every
 pruner at every budget (the pruners only ever see `FrameTokens`).
 
@@ -14,9 +16,16 @@ holds: long-term capacity = budget - the dense recent window. After the last gro
   (`boxes_at`) at one of g's frames within the event's interval (the frame nearest the interval
   when none falls inside). A cut is held when any token of the first group showing the new
   scene is.
-- recent recall: the same over events that overlap the last 10 s (recent perception).
-- distractor share: held tokens on a lit-or-dark flickering lamp (not on an actor) / held.
+- event-seconds: per event, the share of its frames (2 a second) with a held token inside the
+  actor's box at that frame, averaged over events: how much of what happened is still told,
+  not only that something of it is (a cut counts as one frame).
+- recent recall: the same as event recall over events that overlap the last 10 s (recent
+  perception).
+- distractor share: held tokens on a distractor (a lit-or-dark flickering lamp while it runs,
+  the blinking light, the area the branch sweeps, the shimmering strip; not on an actor) / held.
   Lighting drift and sensor noise cover the whole frame, so they show as lost recall, not share.
+- background share: held tokens on quiet background (no actor's box at any of the group's
+  frames, no distractor) / held.
 """
 from __future__ import annotations
 
@@ -29,7 +38,7 @@ from pathlib import Path
 import torch
 
 from pruning import FrameTokens, TokenMemory
-from stream.sources.synthetic import SyntheticSource
+from stream.sources.synthetic import PERIODIC_KINDS, SyntheticSource, make_script
 from stream.vlm.base import VideoLM
 from stream.vlm.qwen2_5_vl.preprocess import VisionGeometry, smart_resize
 
@@ -56,6 +65,7 @@ class RecallSettings:
     recent_window_s: float = 10.0
     workers: int = 2
     encode_batch: int = 4
+    distractors: bool = True  # the periodic distractors (blinking, swaying, shimmering)
 
     @classmethod
     def quick(cls) -> "RecallSettings":
@@ -70,6 +80,7 @@ class Event:
     start_s: float
     end_s: float
     tokens: torch.Tensor  # flat indices g*N + row*W + col that count as evidence
+    frames: tuple[torch.Tensor, ...] = ()  # the same, frame by frame (empty: one frame, `tokens`)
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,9 @@ class Truth:
     grid: tuple[int, int]
     n_groups: int
     events: tuple[Event, ...]
-    distractor: torch.Tensor  # [T*N] bool
+    distractor: torch.Tensor  # [T*N] bool: any distractor
+    actor: torch.Tensor | None = None  # [T*N] bool: inside an actor's box at one of the group's frames
+    by_kind: tuple[tuple[str, torch.Tensor], ...] = ()  # [T*N] bool per distractor kind
 
 
 def token_grid(s: RecallSettings) -> tuple[int, int]:
@@ -87,7 +100,8 @@ def token_grid(s: RecallSettings) -> tuple[int, int]:
 
 
 def _source(s: RecallSettings, seed: int) -> SyntheticSource:
-    return SyntheticSource(duration_s=s.duration_s, fps=s.fps, seed=seed, width=s.width, height=s.height)
+    script = make_script(s.duration_s, seed, periodic=s.distractors)
+    return SyntheticSource(fps=s.fps, seed=seed, width=s.width, height=s.height, script=script)
 
 
 def _covered(box: tuple[int, int, int, int], grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
@@ -109,7 +123,8 @@ def _covered(box: tuple[int, int, int, int], grid: tuple[int, int], size: tuple[
 
 
 def ground_truth(s: RecallSettings, seed: int, group_size: int = 2) -> Truth:
-    """Which token of which group is evidence of each event, and which shows a distractor."""
+    """Which token of which group is evidence of each event (and at which frame), which shows a
+    distractor, and which an actor."""
     src = _source(s, seed)
     h, w = token_grid(s)
     n = h * w
@@ -122,7 +137,8 @@ def ground_truth(s: RecallSettings, seed: int, group_size: int = 2) -> Truth:
         if e.kind == "cut":
             k = min(n_frames - 1, math.ceil(e.start_s * s.fps - 1e-9))
             g = k // group_size
-            events.append(Event(e.kind, e.label, e.start_s, e.end_s, torch.arange(g * n, (g + 1) * n)))
+            tokens = torch.arange(g * n, (g + 1) * n)
+            events.append(Event(e.kind, e.label, e.start_s, e.end_s, tokens, (tokens,)))
             continue
         frames = [k for k in range(math.ceil(e.start_s * s.fps - 1e-9), n_frames) if k / s.fps < e.end_s]
         if not frames:
@@ -130,22 +146,24 @@ def ground_truth(s: RecallSettings, seed: int, group_size: int = 2) -> Truth:
         idx = [torch.nonzero(_covered(boxes[k][e.label], (h, w), size).flatten()).flatten() + (k // group_size) * n
                for k in frames if e.label in boxes[k]]
         if idx:
-            events.append(Event(e.kind, e.label, e.start_s, e.end_s, torch.unique(torch.cat(idx))))
-    distractor = torch.zeros(n_groups * n, dtype=torch.bool)
-    lamps = [d for d in src.distractors if d.kind == "flicker"]
+            events.append(Event(e.kind, e.label, e.start_s, e.end_s, torch.unique(torch.cat(idx)), tuple(idx)))
+    kinds = ("flicker", *PERIODIC_KINDS)
+    masks = {kind: torch.zeros(n_groups * n, dtype=torch.bool) for kind in kinds}
+    actor = torch.zeros(n_groups * n, dtype=torch.bool)
+    spots = [(d, _covered(d.box, (h, w), size)) for d in src.distractors if d.kind in kinds]
     for k in range(n_frames):
         t = k / s.fps
-        on = [d for d in lamps if d.start_s <= t < d.end_s]
-        if not on:
-            continue
-        lamp = torch.zeros(h, w, dtype=torch.bool)
-        for d in on:
-            lamp |= _covered(d.box, (h, w), size)
+        on_actor = torch.zeros(h, w, dtype=torch.bool)
         for box in boxes[k].values():
-            lamp &= ~_covered(box, (h, w), size)
-        g = k // group_size
-        distractor[g * n:(g + 1) * n] |= lamp.flatten()
-    return Truth((h, w), n_groups, tuple(events), distractor)
+            on_actor |= _covered(box, (h, w), size)
+        rows = slice(k // group_size * n, (k // group_size + 1) * n)
+        actor[rows] |= on_actor.flatten()
+        for d, cells in spots:
+            if d.start_s <= t < d.end_s:
+                masks[d.kind][rows] |= (cells & ~on_actor).flatten()
+    distractor = torch.stack(list(masks.values())).any(0)
+    by_kind = tuple((kind, m) for kind, m in masks.items() if m.any())
+    return Truth((h, w), n_groups, tuple(events), distractor, actor, by_kind)
 
 
 _VLM: dict[int, VideoLM] = {}  # by max_pixels
@@ -194,19 +212,26 @@ def replay(path: str, label: str, capacity: int, recent_groups: int, group_s: fl
 
 
 def score(truth: Truth, flat: torch.Tensor, last_s: float, duration_s: float) -> dict:
-    """Recall (all events, those ending in the last `last_s`, per kind) and distractor share of
-    the held tokens `flat` (flat indices, as in `Event.tokens`)."""
+    """Recall (all events, those ending in the last `last_s`, per kind), event-seconds, and the
+    distractor and quiet-background shares of the held tokens `flat` (flat indices, as in
+    `Event.tokens`)."""
     held = torch.zeros(truth.distractor.numel(), dtype=torch.bool)
     held[flat] = True
     hit = {i: bool(held[e.tokens].any()) for i, e in enumerate(truth.events)}
+    seconds = [sum(bool(held[f].any()) for f in e.frames) / len(e.frames) if e.frames else float(hit[i])
+               for i, e in enumerate(truth.events)]
     recent = [i for i, e in enumerate(truth.events) if e.end_s >= duration_s - last_s]
     by_kind = {}
     for kind in KINDS:
         ids = [i for i, e in enumerate(truth.events) if e.kind == kind]
         by_kind[kind] = sum(hit[i] for i in ids) / len(ids) if ids else math.nan
     n = max(1, int(flat.numel()))
+    quiet = ~truth.distractor if truth.actor is None else ~(truth.distractor | truth.actor)
     return {
         "recall": sum(hit.values()) / max(1, len(hit)),
+        "event_seconds": sum(seconds) / len(seconds) if seconds else math.nan,
+        "background_share": int(quiet[flat].sum()) / n,
+        "distractor_by_kind": {kind: int(m[flat].sum()) / n for kind, m in truth.by_kind},
         "recent_recall": sum(hit[i] for i in recent) / len(recent) if recent else math.nan,
         "recent_events": len(recent),
         "distractor_share": int(truth.distractor[flat].sum()) / n,
@@ -241,6 +266,8 @@ def run(s: RecallSettings, out_dir: Path) -> Report:
         scores[(label, b)].append(sc)
     report = Report("recall", "Evidence recall vs budget", s)
     n_events = [len(t.events) for t in truths.values()]
+    cover = {kind: Stat.of([float(m.float().mean()) for t in truths.values() for k, m in t.by_kind if k == kind]).median
+             for kind in _DISTRACTOR_NAMES}
     n_recent = [scores[(s.pruners[0], s.budgets[0])][i]["recent_events"] for i in range(len(s.seeds))]
     report.notes.append(
         f"{len(s.seeds)} seeds x {s.duration_s:.0f} s at {s.fps:g} fps = {n_groups} groups of {h}x{w} tokens "
@@ -248,6 +275,12 @@ def run(s: RecallSettings, out_dir: Path) -> Report:
         f"stream. Events per seed: {n_events} (in the last {s.recent_window_s:g} s: {n_recent}). "
         f"Budget = everything held (long-term capacity + {s.recent_groups} dense recent groups). "
         f"Encoding took {sum(e['encode_s'] for e in enc):.0f} s in all. Cells: median over seeds (min-max).")
+    report.notes.append(
+        "Distractors, share of the frame's tokens per group (median over seeds): " + ", ".join(
+            f"{_DISTRACTOR_NAMES[k]} {100 * v:.1f}%" for k, v in cover.items() if not math.isnan(v))
+        + (". The periodic ones (blinking light, swaying branch, shimmering strip) are on throughout; "
+           "a lamp flickers at random for most of each scene." if s.distractors else
+           " (periodic distractors off)."))
     _tables(report, s, scores)
     report.targets += _targets(s, scores)
     plot = line_plot(out_dir / "recall.png", [_series(scores, label, s.budgets) for label in s.pruners],
@@ -273,8 +306,12 @@ def _series(scores: dict, label: str, budgets: tuple[float, ...]) -> Series:
 def _tables(report: Report, s: RecallSettings, scores: dict) -> None:
     cols = ["pruner"] + [f"{100 * b:g}%" for b in s.budgets]
     for key, title in (("recall", "Event recall"),
+                       ("event_seconds", "Event-seconds (share of each event's seconds with a held token, mean over "
+                                         "events)"),
                        ("recent_recall", f"Recall of events in the last {s.recent_window_s:g} s"),
-                       ("distractor_share", "Share of memory on distractors (flickering lamps)")):
+                       ("distractor_share", "Share of memory on distractors (" + ", ".join(
+                           name for k, name in _DISTRACTOR_NAMES.items() if s.distractors or k == "flicker") + ")"),
+                       ("background_share", "Share of memory on quiet background (no actor, no distractor)")):
         t = Table(title, cols)
         for label in s.pruners:
             t.add(label, *(_stat(scores, label, b, key).fmt(2) for b in s.budgets))
@@ -284,6 +321,11 @@ def _tables(report: Report, s: RecallSettings, scores: dict) -> None:
     for label in s.pruners:
         t.add(label, *(Stat.of([x["by_kind"][k] for x in scores[(label, b)]]).fmt(2) for k in KINDS))
     report.tables.append(t)
+    kinds = [k for k in _DISTRACTOR_NAMES if any(k in x["distractor_by_kind"] for x in scores[(s.pruners[0], b)])]
+    t = Table(f"Share of memory per distractor at {100 * b:g}%", ["pruner", *(_DISTRACTOR_NAMES[k] for k in kinds)])
+    for label in s.pruners:
+        t.add(label, *(Stat.of([x["distractor_by_kind"].get(k, 0.0) for x in scores[(label, b)]]).fmt(2) for k in kinds))
+    report.tables.append(t)
     t = Table("Replay cost (all budgets)", ["pruner", "pruner ms/group", "replay s (600 groups)" if s.duration_s == 600
                                             else "replay s", "tokens held at the end"])
     for label in s.pruners:
@@ -292,6 +334,10 @@ def _tables(report: Report, s: RecallSettings, scores: dict) -> None:
         t.add(label, Stat.of([x["pruner_ms_per_group"] for x in runs]).fmt(2),
               Stat.of([x["wall_s"] for x in runs]).fmt(1), held)
     report.tables.append(t)
+
+
+_DISTRACTOR_NAMES = {"flicker": "flickering lamps", "blink": "blinking light", "sway": "swaying branch",
+                     "shimmer": "shimmering strip"}
 
 
 def _targets(s: RecallSettings, scores: dict) -> list[Target]:

@@ -2,6 +2,7 @@
 ground truth (which token is evidence of which event) is checked by hand."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -63,6 +64,23 @@ def test_score_counts_events_and_distractors():
     sc = recall.score(truth, torch.tensor([1, 2, 3, 4]), last_s=1.0, duration_s=10.0)
     assert sc["recall"] == 0.5 and sc["recent_recall"] == 0.0 and sc["recent_events"] == 1
     assert sc["distractor_share"] == 0.5 and sc["by_kind"]["brief"] == 1.0 and math.isnan(sc["by_kind"]["cut"])
+    assert sc["event_seconds"] == 0.5 and sc["background_share"] == 0.5  # no frames: an event's seconds = its hit
+
+
+def test_score_counts_event_seconds_and_background():
+    # Event a shows at 4 frames: held tokens cover two of them; b at 1 frame, not held.
+    frames = (torch.tensor([0]), torch.tensor([0, 1]), torch.tensor([4]), torch.tensor([5]))
+    events = (recall.Event("move", "a", 0.0, 2.0, torch.tensor([0, 1, 4, 5]), frames),
+              recall.Event("brief", "b", 1.0, 1.5, torch.tensor([6]), (torch.tensor([6]),)))
+    distractor = torch.zeros(8, dtype=torch.bool)
+    distractor[3] = True
+    actor = torch.zeros(8, dtype=torch.bool)
+    actor[[0, 1, 4, 5, 6]] = True
+    truth = recall.Truth((2, 2), 2, events, distractor, actor, (("blink", distractor),))
+    sc = recall.score(truth, torch.tensor([1, 2, 3, 5]), last_s=1.0, duration_s=2.0)
+    assert sc["recall"] == 0.5 and sc["event_seconds"] == (2 / 4 + 0) / 2
+    assert sc["distractor_share"] == 0.25 and sc["distractor_by_kind"] == {"blink": 0.25}
+    assert sc["background_share"] == 0.25  # token 2: no actor, no distractor
 
 
 def test_ground_truth_marks_the_actor():
@@ -73,9 +91,19 @@ def test_ground_truth_marks_the_actor():
     src = recall._source(s, 0)
     assert len(truth.events) == len([e for e in src.events if e.kind != "stay"])
     for e in truth.events:
-        assert e.tokens.numel() > 0
+        assert e.tokens.numel() > 0 and torch.equal(torch.unique(torch.cat(e.frames)), e.tokens)
         groups = torch.unique(e.tokens // (h * w))
         assert (groups * 2 / s.fps <= e.end_s).all() and ((groups + 1) * 2 / s.fps > e.start_s).all()
+    kinds = dict(truth.by_kind)
+    assert set(kinds) == {"flicker", "blink", "sway", "shimmer"}
+    periodic = torch.stack([kinds[k] for k in ("blink", "sway", "shimmer")]).any(0).view(truth.n_groups, -1)
+    assert 0.10 <= float(periodic.float().mean()) <= 0.20  # the periodic distractors cover 10-20% of the frame
+    assert bool((periodic.sum(1) > 0).all())  # on in every group
+    assert truth.actor.any()
+    # Off, the scene has the same actors and events, and only the lamps distract.
+    plain = recall.ground_truth(dataclasses.replace(s, distractors=False), seed=0)
+    assert [k for k, _ in plain.by_kind] == ["flicker"]
+    assert [e.tokens.tolist() for e in plain.events] == [e.tokens.tolist() for e in truth.events]
 
 
 def test_recall_smoke(model_cache, tmp_path):
@@ -83,12 +111,19 @@ def test_recall_smoke(model_cache, tmp_path):
     report = recall.run(s, tmp_path)
     raw = _written(tmp_path, "recall")
     assert (tmp_path / "recall.png").stat().st_size > 1000
-    for title in ("Event recall", "Recall of events", "Share of memory"):
+    for title in ("Event recall", "Event-seconds", "Recall of events", "Share of memory on distractors",
+                  "Share of memory on quiet background"):
         t = _table(report, title)
         assert t.columns == ["pruner", "5%", "10%", "25%"]
         assert [r[0] for r in t.rows] == list(ALL_PRUNERS)
         assert all(0.0 <= _num(c) <= 1.0 for r in t.rows for c in r[1:] if c != "n/a")
     assert len(report.targets) == 2 * len(SEED_PRUNERS)
+    per = _table(report, "Share of memory per distractor")
+    assert per.columns == ["pruner", "flickering lamps", "blinking light", "swaying branch", "shimmering strip"]
+    for key, runs in raw["raw"]["scores"].items():
+        for r in runs:
+            assert r["event_seconds"] <= r["recall"] + 1e-9  # an event with a held second is a held event
+            assert r["distractor_share"] + r["background_share"] <= 1.0 + 1e-9
     dense = raw["raw"]["encode"][0]["groups"] * math.prod(raw["raw"]["encode"][0]["grid"])
     for key, runs in raw["raw"]["scores"].items():
         budget = float(key.split("@")[1])
