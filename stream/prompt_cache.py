@@ -31,7 +31,7 @@ import torch
 from pruning import TokenMemory
 
 from .errors import ConfigError
-from .vlm.base import LayoutSettings, Prompt, PromptPlan, VideoLM
+from .vlm.base import Columns, LayoutSettings, Prompt, PromptPlan, VideoLM
 from .vlm.decode import prefill
 from .vlm.kv_cache import crop_to
 
@@ -55,8 +55,8 @@ def limit_tokens(vlm: VideoLM, mib: float, memory: TokenMemory, layout: LayoutSe
     one group per held token)."""
     per = vlm.kv_bytes_per_token
     visual = memory.capacity + memory.recent_groups * vlm.max_tokens_per_group
-    one = len(vlm.plan(_columns([0], [0.0]), "", layout))
-    label = len(vlm.plan(_columns([0, 1], [0.0, 99_999.9]), "", layout)) - one - 1
+    one = len(vlm.plan(Columns.of([0], [0.0]), "", layout))
+    label = len(vlm.plan(Columns.of([0, 1], [0.0, 99_999.9]), "", layout)) - one - 1
     groups = memory.recent_groups + memory.capacity if label else 0
     need = one - 1 + visual + groups * label + TEMPLATE_TOKENS + 4 * max_question_chars + max_new_tokens
     log.info("prompt cache: %d bytes (%.1f KiB) per token; the memory's %d visual tokens, a question and its "
@@ -75,19 +75,7 @@ def limit_tokens(vlm: VideoLM, mib: float, memory: TokenMemory, layout: LayoutSe
     return room
 
 
-@dataclass(frozen=True)
-class _Columns:
-    """The columns of a few held tokens (to measure the prompt's text around them)."""
 
-    group: torch.Tensor
-    pts: torch.Tensor
-    row: torch.Tensor
-    col: torch.Tensor
-
-
-def _columns(groups: list[int], pts: list[float]) -> _Columns:
-    zero = torch.zeros(len(groups), dtype=torch.long)
-    return _Columns(torch.tensor(groups), torch.tensor(pts, dtype=torch.float64), zero, zero)
 
 
 @dataclass

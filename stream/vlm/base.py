@@ -46,6 +46,23 @@ class LayoutSettings:
 
 
 @dataclass(frozen=True)
+class Columns:
+    """The columns of held tokens a family's `plan` reads (a memory layout has them too): for
+    plans of a few made-up tokens, to measure the text around them."""
+
+    group: torch.Tensor  # [n] long
+    pts: torch.Tensor  # [n] float64
+    row: torch.Tensor  # [n] long
+    col: torch.Tensor  # [n] long
+
+    @classmethod
+    def of(cls, groups: list[int], pts: list[float]) -> "Columns":
+        """One token per group, at cell (0, 0)."""
+        zero = torch.zeros(len(groups), dtype=torch.long)
+        return cls(torch.tensor(groups, dtype=torch.long), torch.tensor(pts, dtype=torch.float64), zero, zero.clone())
+
+
+@dataclass(frozen=True)
 class PromptPlan:
     """Where every prompt token comes from, without any vector: built from the held rows' group,
     pts, row and col only, so it is cheap to build for every question and every cache check.

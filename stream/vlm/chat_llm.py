@@ -11,34 +11,22 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from transformers import DynamicCache
 
-from . import decode
 from pruning import TokenSet
 
-from .base import Generation, LayoutSettings, Prompt, PromptPlan
+from . import decode
+from .base import Columns, Generation, LayoutSettings, Prompt, PromptPlan
 from .kv_cache import BufferedCache
 from .layer_pruning import LayerPruned, Schedule, check_layers
 
 VIDEO_PLACEHOLDER = "\x00video\x00"  # where the video goes in a rendered chat template
 
 
-@dataclass(frozen=True)
-class _Columns:
-    """The columns of held tokens a family's `plan` reads."""
-
-    group: torch.Tensor
-    pts: torch.Tensor
-    row: torch.Tensor
-    col: torch.Tensor
-
-
-_ONE_TOKEN = _Columns(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.float64),
-                      torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+_ONE_TOKEN = Columns.of([0], [0.0])
 
 
 class ChatLLM:
