@@ -32,7 +32,6 @@ know those features, so such a family refuses a schedule. Families on `ChatLLM.f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
