@@ -39,7 +39,7 @@ def _config(name: str, **over) -> object:
     return from_dict(base)
 
 
-@pytest.mark.parametrize("name", list(TINY.values()))
+@pytest.mark.parametrize("name", [TINY["qwen3_vl"], TINY["llava_onevision"]])  # tiny-random: tests/test_cli.py
 def test_the_demo_answers_with_each_tiny_model(tmp_path, model_cache, name):
     env = {**os.environ, "STREAMPRUNE_CACHE": str(model_cache)}
     r = subprocess.run(CLI + ["demo", "--model", name, "--visuals", str(tmp_path)], cwd=tmp_path, env=env,
