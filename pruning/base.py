@@ -180,6 +180,9 @@ class Pruner:
     name = "base"
     paper = ""  # where the method comes from, for `streamprune pruners`
     param_ranges: ClassVar[dict[str, ParamRange]] = {}
+    # What `rank_for_query` ranks by: None, the question's input embeddings; K, its hidden states
+    # at the LLM's decoder layer K (HieraVid's instruction state).
+    query_layer: ClassVar[int | None] = None
 
     def reset(self) -> None:
         """Forget stream state: the next group has no predecessor (start, reconnect)."""

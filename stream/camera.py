@@ -101,8 +101,7 @@ class Camera:
             raise ConfigError(f"camera {self.name!r}: {e.detail}", e.path) from None
         schedule = tuple((int(layer), float(keep)) for layer, keep in q.layer_pruning)
         try:
-            if schedule:
-                vlm.check_layer_schedule(schedule)
+            vlm.check_layer_schedule(schedule)  # at start, not at the first question
         except ValueError as e:
             raise ConfigError(f"camera {self.name!r}: {e}", "query.layer_pruning") from None
         self.queries = QueryHandler(vlm, self.memory, QuerySettings(

@@ -13,7 +13,7 @@ their original positions, the question after the video. Two paths, the same answ
   visual tokens inside the LLM at the schedule's stages (stream/vlm/layer_pruning.py); the
   cached path never does: its shared KV is question-independent, and the question's suffix
   runs over all of it (docs/DESIGN.md, "Layer pruning and the prompt cache").
-A pruner with an integer `query_layer` K ranks by the question's hidden states at decoder layer
+A pruner whose `query_layer` is K ranks by the question's hidden states at decoder layer
 K (`VideoLM.question_states`), not by its input embeddings.
 Questions arrive already validated by the camera's door (stream/door.py); the only refusal left
 here is a memory or budget that leaves nothing to look at.
@@ -61,8 +61,6 @@ class QueryHandler:
         self.vlm = vlm
         self.memory = memory
         self.settings = settings
-        if settings.layer_pruning:
-            vlm.check_layer_schedule(settings.layer_pruning)
         self.layout = LayoutSettings(system_prompt=settings.system_prompt, timestamps=settings.timestamps,
                                      frame_interval_s=settings.frame_interval_s)
         self.cache = PromptCache(vlm, memory, self.layout, settings.prompt_cache_tokens) if settings.prompt_cache else None
@@ -135,19 +133,15 @@ class QueryHandler:
         if len(seen) == 0:
             raise RequestError("empty_memory", "the query budget left no visual tokens to answer from")
         prompt = self.vlm.layout(seen, question.text, self.layout)
-        schedule = self.settings.layer_pruning
-        gen = (self.vlm.generate(prompt, max_new, on_text, stop=stop, layer_schedule=schedule) if schedule
-               else self.vlm.generate(prompt, max_new, on_text, stop=stop))
+        gen = self.vlm.generate(prompt, max_new, on_text, stop=stop, layer_schedule=self.settings.layer_pruning)
         return self._answer(question, gen, t0, FULL, len(prompt), len(prompt), float(seen.pts.min()),
                             float(seen.pts.max()), int(seen.groups().numel()), len(seen), len(snap))
 
     def _query_embeds(self, text: str):
         """What the pruner ranks by: the question's hidden states at its `query_layer`, when it
         names one (HieraVid's instruction state, Eq. 8), else its input embeddings."""
-        layer = getattr(self.pruner, "query_layer", None)
-        if isinstance(layer, int) and not isinstance(layer, bool):
-            return self.vlm.question_states(text, layer)
-        return self.vlm.question_embeds(text)
+        layer = self.pruner.query_layer
+        return self.vlm.question_embeds(text) if layer is None else self.vlm.question_states(text, layer)
 
     def _answer(self, question: Question, gen: Generation, t0: float, path: str, prefilled: int, prompt_tokens: int,
                 t_start: float, t_end: float, groups: int, used: int, held: int) -> Answer:
