@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 MAX_ID_CHARS = 200
 WATCH_ORIGIN = "watch"  # a watch's own checks: their outcome is a WatchFired event, not an answer
 MAX_NEW_TOKENS = 1024
+MAX_LLM_BUDGET = 10_000_000  # tokens; larger is surely a mistake (or an attack), not a budget
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ def validate(q: Question, max_question_chars: int) -> Question:
     text = q.text.strip()
     if len(text) > max_question_chars:
         raise RequestError("question_too_long", f"the question has {len(text)} characters; the limit is {max_question_chars}")
-    if q.llm_budget is not None and (isinstance(q.llm_budget, bool) or not isinstance(q.llm_budget, int) or q.llm_budget < 1):
-        raise RequestError("bad_llm_budget", f"llm_budget must be a positive integer, got {q.llm_budget!r}")
+    if q.llm_budget is not None and (isinstance(q.llm_budget, bool) or not isinstance(q.llm_budget, int)
+                                     or not 1 <= q.llm_budget <= MAX_LLM_BUDGET):
+        raise RequestError("bad_llm_budget", f"llm_budget must be an integer in 1..{MAX_LLM_BUDGET}")
     if q.max_new_tokens is not None and (isinstance(q.max_new_tokens, bool) or not isinstance(q.max_new_tokens, int)
                                          or not 1 <= q.max_new_tokens <= MAX_NEW_TOKENS):
         raise RequestError("bad_max_new_tokens",

@@ -55,7 +55,6 @@ from .openai_api import DONE, ChatRequest, Chunks, completion, model_entry, mode
 
 STATIC = Path(__file__).parent / "static"
 ORIGIN = "http"  # Question.origin of what comes in here
-MAX_LLM_BUDGET = 10_000_000  # tokens; larger is surely a mistake, not a budget
 NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -200,8 +199,6 @@ def _rest(app: FastAPI, ctx: Context) -> None:
     @app.post("/api/cameras/{name}/ask")
     async def ask(name: str, body: AskBody) -> Response:
         camera = cams.get(name)
-        if body.llm_budget is not None and body.llm_budget > MAX_LLM_BUDGET:
-            raise ApiError("bad_llm_budget", f"llm_budget must be in 1..{MAX_LLM_BUDGET}", param="llm_budget")
         q = Question(body.question, body.id, body.llm_budget, body.max_new_tokens, ORIGIN)
         if not body.stream:
             return Json((await until_closed(camera.ask(q), ctx.closing)).to_dict())

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from stream.door import MAX_ID_CHARS
+from stream.door import MAX_ID_CHARS, MAX_LLM_BUDGET
 from stream.errors import ConfigError, RequestError
 from stream.events import Answer, Question, RequestFailed, Status, WatchFired, utc_now
 from stream.mqtt_settings import MAX_TOPIC_BYTES
@@ -29,7 +29,6 @@ from stream.watches import WatchSpec
 
 MAX_PAYLOAD_BYTES = 268_435_455  # MQTT's limit on one message
 INT_RANGE = (-(2**63), 2**63 - 1)  # an integer request id; a string id has at most MAX_ID_CHARS characters
-MAX_LLM_BUDGET = 10_000_000  # tokens; larger is surely a mistake (or an attack), not a budget
 EXCERPT_CHARS = 40
 MAX_MESSAGE_CHARS = 300
 
