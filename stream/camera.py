@@ -31,6 +31,7 @@ from .bus import Bus
 from .camera_api import MemoryMap
 from .config import Config, MemoryConfig
 from .door import Door, DoorSettings, OnText
+from .encode_scheduler import EncodeScheduler
 from .encoder import RollingEncoder
 from .errors import ConfigError, SourceError
 from .events import Answer, Event, GroupAdded, Question, SceneChange, SourceState, Status
@@ -77,7 +78,9 @@ class Camera:
 
     restart_policy = RestartPolicy()  # for its supervised tasks
 
-    def __init__(self, cfg: Config, vlm: VideoLM, bus: Bus | None = None):
+    def __init__(self, cfg: Config, vlm: VideoLM, bus: Bus | None = None, scheduler: EncodeScheduler | None = None):
+        """`scheduler`: the model's shared vision-tower queue when several cameras run on it
+        (None: this camera has the tower to itself)."""
         self.cfg = cfg
         self.name = cfg.name
         self.vlm = vlm
@@ -89,7 +92,8 @@ class Camera:
         self.source = self.open_source()
         self.sampler = Sampler(self.source, cfg.sampler.fps, cfg.sampler.policy, cfg.sampler.queue)
         self.encoder = RollingEncoder(vlm, self.memory, drop_when_behind=self.sampler.policy == "latest",
-                                      on_group=self._on_group)
+                                      on_group=self._on_group, scheduler=scheduler, name=self.name,
+                                      max_latency_s=cfg.sampler.max_latency_s)
         self.scenes = SceneDetector()
         q = cfg.query
         interval = 1.0 / cfg.sampler.fps
@@ -310,7 +314,7 @@ class Camera:
             encode_ms=e.encode_ms, prune_ms=e.prune_ms, backlog=e.backlog, queued=self.door.queued,
             answers=self.door.answers, errors=dict(self.door.errors), watches=len(self.watches), watch_counters=dict(self.watches.counters),
             last_answer_s=last.total_s if last else None, source=self.source.health(),
-            tasks=self.supervisor.states(), prompt_cache=self.queries.cache_report(),
+            tasks=self.supervisor.states(), prompt_cache=self.queries.cache_report(), ingest_latency_ms=e.latency_ms,
         )
 
     def summary(self) -> dict:

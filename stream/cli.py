@@ -126,6 +126,7 @@ async def run_pipeline(cfg: Config, interactive: bool) -> int:
 
     from .bus import Bus
     from .camera import Camera
+    from .encode_scheduler import EncodeScheduler
     from .vlm.registry import load_model
 
     m = cfg.model
@@ -136,7 +137,8 @@ async def run_pipeline(cfg: Config, interactive: bool) -> int:
               "for real answers use --model Qwen/Qwen2.5-VL-3B-Instruct or a local checkpoint path.", flush=True)
     configs = cfg.camera_configs()
     bus = Bus([ConsoleSink(named=len(configs) > 1)] + ([JsonlSink(cfg.output.jsonl)] if cfg.output.jsonl else []))
-    cameras = {c.name: Camera(c, vlm, bus) for c in configs}
+    tower = EncodeScheduler(vlm, m.encode_batch)  # one queue for the model: every camera's groups batched
+    cameras = {c.name: Camera(c, vlm, bus, tower) for c in configs}
     visuals = [VisualsSink(c.name, Path(c.output.visuals_dir), cameras[c.name].memory_map)
                for c in configs if c.output.visuals_dir]
     for sink in visuals:
@@ -183,6 +185,7 @@ async def run_pipeline(cfg: Config, interactive: bool) -> int:
         for camera in cameras.values():
             print(f"[{camera.name}] " * (len(cameras) > 1) + _summary_line(camera.summary()), flush=True)
     finally:
+        await asyncio.to_thread(tower.close)
         await bus.close()
     for sink in visuals:
         for path in sink.written:

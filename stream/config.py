@@ -40,6 +40,7 @@ class SamplerConfig:
     fps: float = bounded(2.0, 0.05, 60)  # frames per second fed to the encoder
     policy: str = choice(*POLICIES, default="auto")  # auto: latest for live sources, every for files
     queue: int = bounded(2, 1, 64)  # latest: frames buffered before the oldest is dropped
+    max_latency_s: float = bounded(5.0, 0.1, 3600.0)  # latest: a group waiting longer for the vision tower is dropped
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class ModelConfig:
     dtype: str = choice(*DTYPE_NAMES, default="float32")
     device: str = "cpu"
     max_pixels: int = bounded(448 * 448, 56 * 56, 4096 * 4096)  # pixel budget per frame
+    encode_batch: int = bounded(16, 1, 1024)  # most groups per vision-tower call, from all cameras on the model
 
 
 @dataclass(frozen=True)

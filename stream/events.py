@@ -221,4 +221,5 @@ class Status(Event):
     source: dict = field(default_factory=dict)
     tasks: dict = field(default_factory=dict)
     prompt_cache: dict = field(default_factory=dict)  # tokens, bytes, kv_bytes_per_token, appended/reprefilled tokens, ...
+    ingest_latency_ms: float = 0.0  # from a group's last frame to the group in memory, last group
     timestamp: str = field(default_factory=utc_now)

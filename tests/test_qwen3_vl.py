@@ -5,6 +5,7 @@ the memory. Tiny random models, float32."""
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -128,8 +129,11 @@ def test_the_encoder_stores_each_token_with_its_deepstack_vectors(q3):
     """A kept token holds 4 vectors of width D in the memory: itself and its 3 deepstack features."""
     frames = _frames(4, seed=2)
     mem = TokenMemory(10_000, get_pruner("recent"), recent_groups=1)
-    RollingEncoder(q3, mem)._encode_batch([[Frame(i, i / FPS, frames[i]) for i in (0, 1)],
-                                           [Frame(i, i / FPS, frames[i]) for i in (2, 3)]])
+    now = time.monotonic()
+    encoder = RollingEncoder(q3, mem)
+    encoder._encode_batch([([Frame(i, i / FPS, frames[i]) for i in (0, 1)], now),
+                           ([Frame(i, i / FPS, frames[i]) for i in (2, 3)], now)])
+    encoder.close()
     snap = mem.snapshot()
     (g0, ex0), (g1, ex1) = q3.encode([frames[:2], frames[2:]])
     assert snap.tokens.shape == (2 * g0.shape[0] * g0.shape[1], q3.hidden_size)

@@ -37,6 +37,7 @@ STATUS_GAUGES = {
     "backlog": ("backlog_groups", "Groups waiting for the encoder", 1.0),
     "encode_ms": ("group_encode_seconds", "Encoder time per group", 1e-3),
     "prune_ms": ("group_prune_seconds", "Pruner time per group", 1e-3),
+    "ingest_latency_ms": ("ingest_latency_seconds", "From a group's last frame to the group in memory (last group)", 1e-3),
     "stream_s": ("stream_seconds", "Stream time of the newest group in the memory", 1.0),
     "watches": ("watches", "Watches of the camera", 1.0),
 }

@@ -174,7 +174,16 @@ class VideoLM(Protocol):
                ) -> list[torch.Tensor] | list[tuple[torch.Tensor, Mapping[str, torch.Tensor]]]:
         """Frame groups (up to `group_size` H x W x 3 uint8 RGB frames each) -> one [H, W, D]
         token grid per group; a family with per-token side features gives (grid, extras) instead,
-        each extra [..., H, W, D] (`FrameTokens.extras`, e.g. Qwen3-VL's {"deepstack": [3, H, W, D]})."""
+        each extra [..., H, W, D] (`FrameTokens.extras`, e.g. Qwen3-VL's {"deepstack": [3, H, W, D]}).
+        Equals `encode_prepared([prepare(g) for g in groups])`."""
+
+    def prepare(self, group: list[np.ndarray]) -> Any:
+        """One group's tower input (resized, normalised, patchified), made on the caller's
+        thread without the model's weights, so each camera prepares its own while the shared
+        tower runs (stream/encode_scheduler.py)."""
+
+    def encode_prepared(self, prepared: list[Any]) -> list[Any]:
+        """`encode`'s results for groups already prepared, in one pass of the tower per size."""
 
     def question_embeds(self, text: str) -> torch.Tensor:
         """The LLM input embeddings of the question's tokens [L, D], for query-aware ranking."""

@@ -102,18 +102,27 @@ class LlavaOneVision(ChatLLM):
     def max_tokens_per_group(self) -> int:
         return self.side * self.side
 
-    @torch.inference_mode()
+    def prepare(self, group: list[np.ndarray]) -> np.ndarray:
+        """One frame's tower input [3, S, S] (`VideoLM.prepare`)."""
+        if len(group) != 1:
+            raise ValueError(f"a LLaVA-OneVision group is one frame; got a group of {len(group)}")
+        return preprocess_frame(group[0], self.geometry)
+
     def encode(self, groups: list[list[np.ndarray]]) -> list[torch.Tensor]:
-        """One-frame groups -> one [ceil(P/2), ceil(P/2), D] token grid each, all frames in one
-        call (the tower, projector and pooling work frame by frame)."""
         if any(len(g) != 1 for g in groups):
             raise ValueError(f"a LLaVA-OneVision group is one frame; got groups of {sorted({len(g) for g in groups})}")
-        if not groups:
+        return self.encode_prepared([self.prepare(g) for g in groups])
+
+    @torch.inference_mode()
+    def encode_prepared(self, prepared: list[np.ndarray]) -> list[torch.Tensor]:
+        """Prepared frames -> one [ceil(P/2), ceil(P/2), D] token grid each, all in one call (the
+        tower, projector and pooling work frame by frame)."""
+        if not prepared:
             return []
-        pixels = np.stack([preprocess_frame(g[0], self.geometry) for g in groups])[None]
+        pixels = torch.stack([torch.as_tensor(p) for p in prepared])[None]
         feats = self.model.model.get_video_features(
-            pixel_values_videos=torch.from_numpy(pixels).to(self.device, self.dtype)).pooler_output[0, :-1]
-        return list(feats.reshape(len(groups), self.side, self.side, -1).cpu())
+            pixel_values_videos=pixels.to(self.device, self.dtype)).pooler_output[0, :-1]
+        return list(feats.reshape(len(prepared), self.side, self.side, -1).cpu())
 
     @functools.lru_cache(maxsize=4096)
     def _label(self, text: str) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ..base import LayoutSettings, PromptPlan
 from ..chat_llm import ChatLLM
 from ..positions import TextPart, VisualPart, plan_of
 from .positions import group_time_text, time_offsets
-from .preprocess import VisionGeometry, batches_by_shape
+from .preprocess import VisionGeometry, batches_by_shape, prepare_group
 
 
 
@@ -65,16 +65,23 @@ class Qwen2_5_VL(ChatLLM):
     def max_tokens_per_group(self) -> int:
         return self.geometry.max_pixels // self.geometry.factor ** 2
 
-    @torch.inference_mode()
+    def prepare(self, group: list[np.ndarray]) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """One group's patches and grid (`VideoLM.prepare`)."""
+        return prepare_group(group, self.geometry)
+
     def encode(self, groups: list[list[np.ndarray]]) -> list[torch.Tensor]:
-        """Frame groups (each up to `group_size` RGB frames) -> one [gh/2, gw/2, D] token grid
-        per group. Groups of one size go through the tower in one call: Qwen's vision attention
-        is per temporal group, so this equals encoding them one by one."""
-        out: list[torch.Tensor | None] = [None] * len(groups)
+        return self.encode_prepared([self.prepare(g) for g in groups])
+
+    @torch.inference_mode()
+    def encode_prepared(self, prepared: list[tuple[np.ndarray, tuple[int, int, int]]]) -> list[torch.Tensor]:
+        """Prepared groups -> one [gh/2, gw/2, D] token grid each. Groups of one size go through
+        the tower in one call: Qwen's vision attention is per temporal group, so this equals
+        encoding them one by one."""
+        out: list[torch.Tensor | None] = [None] * len(prepared)
         m = self.geometry.merge_size
-        for idxs, pixels, (t, gh, gw) in batches_by_shape(groups, self.geometry):
+        for idxs, pixels, (t, gh, gw) in batches_by_shape(prepared):
             feats = self.model.model.get_video_features(
-                pixel_values_videos=torch.from_numpy(pixels).to(self.device),
+                pixel_values_videos=torch.as_tensor(pixels).to(self.device),
                 video_grid_thw=torch.tensor([[t, gh, gw]], device=self.device),
             ).pooler_output[0]
             grid = feats.reshape(t, gh // m, gw // m, -1).cpu()

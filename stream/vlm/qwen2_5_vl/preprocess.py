@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -106,12 +108,21 @@ def frames_to_pairs(images: list[np.ndarray], geo: VisionGeometry) -> np.ndarray
     return np.stack(resized)
 
 
-def batches_by_shape(groups: list[list[np.ndarray]], geo: VisionGeometry
-                     ) -> list[tuple[list[int], np.ndarray, tuple[int, int, int]]]:
-    """The groups' patches, one batch per frame size: (which groups, patches, (t, gh, gw)). The
-    Qwen towers attend within a temporal group, so a batch equals its groups one by one."""
-    stacks = [frames_to_pairs(g, geo) for g in groups]
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, s in enumerate(stacks):
-        by_shape.setdefault(s.shape[1:], []).append(i)
-    return [(idxs, *patchify(np.concatenate([stacks[i] for i in idxs]), geo)) for idxs in by_shape.values()]
+def prepare_group(group: list[np.ndarray], geo: VisionGeometry) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """One group's tower input: (pixel rows, (t, gh, gw))."""
+    return patchify(frames_to_pairs(group, geo), geo)
+
+
+def batches_by_shape(prepared: list[tuple[Any, tuple[int, int, int]]]) -> list[tuple[list[int], Any, tuple[int, int, int]]]:
+    """Prepared groups stacked into one batch per frame size: (which groups, their pixel rows
+    one after another (numpy or torch, as prepared), (t summed, gh, gw)). The Qwen towers attend
+    within a temporal group, so a batch equals its groups one by one."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, (_, (_, gh, gw)) in enumerate(prepared):
+        by_shape.setdefault((gh, gw), []).append(i)
+    out = []
+    for (gh, gw), idxs in by_shape.items():
+        rows = [prepared[i][0] for i in idxs]
+        stacked = torch.cat(rows) if isinstance(rows[0], torch.Tensor) else np.concatenate(rows)
+        out.append((idxs, stacked, (sum(prepared[i][1][0] for i in idxs), gh, gw)))
+    return out

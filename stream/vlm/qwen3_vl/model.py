@@ -45,7 +45,7 @@ from pruning import TokenSet
 from ..base import LayoutSettings, Prompt, PromptPlan
 from ..chat_llm import ChatLLM
 from ..positions import TextPart, VisualPart, plan_of
-from ..qwen2_5_vl.preprocess import batches_by_shape
+from ..qwen2_5_vl.preprocess import batches_by_shape, prepare_group
 from .positions import group_time, time_label
 from .preprocess import DEFAULT_MEAN, DEFAULT_STD, geometry, normalization
 
@@ -97,17 +97,24 @@ class Qwen3_VL(ChatLLM):
     def max_tokens_per_group(self) -> int:
         return self.geometry.max_pixels // self.geometry.factor ** 2
 
-    @torch.inference_mode()
+    def prepare(self, group: list[np.ndarray]) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """One group's patches and grid (`VideoLM.prepare`)."""
+        return prepare_group(group, self.geometry)
+
     def encode(self, groups: list[list[np.ndarray]]) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """Frame groups (each up to `group_size` RGB frames) -> per group its [gh/2, gw/2, D]
-        token grid and its deepstack features {"deepstack": [n, gh/2, gw/2, D]}. Groups of one
-        size go through the tower in one call: its attention is per temporal group, so this
-        equals encoding them one by one."""
-        out: list[tuple[torch.Tensor, dict[str, torch.Tensor]] | None] = [None] * len(groups)
+        return self.encode_prepared([self.prepare(g) for g in groups])
+
+    @torch.inference_mode()
+    def encode_prepared(self, prepared: list[tuple[np.ndarray, tuple[int, int, int]]]
+                        ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Prepared groups -> per group its [gh/2, gw/2, D] token grid and its deepstack
+        features {"deepstack": [n, gh/2, gw/2, D]}. Groups of one size go through the tower in
+        one call: its attention is per temporal group, so this equals encoding them one by one."""
+        out: list[tuple[torch.Tensor, dict[str, torch.Tensor]] | None] = [None] * len(prepared)
         m = self.geometry.merge_size
-        for idxs, pixels, (t, gh, gw) in batches_by_shape(groups, self.geometry):
+        for idxs, pixels, (t, gh, gw) in batches_by_shape(prepared):
             feats = self.model.model.get_video_features(
-                pixel_values_videos=torch.from_numpy(pixels).to(self.device),
+                pixel_values_videos=torch.as_tensor(pixels).to(self.device),
                 video_grid_thw=torch.tensor([[t, gh, gw]], device=self.device),
             )
             grid = feats.pooler_output[0].reshape(t, gh // m, gw // m, -1).cpu()
