@@ -89,12 +89,13 @@ def patchify(frames: np.ndarray, geo: VisionGeometry) -> tuple[np.ndarray, tuple
     p, m, tp = geo.patch_size, geo.merge_size, geo.temporal_patch_size
     if f % tp or h % (p * m) or w % (p * m):
         raise ValueError(f"frames {frames.shape} do not tile into {tp}x{p * m}x{p * m} patches")
-    x = (frames.astype(np.float32) / 255.0 - np.asarray(geo.mean, np.float32)) / np.asarray(geo.std, np.float32)
-    x = x.transpose(0, 3, 1, 2)
     t, gh, gw = f // tp, h // p, w // p
-    x = x.reshape(t, tp, c, gh // m, m, p, gw // m, m, p)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return np.ascontiguousarray(x.reshape(t * gh * gw, c * tp * p * p)), (t, gh, gw)
+    x = frames.reshape(t, tp, gh // m, m, p, gw // m, m, p, c).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    rows = x.reshape(t * gh * gw, c, tp * p * p).astype(np.float32)  # reordered as uint8, converted once
+    np.divide(rows, 255.0, out=rows)
+    np.subtract(rows, np.asarray(geo.mean, np.float32)[:, None], out=rows)
+    np.divide(rows, np.asarray(geo.std, np.float32)[:, None], out=rows)
+    return rows.reshape(t * gh * gw, c * tp * p * p), (t, gh, gw)
 
 
 def frames_to_pairs(images: list[np.ndarray], geo: VisionGeometry) -> np.ndarray:
