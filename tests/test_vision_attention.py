@@ -12,20 +12,31 @@ import pytest
 import torch
 from torch import nn
 
-from stream.vlm.registry import load_model
+from stream.vlm import patch_embed
+from stream.vlm.registry import checkpoint_path, load_model
 from stream.vlm.vision_attention import BatchedVisionAttention, install
 
 TOL = 1e-5
 
 
+def raw(name: str, cache):
+    """The tiny checkpoint as transformers loads it: the per-chunk loop and the Conv3d (the
+    families install both speed-ups when they load it)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    path = checkpoint_path(name, cache)
+    return AutoModelForImageTextToText.from_pretrained(path, config=AutoConfig.from_pretrained(path)).eval()
+
+
 @pytest.fixture(scope="module")
-def q25(vlm):
-    return vlm.model
+def q25(vlm, model_cache):
+    return raw("tiny-random", model_cache)
 
 
 @pytest.fixture(scope="module")
 def q3(model_cache):
-    return load_model("tiny-random-qwen3-vl", cache=model_cache).model
+    load_model("tiny-random-qwen3-vl", cache=model_cache)  # builds the checkpoint
+    return raw("tiny-random-qwen3-vl", model_cache)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +73,13 @@ def max_diff(a, b) -> float:
     (ta, da), (tb, db) = a, b
     assert ta.shape == tb.shape and len(da) == len(db)
     return max([(ta - tb).abs().max().item()] + [(x - y).abs().max().item() for x, y in zip(da, db)])
+
+
+def scale(out) -> float:
+    """The largest magnitude in a tower's output (the tiny towers' run to ~20): a summation in
+    another order differs relative to it."""
+    tokens, deep = out
+    return max([1.0, tokens.abs().max().item()] + [d.abs().max().item() for d in deep])
 
 
 class SdpaCalls:
@@ -194,3 +212,28 @@ def test_unknown_vision_attention_is_left_alone(caplog):
         assert install(nn.Linear(2, 2)) == 0
     assert "Attention" in caplog.text
     assert all(type(b.attn) is Attention for b in model.visual.blocks)
+
+
+def test_the_linear_patch_embedding_equals_the_conv3d(q25, q3):
+    for model, grids in ((q25, [[3, 20, 28]]), (q3, [[2, 28, 28]])):
+        twin = copy.deepcopy(model)
+        assert patch_embed.install(twin)
+        assert isinstance(twin.model.visual.patch_embed, patch_embed.LinearPatchEmbed)
+        want = tower(model, grids)
+        diff = max_diff(want, tower(twin, grids))
+        assert diff < TOL * scale(want), diff
+        a, b = model.state_dict(), twin.state_dict()
+        assert a.keys() == b.keys()
+    assert not patch_embed.install(nn.Linear(2, 2))
+
+
+def test_the_loaded_families_run_both_speed_ups_and_equal_transformers(vlm, q25, model_cache):
+    q3_family = load_model("tiny-random-qwen3-vl", cache=model_cache)
+    for family, reference, grids in ((vlm, q25, [[2, 32, 32]]), (q3_family, raw("tiny-random-qwen3-vl", model_cache),
+                                                                  [[2, 28, 28]])):
+        visual = family.model.model.visual
+        assert isinstance(visual.patch_embed, patch_embed.LinearPatchEmbed)
+        assert all(isinstance(b.attn, BatchedVisionAttention) for b in visual.blocks)
+        want = tower(reference, grids)
+        diff = max_diff(want, tower(family.model, grids))
+        assert diff < TOL * scale(want), diff

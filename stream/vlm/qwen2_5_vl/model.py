@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 
+from .. import patch_embed, vision_attention
+from .. import preprocess_torch
 from ..base import LayoutSettings, PromptPlan
 from ..chat_llm import ChatLLM
 from ..positions import TextPart, VisualPart, plan_of
@@ -34,6 +36,7 @@ class Qwen2_5_VL(ChatLLM):
 
     # EchoPrune on Qwen: tau 0.5, matching against the whole previous group (Sec. 4.3, App. B.4)
     pruner_defaults = {"echoprune": {"tau": 0.5, "radius": None}}
+    preprocess_on_device: bool | None = None  # `prepare` in torch on the model's device; None: unless that is the CPU
 
     def __init__(self, model, tokenizer, name: str, random_weights: bool, max_pixels: int):
         super().__init__(model, tokenizer, name, random_weights)
@@ -55,6 +58,8 @@ class Qwen2_5_VL(ChatLLM):
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         net = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        vision_attention.install(net)  # the tower's attention in one call per layer, not a loop
+        patch_embed.install(net)  # its Conv3d patch embedding as one matrix product
         return cls(net, tokenizer, name=name, random_weights=random_weights, max_pixels=max_pixels)
 
     @property
@@ -65,8 +70,10 @@ class Qwen2_5_VL(ChatLLM):
     def max_tokens_per_group(self) -> int:
         return self.geometry.max_pixels // self.geometry.factor ** 2
 
-    def prepare(self, group: list[np.ndarray]) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """One group's patches and grid (`VideoLM.prepare`)."""
+    def prepare(self, group: list[np.ndarray]) -> tuple[np.ndarray | torch.Tensor, tuple[int, int, int]]:
+        """One group's patches and grid (`VideoLM.prepare`), on the model's device or the host."""
+        if preprocess_torch.runs_on_device(self.preprocess_on_device, self.device):
+            return preprocess_torch.prepare_group_torch(group, self.geometry, self.device)
         return prepare_group(group, self.geometry)
 
     def encode(self, groups: list[list[np.ndarray]]) -> list[torch.Tensor]:

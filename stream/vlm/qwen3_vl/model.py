@@ -42,6 +42,8 @@ import torch
 
 from pruning import TokenSet
 
+from .. import patch_embed, vision_attention
+from .. import preprocess_torch
 from ..base import LayoutSettings, Prompt, PromptPlan
 from ..chat_llm import ChatLLM
 from ..positions import TextPart, VisualPart, plan_of
@@ -67,6 +69,7 @@ class Qwen3_VL(ChatLLM):
 
     # EchoPrune on Qwen: tau 0.5, matching against the whole previous group (Sec. 4.3, App. B.4)
     pruner_defaults = {"echoprune": {"tau": 0.5, "radius": None}}
+    preprocess_on_device: bool | None = None  # `prepare` in torch on the model's device; None: unless that is the CPU
 
     def __init__(self, model, tokenizer, name: str, random_weights: bool, max_pixels: int,
                  mean: tuple[float, ...] = DEFAULT_MEAN, std: tuple[float, ...] = DEFAULT_STD):
@@ -86,6 +89,8 @@ class Qwen3_VL(ChatLLM):
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         net = model_class(AutoConfig.from_pretrained(path).model_type).from_pretrained(path, dtype=dtype).to(device)
+        vision_attention.install(net)  # the tower's attention in one call per layer, not a loop
+        patch_embed.install(net)  # its Conv3d patch embedding as one matrix product
         mean, std = normalization(path)
         return cls(net, tokenizer, name=name, random_weights=random_weights, max_pixels=max_pixels, mean=mean, std=std)
 
@@ -97,8 +102,10 @@ class Qwen3_VL(ChatLLM):
     def max_tokens_per_group(self) -> int:
         return self.geometry.max_pixels // self.geometry.factor ** 2
 
-    def prepare(self, group: list[np.ndarray]) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """One group's patches and grid (`VideoLM.prepare`)."""
+    def prepare(self, group: list[np.ndarray]) -> tuple[np.ndarray | torch.Tensor, tuple[int, int, int]]:
+        """One group's patches and grid (`VideoLM.prepare`), on the model's device or the host."""
+        if preprocess_torch.runs_on_device(self.preprocess_on_device, self.device):
+            return preprocess_torch.prepare_group_torch(group, self.geometry, self.device)
         return prepare_group(group, self.geometry)
 
     def encode(self, groups: list[list[np.ndarray]]) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
