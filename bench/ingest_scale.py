@@ -9,9 +9,10 @@ pruners can take.
   groups/s offered, ingest latency (a group's last frame due -> the group in its memory; median,
   p95, max), groups dropped (waited past the 5 s latency bound, or past the encoder's short
   list), and the tower's mean batch.
-- Saturation at 8 cameras: each camera delivers its groups as fast as its encoder takes them (a
-  recorded file); groups/s with the shared tower against each camera encoding alone (its own
-  tower call per camera, as before the scheduler), alternated, `repeats` times.
+- Saturation at 8 cameras: each camera delivers its groups as fast as its encoder takes them,
+  handing them over one at a time (as a live camera at its sampling rate does); groups/s with
+  the shared tower against each camera encoding alone (its own tower call per group, as before
+  the scheduler), alternated, `repeats` times.
 The tiny random model on this CPU; `bench/ingest_device.py` runs the same at 7B shapes on a GPU.
 Nothing imported here may import PyAV: GPU images do not have it.
 """
@@ -97,7 +98,7 @@ async def drive(vlm: VideoLM, n: int, frames: int, live: bool, shared: bool, s: 
             landed.append((k, time.monotonic(), fr[-1].pts))
 
         encoders.append(RollingEncoder(vlm, _memory(vlm, s.pruner, s.capacity, s.recent_groups), on_group=on_group,
-                                       scheduler=tower, drop_when_behind=live, max_latency_s=s.max_latency_s,
+                                       max_batch=8 if live else 1, scheduler=tower, drop_when_behind=live, max_latency_s=s.max_latency_s,
                                        name=f"cam{k}"))
     images = [camera_frames(k, s.width, s.height) for k in range(n)]
     start = time.monotonic() + (0.2 if live else 0.0)  # live: time to start every camera before the first frame

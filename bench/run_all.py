@@ -1,7 +1,7 @@
 """Run every benchmark and write bench/results/: one .md per benchmark, the PNG plots,
 raw/*.json, and summary.md with every performance goal of docs/DESIGN.md met or missed.
 
-The timing-sensitive benchmarks (cost, TTFT, prompt cache, ingest) run first and alone; recall and memory
+The timing-sensitive benchmarks (cost, TTFT, prompt cache, ingest, ingest scaling) run first and alone; recall and memory
 growth then use two worker processes. Missed targets are reported, not turned into a failure.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from . import ingest, memory_growth, prompt_cache, prune_cost, recall, ttft
+from . import ingest, ingest_scale, memory_growth, prompt_cache, prune_cost, recall, ttft
 from .common import RESULTS, Report, Target, machine, quiet, set_threads, targets_table
 
 BENCHMARKS = {
@@ -19,6 +19,7 @@ BENCHMARKS = {
     "ttft": (ttft.run, ttft.TTFTSettings),
     "prompt_cache": (prompt_cache.run, prompt_cache.PromptCacheSettings),
     "ingest": (ingest.run, ingest.IngestSettings),
+    "ingest_scale": (ingest_scale.run, ingest_scale.ScaleSettings),
     "recall": (recall.run, recall.RecallSettings),
     "memory_growth": (memory_growth.run, memory_growth.MemorySettings),
 }

@@ -94,9 +94,13 @@ def pick_dtype(requested: str) -> tuple[torch.dtype, str]:
     return torch.float32, f"float32, not bf16: {probe}; this CPU has no native bf16 matmul"
 
 
-def build_sized(size: LLMSize, dtype: torch.dtype, max_pixels: int) -> Qwen2_5_VL:
-    """A random-init Qwen2.5-VL whose LLM has `size`, behind the tiny vision tower (its
-    projector emitting `size.hidden`), with the tiny in-process tokenizer."""
+TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14, spatial_merge_size=2,
+                   temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1], tokens_per_second=2)
+
+
+def build_sized(size: LLMSize, dtype: torch.dtype, max_pixels: int, vision: dict | None = None) -> Qwen2_5_VL:
+    """A random-init Qwen2.5-VL whose LLM has `size`, behind the tiny vision tower or the one
+    `vision` describes (its projector emitting `size.hidden`), with the tiny in-process tokenizer."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from stream.vlm.qwen2_5_vl.tiny import SPECIAL_TOKENS, build_tokenizer
@@ -111,9 +115,7 @@ def build_sized(size: LLMSize, dtype: torch.dtype, max_pixels: int) -> Qwen2_5_V
                 max_position_embeddings=32768, tie_word_embeddings=True,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                  "mrope_section": [head_dim // 2 - 2 * hw, hw, hw]}, **special)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=size.hidden,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                  fullatt_block_indexes=[1], tokens_per_second=2)
+    vision = {**(vision or TINY_VISION), "out_hidden_size": size.hidden}
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                               video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                               vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True, **special)

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is run from the checkout, not installed
     sys.path.insert(0, str(ROOT))
 
-from bench import (ingest, memory_growth, prompt_cache, prompt_cache_device, prune_cost, recall,  # noqa: E402
-                   run_all, ttft)
+from bench import (ingest, ingest_device, ingest_scale, memory_growth, prompt_cache, prompt_cache_device,  # noqa: E402
+                   prune_cost, recall, run_all, ttft)
 from bench.common import ALL_PRUNERS, SEED_PRUNERS, Stat, Table  # noqa: E402
 
 
@@ -209,6 +209,32 @@ def test_prompt_cache_device_tiny_on_cpu_without_pyav():
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ")]
     assert rows[0] == "| measure | visual tokens | prompt tokens | prefilled tokens | ms |"
     assert len(rows) == 1 + 4 * len(prompt_cache_device.SIZES["tiny"].sizes) + 3
+
+
+def test_ingest_device_tiny_on_cpu_without_pyav():
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "bench.ingest_device", "--size", "tiny",
+                          "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and "av" not in imported
+    size = ingest_device.SIZES["tiny"]
+    per_group = [line for line in run.stdout.splitlines() if line.startswith("| ") and "ms per group" not in line
+                 and not line.startswith("|---")]
+    assert len(per_group) == 2 + 2 * len(size.batches) + len(size.cameras) + 2 + 2  # 3 tables, a header row each
+    assert "| 2 fps | 1 |" in run.stdout
+
+
+def test_ingest_scale_quick(tmp_path):
+    s = ingest_scale.ScaleSettings.quick()
+    report = ingest_scale.run(s, tmp_path)
+    raw = _written(tmp_path, "ingest_scale")
+    live = _table(report, "Live cameras")
+    assert [int(r[0]) for r in live.rows] == list(s.cameras)
+    for n, row in zip(s.cameras, live.rows):
+        landed, dropped = float(row[2]), int(row[3])
+        assert dropped >= 0 and 0 < landed <= n * 1.2  # a few cameras on a quiet tiny model keep up
+    assert set(raw["raw"]["saturation"]) == {"shared", "alone"}
+    assert all(len(v) == s.repeats and all(x > 0 for x in v) for v in raw["raw"]["saturation"].values())
+    assert len(report.targets) == 1
 
 
 def test_summary_keeps_the_latest_run_of_each_benchmark(tmp_path):

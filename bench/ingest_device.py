@@ -1,0 +1,153 @@
+"""Ingest at Qwen2.5-VL-7B vision shapes on a GPU, printed as markdown tables.
+
+`python -m bench.ingest_device [--size 7b|tiny] [--device cuda|cpu]` measures what
+`bench.ingest_scale` measures on this project's CPU, where a 7B tower is out of reach:
+- the tower + merger per 448x448 frame pair at several batch sizes, as transformers runs it (a
+  Python loop over attention windows, a Conv3d patch embedding) and as the families load it
+  (stream/vlm/vision_attention.py, stream/vlm/patch_embed.py);
+- preparing a group (resize, normalise, patchify): numpy on the host against torch on the device;
+- synthetic cameras at 1 group/s each (2 fps sampling) through their real rolling encoders and
+  EchoPrune memories (on the host) and the model's one shared tower queue: groups/s landed, p95
+  ingest latency, drops; and from that the cameras one GPU keeps up with at 1 and 2 fps sampling
+  (landed >= 95% of offered, nothing dropped, p95 latency <= 1 s).
+The tower is random-init from Qwen2.5-VL-7B's published vision config (depth 32, hidden 1280, 16
+heads, MLP 3420, window 112, full attention in blocks 7/15/23/31, merger to 3584) in bf16,
+behind a one-layer LLM of the 7B width (ingest never runs the LLM); nothing is downloaded.
+`--size tiny` is the tiny tower for a CPU smoke test. Nothing imported here may import PyAV: GPU
+images do not have it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from stream.vlm import patch_embed, vision_attention
+
+from .common import Stat, Table, quiet
+from .ingest_scale import ScaleSettings, camera_frames, drive, p95
+from .ttft import TINY_VISION, LLMSize, build_sized
+
+QWEN25_VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu",
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+SIDE = 448  # frames arrive at the tower's budget: 32x32 patches, 256 tokens per group
+
+
+@dataclass(frozen=True)
+class DeviceSize:
+    vision: dict
+    llm: LLMSize
+    batches: tuple[int, ...]
+    repeats: int
+    cameras: tuple[int, ...]
+    duration_s: float
+    max_batch: int
+
+
+SIZES = {
+    "7b": DeviceSize(QWEN25_VL_7B_VISION, LLMSize("one-layer 7B-width", 3584, 1, 28, 4, 18944, 1024),
+                     (1, 4, 16, 32), 10, (25, 50, 100, 150, 200), 20.0, 32),
+    "tiny": DeviceSize(TINY_VISION, LLMSize("toy", 64, 1, 4, 2, 128, 512), (1, 4), 2, (1, 2), 3.0, 8),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, repeats: int) -> Stat:
+    fn()  # warm-up: kernels, plans, allocator
+    ms = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return Stat.of(ms)
+
+
+def tower_rows(vlm, size: DeviceSize, t: Table) -> None:
+    """Tower + merger per group, loop then batched attention, at each batch size."""
+    frames = camera_frames(0, SIDE, SIDE, n=2)
+    prepared = vlm.prepare(frames)
+    for label in ("transformers' own (a loop over windows, a Conv3d)",
+                  "as the families load it (one attention call per layer, a matmul patch embedding)"):
+        if label.startswith("as the families"):
+            vision_attention.install(vlm.model)
+            patch_embed.install(vlm.model)
+        for b in size.batches:
+            ms = _timed(lambda: vlm.encode_prepared([prepared] * b), vlm.device, size.repeats)
+            t.add(f"tower + merger, {label}", b, f"{ms.median / b:.1f}", ms.fmt(1), f"{1e3 * b / ms.median:.0f}")
+
+
+def prepare_rows(vlm, size: DeviceSize, t: Table) -> None:
+    """One group prepared: numpy on the host, then torch on the model's device."""
+    frames = camera_frames(1, 640, 480, n=2)
+    for on_device in (False, True):
+        vlm.preprocess_on_device = on_device
+        ms = _timed(lambda: vlm.prepare(frames), vlm.device, size.repeats)
+        where = f"torch on {vlm.device.type}" if on_device else "numpy on the host"
+        t.add(f"prepare a 640x480 pair, {where}", 1, ms.fmt(1), ms.fmt(1), f"{1e3 / ms.median:.0f}")
+
+
+def cameras_table(vlm, size: DeviceSize, where: str) -> tuple[Table, int]:
+    s = replace(ScaleSettings(), width=SIDE, height=SIDE, duration_s=size.duration_s, max_batch=size.max_batch)
+    frames = int(size.duration_s * 2)
+    t = Table(f"Synthetic cameras at 1 group/s each (2 fps), {size.duration_s:g} s, shared tower, {where}",
+              ["cameras", "landed groups/s", "dropped groups", "latency median s", "latency p95 s", "mean batch",
+               "keeps up"])
+    best = 0
+    for n in size.cameras:
+        r = asyncio.run(drive(vlm, n, frames, live=True, shared=True, s=s))
+        lat = r["latency"]
+        rate = r["landed"] / size.duration_s
+        ok = rate >= 0.95 * n and r["dropped"] == 0 and p95(lat) <= 1.0
+        best = n if ok else best
+        t.add(n, f"{rate:.1f}", r["dropped"], f"{np.median(lat):.2f}" if lat else "n/a", f"{p95(lat):.2f}",
+              f"{r['mean_batch']:.1f}", "yes" if ok else "no")
+    return t, best
+
+
+def measure(size: DeviceSize, device: str) -> list[Table]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        vlm = build_sized(size.llm, dtype, SIDE * SIDE, vision=size.vision)
+    where = torch.cuda.get_device_name(vlm.device) if vlm.device.type == "cuda" else "CPU"
+    label = "Qwen2.5-VL-7B" if size.vision is QWEN25_VL_7B_VISION else "tiny"
+    t = Table(f"Ingest per group, {label} vision tower, {str(dtype).removeprefix('torch.')} on {where}: median "
+              f"(min-max) of {size.repeats} runs", ["measure", "groups per call", "ms per group", "ms per call",
+                                                   "groups/s"])
+    with torch.inference_mode():
+        prepare_rows(vlm, size, t)
+        vlm.preprocess_on_device = vlm.device.type != "cpu"
+        tower_rows(vlm, size, t)
+    cams, best = cameras_table(vlm, size, where)
+    cap = Table("Cameras one model keeps up with (landed >= 95% of offered, no drops, p95 ingest latency <= 1 s)",
+                ["sampling", "groups/s per camera", "cameras"])
+    cap.add("2 fps", 1, best if best else f"fewer than {size.cameras[0]}")
+    cap.add("1 fps (from the 2 fps run: half the groups per camera)", 0.5, 2 * best if best else "n/a")
+    return [t, cams, cap]
+
+
+def main(argv: Sequence[str] | None = None) -> list[Table]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="7b")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    args = p.parse_args(argv)
+    quiet()
+    tables = measure(SIZES[args.size], args.device)
+    for table in tables:
+        print(table.markdown(), flush=True)
+    return tables
+
+
+if __name__ == "__main__":
+    main()
