@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 
+from .. import preprocess_torch
 from ..base import LayoutSettings, PromptPlan
 from ..chat_llm import ChatLLM
 from ..qwen2_5_vl.positions import group_time_text
@@ -73,6 +74,7 @@ class LlavaOneVision(ChatLLM):
 
     # EchoPrune on LLaVA-OneVision: tau 0.1, matching in the 3x3 window around each token (Sec. 4.3, App. B.3)
     pruner_defaults = {"echoprune": {"tau": 0.1, "radius": 1}}
+    preprocess_on_device: bool | None = None  # `prepare` in torch on the model's device; None: unless that is the CPU
 
     def __init__(self, model, tokenizer, name: str, random_weights: bool, geometry: FrameGeometry):
         super().__init__(model, tokenizer, name, random_weights)
@@ -102,10 +104,12 @@ class LlavaOneVision(ChatLLM):
     def max_tokens_per_group(self) -> int:
         return self.side * self.side
 
-    def prepare(self, group: list[np.ndarray]) -> np.ndarray:
-        """One frame's tower input [3, S, S] (`VideoLM.prepare`)."""
+    def prepare(self, group: list[np.ndarray]) -> np.ndarray | torch.Tensor:
+        """One frame's tower input [3, S, S] (`VideoLM.prepare`), on the model's device or the host."""
         if len(group) != 1:
             raise ValueError(f"a LLaVA-OneVision group is one frame; got a group of {len(group)}")
+        if preprocess_torch.runs_on_device(self.preprocess_on_device, self.device):
+            return preprocess_torch.preprocess_frame_torch(group[0], self.geometry, self.device)
         return preprocess_frame(group[0], self.geometry)
 
     def encode(self, groups: list[list[np.ndarray]]) -> list[torch.Tensor]:

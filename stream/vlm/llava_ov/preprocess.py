@@ -4,7 +4,7 @@ A video frame is resized straight to the tower's square input (the aspect ratio 
 LLaVA-OV's video path does not tile or pad), bicubic via PIL as the PIL image processor does,
 divided by 255 and normalised, channels first. This equals the first patch (the plain resize) of
 transformers' `LlavaOnevisionImageProcessorPil`; the video processor needs torchvision, which has
-no CPU build here.
+no CPU build here. stream/vlm/preprocess_torch.py is the torch twin for a model on a GPU.
 
 Mean and std come from the checkpoint's own processor config when it names them (the converter
 builds the checkpoint's processors from the SigLIP tower's, whose mean and std are 0.5), else

@@ -7,11 +7,13 @@ A frame longer than `MAX_ASPECT` times its width (2000x8), which the processor r
 letterboxed with black to that ratio, so a camera with an odd size still gets encoded; every
 other frame is processed exactly as the processor does (tiny ones are scaled up to the budget).
 In numpy because transformers' video and fast image processors need torchvision, which has no
-CPU build here.
+CPU build here; stream/vlm/preprocess_torch.py is the torch twin for a model on a GPU, and shares
+this module's frame-size rules (`letterbox`, `budget_size`, `stack_pairs`, `patch_grid`).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,25 +73,41 @@ def letterbox(image: np.ndarray) -> np.ndarray:
     return np.pad(image, (pad, (0, 0), (0, 0)) if h < w else ((0, 0), pad, (0, 0)))
 
 
+def budget_size(image, geo: VisionGeometry) -> tuple[int, int]:
+    """The (h, w) a letterboxed H x W x 3 frame (array or tensor) is resized to."""
+    h, w = image.shape[:2]
+    return smart_resize(h, w, geo.factor, geo.min_pixels, geo.max_pixels)
+
+
+def pil_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """H x W x 3 uint8 -> `size` (h, w), bicubic via PIL as the PIL image processor does."""
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BICUBIC))
+
+
 def resize_frame(image: np.ndarray, geo: VisionGeometry) -> np.ndarray:
     """H x W x 3 uint8 -> the budgeted size, bicubic (PIL), still uint8 (letterboxed first if
     too long for the processor)."""
     image = letterbox(image)
-    h, w = image.shape[:2]
-    th, tw = smart_resize(h, w, geo.factor, geo.min_pixels, geo.max_pixels)
-    if (th, tw) == (h, w):
-        return image
-    return np.asarray(Image.fromarray(image).resize((tw, th), Image.BICUBIC))
+    size = budget_size(image, geo)
+    return image if size == image.shape[:2] else pil_resize(image, size)
+
+
+def patch_grid(shape: tuple[int, ...], geo: VisionGeometry) -> tuple[int, int, int]:
+    """The patch grid (T, gh, gw) of [F, H, W, C] frames of one size; ValueError unless they tile
+    into temporal x (patch*merge)^2 blocks."""
+    f, h, w, _ = shape
+    p, m, tp = geo.patch_size, geo.merge_size, geo.temporal_patch_size
+    if f % tp or h % (p * m) or w % (p * m):
+        raise ValueError(f"frames {tuple(shape)} do not tile into {tp}x{p * m}x{p * m} patches")
+    return f // tp, h // p, w // p
 
 
 def patchify(frames: np.ndarray, geo: VisionGeometry) -> tuple[np.ndarray, tuple[int, int, int]]:
     """[F, H, W, 3] uint8 frames of one size (F a multiple of the temporal patch) ->
     (pixel rows [T*gh*gw, C*tp*P*P] float32, grid (T, gh, gw))."""
-    f, h, w, c = frames.shape
+    t, gh, gw = patch_grid(frames.shape, geo)
+    c = frames.shape[-1]
     p, m, tp = geo.patch_size, geo.merge_size, geo.temporal_patch_size
-    if f % tp or h % (p * m) or w % (p * m):
-        raise ValueError(f"frames {frames.shape} do not tile into {tp}x{p * m}x{p * m} patches")
-    t, gh, gw = f // tp, h // p, w // p
     x = frames.reshape(t, tp, gh // m, m, p, gw // m, m, p, c).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
     rows = x.reshape(t * gh * gw, c, tp * p * p).astype(np.float32)  # reordered as uint8, converted once
     np.divide(rows, 255.0, out=rows)
@@ -98,15 +116,23 @@ def patchify(frames: np.ndarray, geo: VisionGeometry) -> tuple[np.ndarray, tuple
     return rows.reshape(t * gh * gw, c * tp * p * p), (t, gh, gw)
 
 
+def stack_pairs(resized: list, geo: VisionGeometry, resize: Callable[[Any, tuple[int, int]], Any] = pil_resize,
+                stack: Callable[[list], Any] = np.stack) -> Any:
+    """Frames at their budgeted sizes -> one [F, H, W, 3] stack: a frame of another size than the
+    first is resized to it, and a lone last frame is duplicated so every temporal group is full
+    (the processor pads the same way). numpy arrays by default; the torch twin passes its own
+    `resize` and `torch.stack`."""
+    shape = resized[0].shape
+    resized = [r if r.shape == shape else resize(r, tuple(shape[:2])) for r in resized]
+    while len(resized) % geo.temporal_patch_size:
+        resized.append(resized[-1])
+    return stack(resized)
+
+
 def frames_to_pairs(images: list[np.ndarray], geo: VisionGeometry) -> np.ndarray:
     """Resize a list of frames to the budget and stack them, duplicating a lone last frame so
     every temporal group is full (the processor pads the same way)."""
-    resized = [resize_frame(im, geo) for im in images]
-    shape = resized[0].shape
-    resized = [r if r.shape == shape else np.asarray(Image.fromarray(r).resize((shape[1], shape[0]), Image.BICUBIC)) for r in resized]
-    while len(resized) % geo.temporal_patch_size:
-        resized.append(resized[-1])
-    return np.stack(resized)
+    return stack_pairs([resize_frame(im, geo) for im in images], geo)
 
 
 def prepare_group(group: list[np.ndarray], geo: VisionGeometry) -> tuple[np.ndarray, tuple[int, int, int]]:

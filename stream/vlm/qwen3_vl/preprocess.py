@@ -7,7 +7,8 @@ Departure: a fixed per-frame pixel budget of our own (`max_pixels`, sides multip
 patch x merge = 32, at least 2 x 2 tokens). transformers' Qwen3-VL video processor budgets a
 whole clip (frames x height x width under one limit), so its frame size shrinks as the clip
 grows; a stream has no end, and every group must come out the same size however long it runs.
-In numpy because the video processor needs torchvision, which has no CPU build here.
+In numpy because the video processor needs torchvision, which has no CPU build here; on a GPU
+the torch twin (stream/vlm/preprocess_torch.py) does the same with this geometry.
 """
 from __future__ import annotations
 
