@@ -216,7 +216,8 @@ def run(s: ScaleSettings, out_dir: Path) -> Report:
         "" if speedup.median >= s.target_speedup else
         f"batching only shrinks the tower's share: {tower1:.1f} -> {towern:.1f} ms per group here (its arithmetic, "
         f"linear in groups on a CPU), while preparing a group ({costs['prepare']:.1f} ms, PIL's bicubic resize) and "
-        f"pruning it ({costs['memory.add (pruning)']:.1f} ms) cost the same per group either way"))
+        f"pruning it ({costs['memory.add (pruning)']:.1f} ms) cost the same per group either way; a tower that cost "
+        f"nothing would give at most {(costs['prepare'] + costs['memory.add (pruning)'] + tower1) / (costs['prepare'] + costs['memory.add (pruning)']):.2f}x"))
     return finish(report, out_dir, started, load0)
 
 
