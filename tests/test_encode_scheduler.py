@@ -169,3 +169,32 @@ def test_a_closed_scheduler_refuses_new_work(vlm):
     tower.close()
     with pytest.raises(RuntimeError, match="closed"):
         tower.encode(tower.client("late"), [camera_frames(6, n=2)])
+
+
+async def test_cameras_of_one_run_share_the_models_tower(vlm):
+    """Two camera services on one model, as `streamprune run` starts them: both streams go through
+    the one tower queue, each memory holds its own stream, and each camera's status shows its
+    ingest latency."""
+    from stream.camera import Camera
+    from stream.config import from_dict
+
+    tower = EncodeScheduler(vlm, max_batch=16)
+    cameras = [Camera(from_dict({
+        "name": name, "source": {"kind": "synthetic", "fps": 4.0, "duration_s": 8.0, "seed": seed},
+        "sampler": {"fps": 2.0}, "memory": {"pruner": "recent", "capacity": 100_000, "recent_groups": 0},
+        "output": {"status_interval_s": 0.0}}), vlm, scheduler=tower) for name, seed in (("door", 1), ("yard", 2))]
+    try:
+        for cam in cameras:
+            await cam.__aenter__()
+        await asyncio.wait_for(asyncio.gather(*(cam.finished.wait() for cam in cameras)), 60)
+        statuses = [cam.status() for cam in cameras]
+    finally:
+        for cam in cameras:
+            await cam.stop()
+        tower.close()
+    assert [s.groups_encoded for s in statuses] == [8, 8] and all(s.dropped == 0 for s in statuses)
+    assert all(s.ingest_latency_ms > 0 for s in statuses)
+    assert tower.stats.groups == 16
+    door, yard = (cam.memory.snapshot() for cam in cameras)
+    assert torch.unique_consecutive(door.group).tolist() == list(range(8)) == torch.unique_consecutive(yard.group).tolist()
+    assert not torch.equal(door.tokens, yard.tokens)  # two different scenes, each in its own memory
