@@ -103,16 +103,23 @@ def span_greedy(
     the span (offline's float64 stops at 1e-10): such a token scores `SPAN_GAIN r^2 / 2`, below
     every pick, so that ranking by score fills by relevance and then by the lower row, as
     `greedy_map_gains` fills by diagonal. Returns (scores, the basis with the picks appended).
+    When no pick can be made (the basis is full) only the kernel's diagonal is computed: [n]
+    instead of [n, n], so any number of tokens is scored in one call.
     """
     u = units.float()
     proj = u @ basis.T
-    kernel = unit_kernel(u).to(torch.float64) - (proj @ proj.T).to(torch.float64)
     r = None if relevance is None else relevance.to(torch.float64)
+    steps = max(0, min(int(picks), int(rank) - basis.shape[0], u.shape[0]))
+    fill = SPAN_GAIN / 2 if r is None else SPAN_GAIN / 2 * r.square()
+    if steps == 0:  # nothing to pick: every score is a residual gain, the diagonal alone
+        d2 = (torch.linalg.vector_norm(u, dim=-1).square() > 0.5).to(torch.float64) - proj.square().sum(-1).to(torch.float64)
+        if r is not None:
+            d2 = r * d2 * r
+        return torch.where(d2 <= SPAN_GAIN, fill, d2), basis
+    kernel = unit_kernel(u).to(torch.float64) - (proj @ proj.T).to(torch.float64)
     if r is not None:
         kernel = r[:, None] * kernel * r[None, :]
-    steps = max(0, min(int(picks), int(rank) - basis.shape[0], u.shape[0]))
     picked, gains, d2 = _greedy(kernel, steps, SPAN_GAIN)
-    fill = SPAN_GAIN / 2 if r is None else SPAN_GAIN / 2 * r.square()
     scores = torch.where(d2 <= SPAN_GAIN, fill, d2)
     scores[picked] = gains
     if picked.numel() == 0:

@@ -139,3 +139,24 @@ def test_span_greedy_stops_at_its_rank_and_fills_what_the_span_holds_by_relevanc
 def test_unit_kernel_diagonal_is_exact():
     units = torch.cat([normalize(torch.randn(5, 7)), torch.zeros(1, 7)])
     assert unit_kernel(units).diagonal().tolist() == [1.0] * 5 + [0.0]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 40), b=st.integers(1, 8), with_r=st.booleans())
+def test_span_greedy_with_a_full_basis_scores_the_conditioned_kernels_diagonal(seed, n, b, with_r):
+    """No pick left to make: the fast path (the diagonal alone) gives the residual gains the whole
+    conditioned kernel has on its diagonal, and the basis comes back unchanged."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(16, b, generator=g)).Q.T.contiguous()
+    units = normalize(torch.randn(n, 16, generator=g))
+    units[0] = basis[0]  # one token already in the span
+    r = torch.rand(n, generator=g, dtype=torch.float64) + 0.1 if with_r else None
+    scores, same = span_greedy(units, basis, r, picks=4, rank=b)
+    proj = units @ basis.T
+    d2 = (unit_kernel(units).double() - (proj @ proj.T).double()).diagonal()
+    if r is not None:
+        d2 = r * d2 * r
+    fill = SPAN_GAIN / 2 if r is None else SPAN_GAIN / 2 * r.square()
+    torch.testing.assert_close(scores, torch.where(d2 <= SPAN_GAIN, fill, d2), atol=1e-6, rtol=0)
+    assert float(scores[0]) == float(fill if r is None else fill[0])
+    assert same is basis
