@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import cv2
 
@@ -315,6 +315,7 @@ class Camera:
             answers=self.door.answers, errors=dict(self.door.errors), watches=len(self.watches), watch_counters=dict(self.watches.counters),
             last_answer_s=last.total_s if last else None, source=self.source.health(),
             tasks=self.supervisor.states(), prompt_cache=self.queries.cache_report(), ingest_latency_ms=e.latency_ms,
+            tower=asdict(self.encoder.client.stats),
         )
 
     def summary(self) -> dict:

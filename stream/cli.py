@@ -154,6 +154,8 @@ async def run_pipeline(cfg: Config, interactive: bool) -> int:
 
         http = HttpService(cfg.http, cameras, package_version())
         bus.subscribe(http)
+    if len(cameras) > 1:
+        print(f"vision tower: shared by {len(cameras)} cameras, up to {m.encode_batch} groups per call", flush=True)
     for c in configs:
         print(f"camera {c.name}: {c.source.kind} source, sampled at {c.sampler.fps:g} fps, pruner {c.memory.pruner}, "
               f"capacity {c.memory.capacity} tokens + {c.memory.recent_groups} recent groups", flush=True)

@@ -222,4 +222,5 @@ class Status(Event):
     tasks: dict = field(default_factory=dict)
     prompt_cache: dict = field(default_factory=dict)  # tokens, bytes, kv_bytes_per_token, appended/reprefilled tokens, ...
     ingest_latency_ms: float = 0.0  # from a group's last frame to the group in memory, last group
+    tower: dict = field(default_factory=dict)  # its share of the model's vision tower: groups_encoded, groups_dropped (late), wait_ms, max_wait_ms, batch_groups
     timestamp: str = field(default_factory=utc_now)

@@ -194,6 +194,7 @@ async def test_cameras_of_one_run_share_the_models_tower(vlm):
         tower.close()
     assert [s.groups_encoded for s in statuses] == [8, 8] and all(s.dropped == 0 for s in statuses)
     assert all(s.ingest_latency_ms > 0 for s in statuses)
+    assert [s.tower["groups_encoded"] for s in statuses] == [8, 8] and all(s.tower["groups_dropped"] == 0 for s in statuses)
     assert tower.stats.groups == 16
     door, yard = (cam.memory.snapshot() for cam in cameras)
     assert torch.unique_consecutive(door.group).tolist() == list(range(8)) == torch.unique_consecutive(yard.group).tolist()
