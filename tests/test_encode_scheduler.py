@@ -199,3 +199,38 @@ async def test_cameras_of_one_run_share_the_models_tower(vlm):
     door, yard = (cam.memory.snapshot() for cam in cameras)
     assert torch.unique_consecutive(door.group).tolist() == list(range(8)) == torch.unique_consecutive(yard.group).tolist()
     assert not torch.equal(door.tokens, yard.tokens)  # two different scenes, each in its own memory
+
+
+class RecordingTower:
+    """The tiny model, recording which camera's groups rode in each tower call."""
+
+    def __init__(self, vlm):
+        self.vlm, self.name, self.batches = vlm, vlm.name, []
+
+    def prepare(self, group):
+        return group
+
+    def encode_prepared(self, prepared):
+        self.batches.append([owner for owner, _ in prepared])
+        return self.vlm.encode([g for _, g in prepared])
+
+
+def test_jobs_go_oldest_first_so_a_quiet_camera_never_waits_behind_a_busy_ones_backlog(vlm):
+    rec = RecordingTower(vlm)
+    tower = EncodeScheduler(rec, max_batch=4)
+    busy, quiet = tower.client("busy"), tower.client("quiet")
+    images = camera_frames(7, n=2)
+    now = time.monotonic()
+    tower._cond.acquire()  # let all three jobs queue up before the worker looks
+    try:
+        first = tower.submit(busy, [("busy", images)] * 4, [now] * 4)
+        lone = tower.submit(quiet, [("quiet", images)], [now])
+        second = tower.submit(busy, [("busy", images)] * 4, [now] * 4)
+    finally:
+        tower._cond.release()
+    try:
+        for job in (first, lone, second):
+            job.result(timeout=30)
+    finally:
+        tower.close()
+    assert rec.batches == [["busy"] * 4, ["quiet"], ["busy"] * 4]  # the quiet group did not wait for the second
