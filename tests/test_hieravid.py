@@ -458,7 +458,7 @@ def test_streaming_memory_stays_bounded_and_overlaps_offline():
 def test_registry_and_parameters():
     assert pruner_params("hieravid") == {
         "beta": 0.4, "sim_threshold": 0.6, "merge_ratio": 0.5, "lam": 0.5, "r_var": 0.1, "dpp_picks": 32,
-        "dpp_rank": 32,
+        "dpp_rank": 32, "memory_states": 4,
     }
     assert isinstance(get_pruner("hieravid", beta=0.3), HieraVid)
 
@@ -495,3 +495,29 @@ def test_different_questions_give_different_query_picks():
     b[-1] = a[-1]
     assert pruner.rank_for_query(snap, a, budget).tolist() != pruner.rank_for_query(snap, b, budget).tolist()
     assert HieraVid.query_layer == 7
+
+
+def _planted(seed: int, capacity: float, **params) -> tuple[float, int, int]:
+    """(distractor share of the store, events kept, events) of a planted stream (tests/planted_streams.py)."""
+    from planted_streams import planted_stream, store_report
+
+    planted = planted_stream(seed)
+    t = planted.video.shape[0]
+    mem = TokenMemory(int(capacity * t * planted.n), get_pruner("hieravid", **params), recent_groups=2)
+    for k in range(t):
+        mem.add(FrameTokens(k, float(k), planted.video[k]))
+    share, kept = store_report(planted, mem.snapshot())
+    return share, kept, len(planted.events)
+
+
+def test_periodic_distractors_are_no_news_to_its_dpp():
+    """Memory-aware novelty (departure 6): tokens that return to a state their position held are
+    not DPP candidates, so a blinking light and a swaying branch stay out of the store and every
+    event is kept at 10%; with memory_states=0 (the paper) they take most of it."""
+    for seed in (0, 1, 2):
+        for capacity in (0.03, 0.10):
+            share, kept, events = _planted(seed, capacity)
+            assert share <= 0.10, (seed, capacity, share)
+            assert kept == events or capacity < 0.10, (seed, kept)
+            paper_share, _, _ = _planted(seed, capacity, memory_states=0)
+            assert paper_share >= 0.5, (seed, capacity, paper_share)
