@@ -33,12 +33,28 @@ and departs from the offline version where the clip's future is unknown:
    becomes `m = min(||x_t - x_{t-1}||, ||x_t - state||)` for it (before the min-max of Eq. 10).
    Measured reason (tests/test_novelty.py, planted blinking and swaying regions on 20% of the
    grid, 3% and 10% capacity): the paper's motion spent 0.93-0.98 of the store on them and kept
-   3 and 11 of 12 events; with the bank 0.05-0.07 and every event.
+   3 and 11 of 12 events; with the bank 0.05-0.07 and every event (0.00 with departure 5).
+5. Explained tokens leave first (with the bank): a held token that returned to a banked state
+   at ingest, or whose state has proved periodic since (`StateBank.periodic_ids`, remembered in
+   `_known` for the tokens of it the store holds after the bank pushes it out), is kept only
+   when every other token is (`quota_select(..., last=...)`): it takes no group's share.
+   Measured reason (bench/recall.py, 5 seeds x 600 s, 2/5/10%): with 4 alone, 0.19/0.20/0.21
+   of the memory stayed on the blinking, swaying and shimmering distractors, because every
+   held group keeps its share (about 3 and 22 tokens at 2% and 10%), and in a group with
+   nothing new the share went to them: of the 3004 distractor tokens held at 10% (seed 0),
+   1545 had returned at ingest, their motion capped only at the distance to a jittered state's
+   mean (median 9.0, a still background's 2.8). With those and the tokens of states periodic at
+   the time ranked last, 832 were left: 473 of states that had been periodic but that the bank
+   had pushed out since, half of the 832 in the first 4 s after a cut (first appearances, new
+   when they came). Ranked last, all of these give their share to other tokens: 0.096/0.06/0.04, event recall 0.90/0.98/1.00 -> 0.92/0.99/1.00,
+   event-seconds 0.62/0.82/0.87 -> 0.65/0.83/0.88. Costs a sorted-id lookup over the store at
+   eviction (0.05-0.5 ms per group at Qwen2.5-VL-7B shapes, more the more tokens it explains).
 Ingest costs a few passes over the group's [N, D] tokens (the bank one more, about 1 ms at
-Qwen2.5-VL-7B shapes on one core); eviction reads only per-row scalars (one integer sort and an
-O(n) selection), never the store's features: 2.4 ms per group at Qwen2.5-VL-7B shapes without
-the bank, half of it each (bench/results/prune_cost.md). Measured (tests/test_moprune.py, with
-`memory_states=0`): with no recent window the store holds 0.94-1.00 of the offline pick.
+Qwen2.5-VL-7B shapes on one core); eviction reads only per-row scalars (one integer sort, an
+O(n) selection and, with the bank, a sorted-id lookup), never the store's features: 2.4 ms per
+group at Qwen2.5-VL-7B shapes without the bank, half of it each (bench/results/prune_cost.md).
+Measured (tests/test_moprune.py, with `memory_states=0`): with no recent window the store holds
+0.94-1.00 of the offline pick.
 """
 from __future__ import annotations
 
@@ -120,23 +136,33 @@ def smallest_rows(key: torch.Tensor, k: int) -> torch.Tensor:
     return torch.nonzero(below | (tied & (torch.cumsum(tied, 0) <= k - int(below.sum())))).flatten()
 
 
-def quota_select(score: torch.Tensor, bucket: torch.Tensor, weight: torch.Tensor, total: int) -> torch.Tensor:
+def quota_select(
+    score: torch.Tensor, bucket: torch.Tensor, weight: torch.Tensor, total: int, last: torch.Tensor | None = None
+) -> torch.Tensor:
     """`total` rows split over buckets in proportion to `weight`, best `score` first in each.
 
     Divisor (Jefferson) apportionment: the row of rank r (0 = best, ties toward the lower row)
     in bucket b has key `(r + 1) / weight[b]` and the `total` smallest keys are kept, so bucket
     b keeps `min(held_b, floor(lam * weight[b]))` rows for the one `lam` that sums to `total`.
-    `bucket` [n] holds ids 0..B-1 (< 2^30), `weight` [B] > 0. Returns ascending rows.
+    `bucket` [n] holds ids 0..B-1 (< 2^29), `weight` [B] > 0. `last` [n] bool: rows kept only
+    when all the others are (they rank after every other row of their bucket, and their keys
+    after every other key). Returns ascending rows.
     """
     n = int(score.numel())
     if total >= n:
         return torch.arange(n)
-    order = torch.sort(bucket * (1 << 33) + _descending_key(score), stable=True).indices
+    sort_key = bucket * (1 << 34) + _descending_key(score)
+    if last is not None:
+        sort_key = sort_key + last.long() * (1 << 33)
+    order = torch.sort(sort_key, stable=True).indices
     counts = torch.bincount(bucket, minlength=int(weight.numel()))
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty(n, dtype=torch.long)
     rank[order] = torch.arange(n) - starts[bucket[order]]
-    return smallest_rows((rank + 1).to(torch.float64) / weight.to(torch.float64)[bucket], total)
+    key = (rank + 1).to(torch.float64) / weight.to(torch.float64)[bucket]
+    if last is not None and bool(last.any()):
+        key = torch.where(last, key + key.max(), key)
+    return smallest_rows(key, total)
 
 
 def moprune_select(
@@ -180,6 +206,7 @@ class MoPrune(Pruner):
         self.eta = float(eta)
         self.memory_states = memory_states
         self._bank = StateBank(memory_states) if memory_states else None
+        self._known = torch.zeros(0, dtype=torch.long)  # ids of periodic states the store holds
         self._scene = -1
         self.reset()
 
@@ -207,11 +234,35 @@ class MoPrune(Pruner):
             self._count = 0
         self._sum += mean.to(torch.float64) * n
         self._count += n
-        recur = self._bank.observe(x)[1] if self._bank is not None else None
+        meta = {"scene": torch.full((n,), self._scene, dtype=torch.long)}
+        recur = None
+        if self._bank is not None:
+            _, recur, meta["state"] = self._bank.observe(x)
+            meta["returned"] = torch.isfinite(recur)
         s, u = group_scores(x, mean, (self._sum / self._count).float(), prev if same_scene else None, self.eta, recur)
         self._prev, self._prev_mean = x, mean
-        meta = {"scene": torch.full((n,), self._scene, dtype=torch.long), "u": torch.full((n,), u)}
+        meta["u"] = torch.full((n,), u)
         return GroupScore(score=s, meta=meta)
+
+    def _explained(self, store: TokenSet) -> torch.Tensor | None:
+        """[n] bool: held tokens that returned to a banked state at ingest, or whose state has
+        proved periodic (`StateBank.periodic_ids`) since, or None if there are none. A state once
+        seen periodic stays so for the tokens of it the store holds after the bank has pushed it
+        out: `self._known` keeps the ids of those (sorted; ids are never reused)."""
+        if self._bank is None or "state" not in store.meta:
+            return None
+        state = store.meta["state"]
+        known = torch.unique(torch.cat([self._known, self._bank.periodic_ids()]))
+        if known.numel():
+            at = torch.searchsorted(known, state).clamp_max(known.numel() - 1)
+            periodic = known[at] == state
+            held = torch.zeros(known.numel(), dtype=torch.bool)
+            held[at[periodic]] = True
+            self._known = known[held]
+            explained = periodic | store.meta["returned"]
+        else:
+            explained = store.meta["returned"]
+        return explained if bool(explained.any()) else None
 
     def evict(self, store: TokenSet, capacity: int) -> torch.Tensor:
         first = torch.ones(len(store), dtype=torch.bool)
@@ -223,4 +274,4 @@ class MoPrune(Pruner):
         held = torch.bincount(scene_of_group).to(torch.float64)
         sigma = frame_weights(u, self.alpha, scene_of_group)
         weight = 1 + sigma - 1 / held[scene_of_group]
-        return quota_select(store.score, group_of_row, weight, capacity)
+        return quota_select(store.score, group_of_row, weight, capacity, self._explained(store))

@@ -8,9 +8,10 @@ blinking light or a swaying branch is new in every group. Measured on planted st
 one of period 4 on 20% of the positions, four one-off events; seeds 0-2; capacity 3% and 10% of
 the dense stream, 2 recent groups), with the papers' novelty: EchoPrune spent 0.96-0.99 of its
 long-term store on the distractors and kept a token of 3 (3%) and 11 (10%) of 12 events;
-MoPrune 0.93-0.98, 3 and 11 of 12. With the bank below: EchoPrune 0.00, MoPrune
-0.05-0.07, every event kept (tests/test_novelty.py). EchoPrune's offline ablation over the two
-or three previous frames (Sec. 4.3, Fig. 9) softmaxes over all their tokens and dilutes the
+MoPrune 0.93-0.98, 3 and 11 of 12. With the bank below: EchoPrune 0.00, MoPrune 0.05-0.07
+from its motion alone and 0.00 with its eviction of explained tokens first (moprune.py,
+departure 5), every event kept (tests/test_novelty.py). EchoPrune's offline ablation over the
+two or three previous frames (Sec. 4.3, Fig. 9) softmaxes over all their tokens and dilutes the
 correspondence; the bank instead keeps one vector per state of a position and counts a match
 only at cosine >= `SAME_STATE`.
 
@@ -23,7 +24,8 @@ predecessor (corr = echo = its cosine), MoPrune's motion as the distance to it. 
 returns to no state keeps the paper's score exactly; so does one whose position cycles through
 more than `states` states (the oldest is pushed out before it comes back). A state its position
 has returned to `PERIODIC_RETURNS` times is periodic: EchoPrune's eviction ranks the tokens of
-its first appearances, new when they came, as a perfect recurrence once that is known.
+its first appearances, new when they came, as a perfect recurrence once that is known; MoPrune's
+keeps them, and the tokens that returned, only when it keeps every other token.
 
 Cost per group is bounded and independent of the stream's length: one pass over the group
 to sketch it when D > `SKETCH_DIMS` (the signed sum of its 256-wide chunks, one random sign per
@@ -128,6 +130,12 @@ class StateBank:
         self._stamp[hit] = self._step
         self._step += 1
         return self._id[hit]
+
+    def periodic_ids(self) -> torch.Tensor:
+        """Ids of the banked states that are periodic (`periodic`), unsorted."""
+        if self._shape is None:
+            return torch.zeros(0, dtype=torch.long)
+        return self._id[self._returns >= PERIODIC_RETURNS]
 
     def periodic(self, position: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """[n] bool: the state `state` [n] of position `position` [n] (row * W + col) is still

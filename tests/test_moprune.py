@@ -255,3 +255,43 @@ def test_registry_and_parameters():
     assert pruner_params("moprune") == {"scene_threshold": 0.8, "alpha": 0.01, "eta": 0.5, "memory_states": 4}
     pruner = get_pruner("moprune", eta=0.3)
     assert isinstance(pruner, MoPrune) and pruner.eta == 0.3
+
+
+def test_quota_select_keeps_the_last_rows_only_after_every_other():
+    """`last` rows rank after the others of their bucket and are kept only when all the others
+    are: they do not take a bucket's share from its other rows."""
+    score = torch.tensor([9.0, 8.0, 1.0, 7.0, 6.0, 5.0])
+    bucket = torch.tensor([0, 0, 0, 1, 1, 1])
+    last = torch.tensor([True, False, False, False, False, True])
+    assert quota_select(score, bucket, torch.ones(2), 4, last).tolist() == [1, 2, 3, 4]
+    assert quota_select(score, bucket, torch.ones(2), 5, last).tolist() == [0, 1, 2, 3, 4]
+    assert quota_select(score, bucket, torch.ones(2), 4).tolist() == [0, 1, 3, 4]
+
+
+def test_a_returned_or_periodic_token_goes_first_even_after_the_bank_forgot_its_state():
+    """Position 0 cycles A, B (periodic after two returns), position 1 is still. Eviction drops
+    position 0's first A before position 1's token though A scored higher, and keeps doing so
+    once new states C, D have pushed A out of a 2-state bank; a token that returned at ingest
+    goes first too. With `memory_states=0` (the paper) the higher score stays."""
+    g = torch.Generator().manual_seed(0)
+    a, b, still = (torch.randn(8, generator=g) for _ in range(3))
+    cycle = [a, b, a, b, a]
+    pruner = MoPrune(memory_states=2)
+    metas = [pruner.score(FrameTokens(k, float(k), torch.stack([x, still]).reshape(1, 2, 8))).meta
+             for k, x in enumerate(cycle)]
+
+    def store(meta: dict, group: int) -> TokenSet:
+        grp = torch.full((2,), group)
+        return TokenSet(tokens=torch.zeros(2, 8), group=grp, pts=grp.double(), row=torch.zeros(2, dtype=torch.long),
+                        col=torch.arange(2), score=torch.tensor([1.0, 0.5]), recent=torch.zeros(2, dtype=torch.bool),
+                        grid=(1, 2), meta=meta)
+
+    first, returned = store(metas[0], 0), store(metas[4], 4)
+    assert not bool(metas[0]["returned"].any()) and metas[4]["returned"].tolist() == [True, False]
+    assert pruner.evict(first, 1).tolist() == [1]
+    assert pruner.evict(returned, 1).tolist() == [1]
+    for k, x in enumerate((torch.randn(8, generator=g), torch.randn(8, generator=g)), start=5):
+        pruner.score(FrameTokens(k, float(k), torch.stack([x, still]).reshape(1, 2, 8)))
+    assert int(metas[0]["state"][0]) not in pruner._bank.periodic_ids().tolist()
+    assert pruner.evict(first, 1).tolist() == [1]
+    assert MoPrune(memory_states=0).evict(store({"scene": metas[0]["scene"], "u": metas[0]["u"]}, 0), 1).tolist() == [0]
