@@ -112,7 +112,8 @@ def span_greedy(
     steps = max(0, min(int(picks), int(rank) - basis.shape[0], u.shape[0]))
     fill = SPAN_GAIN / 2 if r is None else SPAN_GAIN / 2 * r.square()
     if steps == 0:  # nothing to pick: every score is a residual gain, the diagonal alone
-        d2 = (torch.linalg.vector_norm(u, dim=-1).square() > 0.5).to(torch.float64) - proj.square().sum(-1).to(torch.float64)
+        unit = (torch.linalg.vector_norm(u, dim=-1).square() > 0.5).to(torch.float64)  # unit_kernel's diagonal
+        d2 = unit - proj.square().sum(-1).to(torch.float64)
         if r is not None:
             d2 = r * d2 * r
         return torch.where(d2 <= SPAN_GAIN, fill, d2), basis
