@@ -47,8 +47,9 @@ and departs from the offline version where the clip's future is unknown:
    the time ranked last, 832 were left: 473 of states that had been periodic but that the bank
    had pushed out since, half of the 832 in the first 4 s after a cut (first appearances, new
    when they came). Ranked last, all of these give their share to other tokens: 0.096/0.06/0.04,
-   event recall 0.90/0.98/1.00 -> 0.92/0.99/1.00, event-seconds 0.62/0.82/0.87 -> 0.65/0.83/0.88. Costs a sorted-id lookup over the store at
-   eviction (0.05-0.5 ms per group at Qwen2.5-VL-7B shapes, more the more tokens it explains).
+   event recall 0.90/0.98/1.00 -> 0.92/0.99/1.00, event-seconds 0.62/0.82/0.87 ->
+   0.65/0.83/0.88. Costs a sorted-id lookup over the store at eviction (0.05-0.5 ms per group
+   at Qwen2.5-VL-7B shapes, more the more tokens it explains).
 Ingest costs a few passes over the group's [N, D] tokens (the bank one more, about 1 ms at
 Qwen2.5-VL-7B shapes on one core); eviction reads only per-row scalars (one integer sort, an
 O(n) selection and, with the bank, a sorted-id lookup), never the store's features: 2.4 ms per
