@@ -317,13 +317,11 @@ class TokenMemory:
             return folded
         heads = newest[src]
         slots = st.slot[heads]
-        wt = st.weight[heads].unsqueeze(1)
-        st.tokens[slots] = ((st.tokens[slots].float() * wt + tokens[src].float()) / (wt + 1)).to(st.tokens.dtype)
-        for name, v in extras.items():
-            buf = st.extras.get(name)
-            if buf is not None:
-                wv = st.weight[heads].view(-1, *([1] * (buf.ndim - 1)))
-                buf[slots] = ((buf[slots].float() * wv + v[src].float()) / (wv + 1)).to(buf.dtype)
+        wt = st.weight[heads]
+        for buf, new in [(st.tokens, tokens), *((st.extras[k], v) for k, v in extras.items() if k in st.extras)]:
+            wv = wt.view(-1, *([1] * (buf.ndim - 1)))
+            mean = buf[slots].float().mul_(wv).add_(new[src].float()).div_(wv + 1)  # in place: one temporary
+            buf.index_copy_(0, slots, mean.to(buf.dtype))
         st.weight[heads] += 1
         st.stamp[heads] = stamp
         folded[src] = True
