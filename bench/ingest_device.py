@@ -11,7 +11,10 @@
   latency, drops, pruning ms per group; and from that the cameras one GPU keeps up with at 1 and
   2 fps sampling (landed >= 95% of offered, nothing dropped, p95 latency <= 1 s). The memories
   live on the host, in the model's dtype, as the pipeline keeps them today (the tower's output
-  comes back with `.cpu()`); pruning on the host's cores may be what limits the count.
+  comes back with `.cpu()`); pruning on the host's cores may be what limits the count;
+- the memory and its pruners on the device instead (torch's default device set to it, as the
+  issue that asked for this measured them; the pipeline does not do this yet): `TokenMemory.add`
+  per group and HieraVid's query-time ranking at half the memory, at 7B shapes.
 The tower is random-init from Qwen2.5-VL-7B's published vision config (depth 32, hidden 1280, 16
 heads, MLP 3420, window 112, full attention in blocks 7/15/23/31, merger to 3584) in bf16,
 behind a one-layer LLM of the 7B width (ingest never runs the LLM); nothing is downloaded.
@@ -23,15 +26,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from pruning import FrameTokens, TokenMemory, get_pruner
 from stream.vlm import patch_embed, vision_attention
 
-from .common import Stat, Table, quiet
+from .common import Stat, Table, quiet, video_like_features
 from .ingest_scale import ScaleSettings, camera_frames, drive, p95
 from .ttft import TINY_VISION, LLMSize, build_sized
 
@@ -50,13 +54,15 @@ class DeviceSize:
     cameras: tuple[int, ...]
     duration_s: float
     max_batch: int
+    memory: tuple[int, int, int]  # the memory-on-device rows: grid side, capacity, groups streamed
 
 
 SIZES = {
     "7b": DeviceSize(QWEN25_VL_7B_VISION, LLMSize("one-layer 7B-width", 3584, 1, 28, 4, 18944, 1024),
-                     (1, 4, 16, 32), 10, (25, 50, 100, 150, 200), 20.0, 32),
-    "tiny": DeviceSize(TINY_VISION, LLMSize("toy", 64, 1, 4, 2, 128, 512), (1, 4), 2, (1, 2), 3.0, 8),
+                     (1, 4, 16, 32), 10, (25, 50, 100, 150, 200), 20.0, 32, (16, 8192, 120)),
+    "tiny": DeviceSize(TINY_VISION, LLMSize("toy", 64, 1, 4, 2, 128, 512), (1, 4), 2, (1, 2), 3.0, 8, (4, 96, 12)),
 }
+MEMORY_PRUNERS = ("echoprune", "moprune", "hieravid", "forestprune")
 
 
 def _sync(device: torch.device) -> None:
@@ -100,6 +106,36 @@ def prepare_rows(vlm, size: DeviceSize, t: Table) -> None:
         t.add(f"prepare a 640x480 pair, {where}", 1, ms.fmt(1), ms.fmt(1), f"{1e3 / ms.median:.0f}")
 
 
+def memory_table(vlm, size: DeviceSize, where: str) -> Table:
+    """TokenMemory.add per group (the last 15) and HieraVid's rank_for_query at half the memory,
+    with every tensor on the model's device (float32 features)."""
+    side, capacity, groups = size.memory
+    d = vlm.hidden_size
+    t = Table(f"Memory and pruners on the device ({where}): median (min-max) ms", ["measure", "groups per call",
+                                                                                  "ms per group", "ms per call", ""])
+    cpu_feats = list(video_like_features(side, side, d, groups))  # made on the host: its generator is a CPU one
+    for name in MEMORY_PRUNERS:
+        feats = [g.to(vlm.device) for g in cpu_feats]
+        with torch.device(vlm.device):
+            memory = TokenMemory(capacity, get_pruner(name), 4)
+            add_ms = []
+            for i, g in enumerate(feats):
+                _sync(vlm.device)
+                t0 = time.perf_counter()
+                memory.add(FrameTokens(i, float(i), g))
+                _sync(vlm.device)
+                add_ms.append((time.perf_counter() - t0) * 1e3)
+            t.add(f"memory on the device: TokenMemory.add, {name}, capacity {capacity}, {side}x{side}x{d}", 1,
+                  Stat.of(add_ms[-15:]).fmt(1), "", "")
+            if name == "hieravid":
+                snap = memory.snapshot()
+                query = torch.randn(16, d)
+                ms = _timed(lambda: memory.pruner.rank_for_query(snap, query, len(snap) // 2), vlm.device, size.repeats)
+                t.add(f"memory on the device: hieravid rank_for_query at {len(snap) // 2} of {len(snap)} tokens", 1,
+                      ms.fmt(1), ms.fmt(1), "")
+    return t
+
+
 def cameras_table(vlm, size: DeviceSize, where: str) -> tuple[Table, int]:
     s = replace(ScaleSettings(), width=SIDE, height=SIDE, duration_s=size.duration_s, max_batch=size.max_batch)
     frames = int(size.duration_s * 2)
@@ -118,7 +154,9 @@ def cameras_table(vlm, size: DeviceSize, where: str) -> tuple[Table, int]:
     return t, best
 
 
-def measure(size: DeviceSize, device: str) -> list[Table]:
+def measure(size: DeviceSize, device: str) -> Iterator[Table]:
+    """The tables, each as soon as it is measured (a later one failing on a new device keeps the
+    earlier ones)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
         vlm = build_sized(size.llm, dtype, SIDE * SIDE, vision=size.vision)
@@ -131,12 +169,16 @@ def measure(size: DeviceSize, device: str) -> list[Table]:
         prepare_rows(vlm, size, t)
         vlm.preprocess_on_device = vlm.device.type != "cpu"
         tower_rows(vlm, size, t)
+    yield t
     cams, best = cameras_table(vlm, size, where)
+    yield cams
     cap = Table("Cameras one model keeps up with (landed >= 95% of offered, no drops, p95 ingest latency <= 1 s)",
                 ["sampling", "groups/s per camera", "cameras"])
     cap.add("2 fps", 1, best if best else f"fewer than {size.cameras[0]}")
     cap.add("1 fps (from the 2 fps run: half the groups per camera)", 0.5, 2 * best if best else "n/a")
-    return [t, cams, cap]
+    yield cap
+    with torch.inference_mode():
+        yield memory_table(vlm, size, where)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Table]:
@@ -145,9 +187,10 @@ def main(argv: Sequence[str] | None = None) -> list[Table]:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = p.parse_args(argv)
     quiet()
-    tables = measure(SIZES[args.size], args.device)
-    for table in tables:
+    tables = []
+    for table in measure(SIZES[args.size], args.device):
         print(table.markdown(), flush=True)
+        tables.append(table)
     return tables
 
 
