@@ -112,6 +112,8 @@ async def test_page_shows_the_camera_answers_a_question_and_lists_its_watch(tmp_
                                "the health badge to say streaming")
         await browser.wait_for(f"document.querySelector(\"{CARD} [data-stat=memory]\").textContent !== '–'", 30,
                                "status numbers")
+        latency = await browser.evaluate(f"document.querySelector(\"{CARD} [data-stat=latency]\").textContent")
+        assert re.fullmatch(r"\d+\.\d\d s", latency), latency  # how far behind the camera the memory is
         for picture in ("sheet", "timeline"):  # shown once the memory holds video (404 before)
             await browser.wait_for(f"(() => {{ const i = document.querySelector(\"{CARD} img.{picture}\");"
                                    " return !i.hidden && i.naturalWidth > 0; })()", 60, f"the {picture} picture")

@@ -347,6 +347,7 @@ class CameraCard {
     this.stat("fps", num(s.fps_in, 1));
     this.stat("memory", num(s.memory_tokens));
     this.stat("dropped", num(s.dropped));
+    this.stat("latency", typeof s.ingest_latency_ms === "number" ? `${num(s.ingest_latency_ms / 1000, 2)} s` : "–");
     this.stat("answers", num(s.answers));
     const cache = s.prompt_cache && typeof s.prompt_cache.tokens === "number";
     this.q('[data-stat-box="cache"]').hidden = !cache;
