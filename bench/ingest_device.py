@@ -2,6 +2,8 @@
 
 `python -m bench.ingest_device [--size 7b|tiny] [--device cuda|cpu]` measures what
 `bench.ingest_scale` measures on this project's CPU, where a 7B tower is out of reach:
+- that the device paths equal the plain ones there: pixel rows prepared in torch on the device
+  against numpy's, and the tower's tokens as loaded against transformers' own;
 - the tower + merger per 448x448 frame pair at several batch sizes, as transformers runs it (a
   Python loop over attention windows, a Conv3d patch embedding) and as the families load it
   (stream/vlm/vision_attention.py, stream/vlm/patch_embed.py);
@@ -82,28 +84,39 @@ def _timed(fn, device: torch.device, repeats: int) -> Stat:
     return Stat.of(ms)
 
 
-def tower_rows(vlm, size: DeviceSize, t: Table) -> None:
-    """Tower + merger per group, loop then batched attention, at each batch size."""
+def tower_rows(vlm, size: DeviceSize, t: Table) -> float:
+    """Tower + merger per group, loop then batched attention, at each batch size; returns the
+    largest difference between the two paths' tokens for a batch of 4 different groups,
+    relative to the tokens' largest magnitude."""
     frames = camera_frames(0, SIDE, SIDE, n=2)
     prepared = vlm.prepare(frames)
+    mixed = [vlm.prepare(camera_frames(k, SIDE, SIDE, n=2)) for k in range(4)]
+    outputs = []
     for label in ("transformers' own (a loop over windows, a Conv3d)",
                   "as the families load it (one attention call per layer, a matmul patch embedding)"):
         if label.startswith("as the families"):
             vision_attention.install(vlm.model)
             patch_embed.install(vlm.model)
+        outputs.append(torch.stack(vlm.encode_prepared(mixed)).float())
         for b in size.batches:
             ms = _timed(lambda: vlm.encode_prepared([prepared] * b), vlm.device, size.repeats)
             t.add(f"tower + merger, {label}", b, f"{ms.median / b:.1f}", ms.fmt(1), f"{1e3 * b / ms.median:.0f}")
+    own, loaded = outputs
+    return float((own - loaded).abs().max() / own.abs().max().clamp_min(1e-12))
 
 
-def prepare_rows(vlm, size: DeviceSize, t: Table) -> None:
-    """One group prepared: numpy on the host, then torch on the model's device."""
+def prepare_rows(vlm, size: DeviceSize, t: Table) -> float:
+    """One group prepared: numpy on the host, then torch on the model's device; returns the
+    largest difference between the two paths' pixel rows."""
     frames = camera_frames(1, 640, 480, n=2)
+    rows = []
     for on_device in (False, True):
         vlm.preprocess_on_device = on_device
         ms = _timed(lambda: vlm.prepare(frames), vlm.device, size.repeats)
         where = f"torch on {vlm.device.type}" if on_device else "numpy on the host"
         t.add(f"prepare a 640x480 pair, {where}", 1, ms.fmt(1), ms.fmt(1), f"{1e3 / ms.median:.0f}")
+        rows.append(torch.as_tensor(vlm.prepare(frames)[0]).float().cpu())
+    return float((rows[0] - rows[1]).abs().max())
 
 
 def memory_table(vlm, size: DeviceSize, where: str) -> Table:
@@ -166,10 +179,15 @@ def measure(size: DeviceSize, device: str) -> Iterator[Table]:
               f"(min-max) of {size.repeats} runs", ["measure", "groups per call", "ms per group", "ms per call",
                                                    "groups/s"])
     with torch.inference_mode():
-        prepare_rows(vlm, size, t)
+        prep_diff = prepare_rows(vlm, size, t)
         vlm.preprocess_on_device = vlm.device.type != "cpu"
-        tower_rows(vlm, size, t)
+        tower_diff = tower_rows(vlm, size, t)
     yield t
+    same = Table(f"Equal paths on {where}", ["check", "largest difference"])
+    same.add("pixel rows: torch on the device vs numpy on the host (the CPU tests find 0)", f"{prep_diff:.3g}")
+    same.add("tower tokens, 4 groups: as loaded vs transformers' own, relative to the largest token "
+             f"({str(dtype).removeprefix('torch.')})", f"{tower_diff:.3g}")
+    yield same
     cams, best = cameras_table(vlm, size, where)
     yield cams
     cap = Table("Cameras one model keeps up with (landed >= 95% of offered, no drops, p95 ingest latency <= 1 s)",
