@@ -1,5 +1,7 @@
 # streamprune: `make demo` installs into .venv and runs the offline demo; `make test` runs the suite;
-# `make bench` runs every benchmark and writes bench/results/ (about 20 minutes on 2 cores).
+# `make bench` runs every benchmark and writes bench/results/ (about 20 minutes on 2 cores);
+# `make bench-device`, on a GPU machine, runs the 7B device scripts with that machine's python3
+# (torch and transformers installed, no PyAV needed) and writes their tables to $OUT or out/.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +11,7 @@ PIP := $(PY) -m pip
 APT_PKGS := mosquitto mosquitto-clients python3-gi gir1.2-gst-rtsp-server-1.0 \
 	gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly chromium
 
-.PHONY: demo test bench install system-deps clean
+.PHONY: demo test bench bench-device install system-deps clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +37,11 @@ test: system-deps install
 
 bench: install
 	$(PY) -m bench.run_all
+
+bench-device:
+	mkdir -p $${OUT:-out}
+	PYTHONUNBUFFERED=1 $(PYTHON) -m bench.ingest_device | tee $${OUT:-out}/ingest_device.md
+	PYTHONUNBUFFERED=1 $(PYTHON) -m bench.prompt_cache_device | tee $${OUT:-out}/prompt_cache_device.md
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
