@@ -113,8 +113,6 @@ class LlavaOneVision(ChatLLM):
         return preprocess_frame(group[0], self.geometry)
 
     def encode(self, groups: list[list[np.ndarray]]) -> list[torch.Tensor]:
-        if any(len(g) != 1 for g in groups):
-            raise ValueError(f"a LLaVA-OneVision group is one frame; got groups of {sorted({len(g) for g in groups})}")
         return self.encode_prepared([self.prepare(g) for g in groups])
 
     @torch.inference_mode()

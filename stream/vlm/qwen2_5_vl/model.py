@@ -17,26 +17,21 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import numpy as np
 import torch
 
-
-from .. import patch_embed, vision_attention
-from .. import preprocess_torch
 from ..base import LayoutSettings, PromptPlan
 from ..chat_llm import ChatLLM
 from ..positions import TextPart, VisualPart, plan_of
 from .positions import group_time_text, time_offsets
-from .preprocess import VisionGeometry, batches_by_shape, prepare_group
+from .preprocess import VisionGeometry
+from .tower import QwenTower, speed_up
 
 
-
-class Qwen2_5_VL(ChatLLM):
+class Qwen2_5_VL(QwenTower, ChatLLM):
     """A loaded Qwen2.5-VL behind the `VideoLM` seam (stream/vlm/base.py)."""
 
     # EchoPrune on Qwen: tau 0.5, matching against the whole previous group (Sec. 4.3, App. B.4)
     pruner_defaults = {"echoprune": {"tau": 0.5, "radius": None}}
-    preprocess_on_device: bool | None = None  # `prepare` in torch on the model's device; None: unless that is the CPU
 
     def __init__(self, model, tokenizer, name: str, random_weights: bool, max_pixels: int):
         super().__init__(model, tokenizer, name, random_weights)
@@ -58,43 +53,12 @@ class Qwen2_5_VL(ChatLLM):
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         net = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
-        vision_attention.install(net)  # the tower's attention in one call per layer, not a loop
-        patch_embed.install(net)  # its Conv3d patch embedding as one matrix product
+        speed_up(net)
         return cls(net, tokenizer, name=name, random_weights=random_weights, max_pixels=max_pixels)
 
-    @property
-    def group_size(self) -> int:
-        return self.geometry.temporal_patch_size
-
-    @property
-    def max_tokens_per_group(self) -> int:
-        return self.geometry.max_pixels // self.geometry.factor ** 2
-
-    def prepare(self, group: list[np.ndarray]) -> tuple[np.ndarray | torch.Tensor, tuple[int, int, int]]:
-        """One group's patches and grid (`VideoLM.prepare`), on the model's device or the host."""
-        if preprocess_torch.runs_on_device(self.preprocess_on_device, self.device):
-            return preprocess_torch.prepare_group_torch(group, self.geometry, self.device)
-        return prepare_group(group, self.geometry)
-
-    def encode(self, groups: list[list[np.ndarray]]) -> list[torch.Tensor]:
-        return self.encode_prepared([self.prepare(g) for g in groups])
-
-    @torch.inference_mode()
-    def encode_prepared(self, prepared: list[tuple[np.ndarray, tuple[int, int, int]]]) -> list[torch.Tensor]:
-        """Prepared groups -> one [gh/2, gw/2, D] token grid each. Groups of one size go through
-        the tower in one call: Qwen's vision attention is per temporal group, so this equals
-        encoding them one by one."""
-        out: list[torch.Tensor | None] = [None] * len(prepared)
-        m = self.geometry.merge_size
-        for idxs, pixels, (t, gh, gw) in batches_by_shape(prepared):
-            feats = self.model.model.get_video_features(
-                pixel_values_videos=torch.as_tensor(pixels).to(self.device),
-                video_grid_thw=torch.tensor([[t, gh, gw]], device=self.device),
-            ).pooler_output[0]
-            grid = feats.reshape(t, gh // m, gw // m, -1).cpu()
-            for k, i in enumerate(idxs):
-                out[i] = grid[k]
-        return out  # type: ignore[return-value]
+    def _per_group(self, feats: Any, t: int, h: int, w: int) -> list[torch.Tensor]:
+        """One [h, w, D] token grid per group."""
+        return list(feats.pooler_output[0].reshape(t, h, w, -1).cpu())
 
     @functools.lru_cache(maxsize=4096)
     def _label(self, text: str) -> torch.Tensor:

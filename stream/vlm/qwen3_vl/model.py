@@ -37,17 +37,14 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from pruning import TokenSet
 
-from .. import patch_embed, vision_attention
-from .. import preprocess_torch
 from ..base import LayoutSettings, Prompt, PromptPlan
 from ..chat_llm import ChatLLM
 from ..positions import TextPart, VisualPart, plan_of
-from ..qwen2_5_vl.preprocess import batches_by_shape, prepare_group
+from ..qwen2_5_vl.tower import QwenTower, speed_up
 from .positions import group_time, time_label
 from .preprocess import DEFAULT_MEAN, DEFAULT_STD, geometry, normalization
 
@@ -64,12 +61,11 @@ def model_class(model_type: str):
     return classes[model_type]
 
 
-class Qwen3_VL(ChatLLM):
+class Qwen3_VL(QwenTower, ChatLLM):
     """A loaded Qwen3-VL or Qwen3-VL-MoE behind the `VideoLM` seam (stream/vlm/base.py)."""
 
     # EchoPrune on Qwen: tau 0.5, matching against the whole previous group (Sec. 4.3, App. B.4)
     pruner_defaults = {"echoprune": {"tau": 0.5, "radius": None}}
-    preprocess_on_device: bool | None = None  # `prepare` in torch on the model's device; None: unless that is the CPU
 
     def __init__(self, model, tokenizer, name: str, random_weights: bool, max_pixels: int,
                  mean: tuple[float, ...] = DEFAULT_MEAN, std: tuple[float, ...] = DEFAULT_STD):
@@ -89,47 +85,15 @@ class Qwen3_VL(ChatLLM):
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         net = model_class(AutoConfig.from_pretrained(path).model_type).from_pretrained(path, dtype=dtype).to(device)
-        vision_attention.install(net)  # the tower's attention in one call per layer, not a loop
-        patch_embed.install(net)  # its Conv3d patch embedding as one matrix product
+        speed_up(net)
         mean, std = normalization(path)
         return cls(net, tokenizer, name=name, random_weights=random_weights, max_pixels=max_pixels, mean=mean, std=std)
 
-    @property
-    def group_size(self) -> int:
-        return self.geometry.temporal_patch_size
-
-    @property
-    def max_tokens_per_group(self) -> int:
-        return self.geometry.max_pixels // self.geometry.factor ** 2
-
-    def prepare(self, group: list[np.ndarray]) -> tuple[np.ndarray | torch.Tensor, tuple[int, int, int]]:
-        """One group's patches and grid (`VideoLM.prepare`), on the model's device or the host."""
-        if preprocess_torch.runs_on_device(self.preprocess_on_device, self.device):
-            return preprocess_torch.prepare_group_torch(group, self.geometry, self.device)
-        return prepare_group(group, self.geometry)
-
-    def encode(self, groups: list[list[np.ndarray]]) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        return self.encode_prepared([self.prepare(g) for g in groups])
-
-    @torch.inference_mode()
-    def encode_prepared(self, prepared: list[tuple[np.ndarray, tuple[int, int, int]]]
-                        ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """Prepared groups -> per group its [gh/2, gw/2, D] token grid and its deepstack
-        features {"deepstack": [n, gh/2, gw/2, D]}. Groups of one size go through the tower in
-        one call: its attention is per temporal group, so this equals encoding them one by one."""
-        out: list[tuple[torch.Tensor, dict[str, torch.Tensor]] | None] = [None] * len(prepared)
-        m = self.geometry.merge_size
-        for idxs, pixels, (t, gh, gw) in batches_by_shape(prepared):
-            feats = self.model.model.get_video_features(
-                pixel_values_videos=torch.as_tensor(pixels).to(self.device),
-                video_grid_thw=torch.tensor([[t, gh, gw]], device=self.device),
-            )
-            grid = feats.pooler_output[0].reshape(t, gh // m, gw // m, -1).cpu()
-            deep = torch.stack([f[0] for f in feats.deepstack_features])
-            deep = deep.reshape(-1, t, gh // m, gw // m, grid.shape[-1]).cpu()
-            for k, i in enumerate(idxs):
-                out[i] = (grid[k], {DEEPSTACK: deep[:, k]})
-        return out  # type: ignore[return-value]
+    def _per_group(self, feats: Any, t: int, h: int, w: int) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Per group its [h, w, D] token grid and its deepstack features {"deepstack": [n, h, w, D]}."""
+        grid = feats.pooler_output[0].reshape(t, h, w, -1).cpu()
+        deep = torch.stack([f[0] for f in feats.deepstack_features]).reshape(-1, t, h, w, grid.shape[-1]).cpu()
+        return [(grid[k], {DEEPSTACK: deep[:, k]}) for k in range(t)]
 
     @functools.lru_cache(maxsize=4096)
     def _label(self, text: str) -> torch.Tensor:
