@@ -67,9 +67,6 @@ class SchedulerStats:
     batches: int = 0
     groups: int = 0
     shared_batches: int = 0  # tower calls that carried more than one camera's groups
-    dropped: int = 0
-    largest_batch: int = 0
-    tower_ms_total: float = 0.0
 
 
 class EncodeScheduler:
@@ -150,9 +147,7 @@ class EncodeScheduler:
                  for t in job.ready] for job in jobs]
         items = [p for job, k in zip(jobs, keep) for p, ok in zip(job.prepared, k) if ok]
         try:
-            t0 = time.perf_counter()
             encoded = self.vlm.encode_prepared(items) if items else []
-            self.stats.tower_ms_total += (time.perf_counter() - t0) * 1e3
         except Exception as e:
             if len(jobs) == 1:
                 jobs[0].future.set_exception(e)
@@ -164,14 +159,12 @@ class EncodeScheduler:
         self.stats.batches += 1
         self.stats.shared_batches += len({id(job.client) for job in jobs}) > 1
         self.stats.groups += len(items)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(items))
         results = iter(encoded)
         for job, k in zip(jobs, keep):
             s = job.client.stats
             out = [next(results) if ok else DROPPED for ok in k]
             dropped = k.count(False)
             s.groups_dropped += dropped
-            self.stats.dropped += dropped
             s.groups_encoded += len(k) - dropped
             s.batch_groups = len(items)
             s.wait_ms = (now - job.ready[-1]) * 1e3
