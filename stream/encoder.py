@@ -44,7 +44,6 @@ class EncoderStats:
     prune_ms_total: float = 0.0
     newest_pts: float = -1.0  # pts of the newest group added to the memory
     latency_ms: float = 0.0  # from a group complete to it in memory, last group
-    max_latency_ms: float = 0.0
 
 
 class RollingEncoder:
@@ -132,7 +131,7 @@ class RollingEncoder:
         move per group, so a failure part-way (a pruner or `on_group` raising) leaves them true
         to the memory; the groups of the batch not yet added are lost and counted as failed."""
         s = self.stats
-        added = 0
+        done = pruned = 0  # groups of the batch dealt with (dropped or added), and added
         try:
             t0 = time.perf_counter()
             grids = self.scheduler.encode(self.client, [[f.image for f in g] for g, _ in batch], [t for _, t in batch])
@@ -141,7 +140,7 @@ class RollingEncoder:
             prune_ms = 0.0
             for (frames, ready), encoded in zip(batch, grids):
                 if encoded is DROPPED:
-                    added += 1
+                    done += 1
                     s.groups_dropped += 1
                     continue
                 grid, extras = encoded if isinstance(encoded, tuple) else (encoded, {})
@@ -152,19 +151,19 @@ class RollingEncoder:
                 tokens = FrameTokens(index=self._next_group, pts=frames[0].pts, tokens=grid, extras=extras)
                 res = self.memory.add(tokens)
                 self._next_group += 1
-                added += 1
+                done += 1
+                pruned += 1
                 prune_ms += res.prune_ms
                 s.groups_encoded += 1
                 s.encode_ms_total += s.encode_ms
                 s.prune_ms_total += res.prune_ms
-                s.prune_ms = prune_ms / added
+                s.prune_ms = prune_ms / pruned
                 s.newest_pts = frames[0].pts
                 s.latency_ms = (time.monotonic() - ready) * 1e3
-                s.max_latency_ms = max(s.max_latency_ms, s.latency_ms)
                 if self.on_group is not None:
                     self.on_group(tokens, frames)
         except Exception:
-            s.groups_failed += len(batch) - added
+            s.groups_failed += len(batch) - done
             raise
 
     def close(self) -> None:

@@ -162,6 +162,7 @@ async def test_a_dropped_group_counts_as_dropped_in_the_cameras_encoder(vlm):
         tower.close()
     assert (enc.stats.groups_dropped, enc.stats.groups_encoded) == (1, 1)
     assert held(memory)[1] == [1.0]
+    assert enc.stats.prune_ms == enc.stats.prune_ms_total > 0  # per pruned group: the dropped one is not averaged in
 
 
 def test_a_closed_scheduler_refuses_new_work(vlm):
