@@ -18,9 +18,16 @@ lock; all return copies. `version` changes with every change to what is held, so
 keeps something derived from the memory can tell whether it is stale without copying the
 tokens, and every held row carries a `stamp` that changes whenever its vector does (it is
 written or merged into), so such a reader can find the first row that changed.
+
+The memory lives on one device, the model's (`device`): the store, the recent window and the
+pruner's own state are there, and a group's add reads nothing back to the host when its pruner
+keeps every token at ingest and evicts to a fixed count (EchoPrune, MoPrune: counted by
+`host_sync.HostSyncs` in tests/test_memory_device.py). `layout` brings only the small columns
+to the host; `gather` and `snapshot` hand out vectors on the device.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -78,20 +85,21 @@ class _Store:
     slots that never move: eviction compacts the small columns and frees slots, so its cost
     does not include copying every held vector."""
 
-    def __init__(self, size: int, d: int, dtype: torch.dtype):
+    def __init__(self, size: int, d: int, dtype: torch.dtype, device: torch.device):
         self.size = size
         self.n = 0
-        self.tokens = torch.zeros(size, d, dtype=dtype)
+        self.device = device
+        self.tokens = torch.zeros(size, d, dtype=dtype, device=device)
         self.extras: dict[str, torch.Tensor] = {}
-        self.free = torch.arange(size)
-        self.slot = torch.zeros(size, dtype=torch.long)
-        self.group = torch.zeros(size, dtype=torch.long)
-        self.pts = torch.zeros(size, dtype=torch.float64)
-        self.row = torch.zeros(size, dtype=torch.long)
-        self.col = torch.zeros(size, dtype=torch.long)
-        self.score = torch.zeros(size, dtype=torch.float32)
-        self.weight = torch.zeros(size, dtype=torch.float32)
-        self.stamp = torch.zeros(size, dtype=torch.long)
+        self.free = torch.arange(size, device=device)
+        self.slot = torch.zeros(size, dtype=torch.long, device=device)
+        self.group = torch.zeros(size, dtype=torch.long, device=device)
+        self.pts = torch.zeros(size, dtype=torch.float64, device=device)
+        self.row = torch.zeros(size, dtype=torch.long, device=device)
+        self.col = torch.zeros(size, dtype=torch.long, device=device)
+        self.score = torch.zeros(size, dtype=torch.float32, device=device)
+        self.weight = torch.zeros(size, dtype=torch.float32, device=device)
+        self.stamp = torch.zeros(size, dtype=torch.long, device=device)
         self.meta: dict[str, torch.Tensor] = {}
 
     def row_columns(self) -> list[torch.Tensor]:
@@ -103,12 +111,12 @@ class _Store:
 
     def ensure_meta(self, name: str, like: torch.Tensor) -> torch.Tensor:
         if name not in self.meta:
-            self.meta[name] = torch.zeros(self.size, *like.shape[1:], dtype=like.dtype)
+            self.meta[name] = torch.zeros(self.size, *like.shape[1:], dtype=like.dtype, device=self.device)
         return self.meta[name]
 
     def ensure_extra(self, name: str, like: torch.Tensor) -> torch.Tensor:
         if name not in self.extras:
-            self.extras[name] = torch.zeros(self.size, *like.shape[1:], dtype=self.tokens.dtype)
+            self.extras[name] = torch.zeros(self.size, *like.shape[1:], dtype=self.tokens.dtype, device=self.device)
         return self.extras[name]
 
     def take_slots(self, k: int) -> torch.Tensor:
@@ -121,15 +129,17 @@ class _Store:
         return TokenSet(
             tokens=RowView(self.tokens, slots), group=self.group[:n], pts=self.pts[:n],
             row=self.row[:n], col=self.col[:n], score=self.score[:n],
-            recent=torch.zeros(n, dtype=torch.bool), grid=grid,
+            recent=torch.zeros(n, dtype=torch.bool, device=self.device), grid=grid,
             meta={k: v[:n] for k, v in self.meta.items()},
             extras={k: RowView(v, slots) for k, v in self.extras.items()}, run=self.run(),
         )
 
     def positions(self) -> list[torch.Tensor]:
-        """Copies of the group, pts, row, col, stamp and run columns of the live rows."""
+        """Host copies of the group, pts, row, col, stamp and run columns of the live rows."""
         n = self.n
-        return [*(c[:n].clone() for c in (self.group, self.pts, self.row, self.col, self.stamp)), self.run()]
+        group, row, col, stamp, run = torch.stack([self.group[:n], self.row[:n], self.col[:n], self.stamp[:n],
+                                                   self.run()]).cpu()
+        return [group, self.pts[:n].to("cpu", copy=True), row, col, stamp, run]
 
     def run(self) -> torch.Tensor:
         """Groups each live row stands for: the tokens folded into it, itself included."""
@@ -142,16 +152,19 @@ class _Store:
         return TokenSet(
             tokens=self.tokens.index_select(0, slots), group=self.group[:n].clone(),
             pts=self.pts[:n].clone(), row=self.row[:n].clone(), col=self.col[:n].clone(),
-            score=self.score[:n].clone(), recent=torch.zeros(n, dtype=torch.bool), grid=grid,
+            score=self.score[:n].clone(), recent=torch.zeros(n, dtype=torch.bool, device=self.device), grid=grid,
             meta={k: v[:n].clone() for k, v in self.meta.items()},
             extras={k: v.index_select(0, slots) for k, v in self.extras.items()}, run=self.run(),
         )
 
     def keep_rows(self, keep: torch.Tensor) -> None:
-        mask = torch.ones(self.n, dtype=torch.bool)
-        mask[keep] = False
-        self.free = torch.cat([self.free, self.slot[: self.n][mask]])
+        """Keep rows `keep` (ascending, distinct) and free the others' slots, without reading
+        anything back from the device: how many rows go is known from `keep`'s length."""
         k = int(keep.numel())
+        mask = torch.ones(self.n, dtype=torch.bool, device=self.device)
+        mask[keep] = False
+        gone = torch.nonzero_static(mask, size=self.n - k).flatten()
+        self.free = torch.cat([self.free, self.slot[: self.n][gone]])
         for col in self.small_columns():
             col[:k] = col[keep]
         self.n = k
@@ -160,7 +173,10 @@ class _Store:
 class TokenMemory:
     """Bounded visual-token memory: `len(mem) <= capacity + recent_groups * H * W` always."""
 
-    def __init__(self, capacity: int, pruner: Pruner, recent_groups: int = 4, evict_slack: int = 0):
+    def __init__(self, capacity: int, pruner: Pruner, recent_groups: int = 4, evict_slack: int = 0,
+                 device: str | torch.device = "cpu"):
+        """`device`: where the held vectors live and the pruner runs (the model's device, so
+        nothing is copied between host and device per group or per question)."""
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         if recent_groups < 0:
@@ -171,6 +187,7 @@ class TokenMemory:
         self.pruner = pruner
         self.recent_groups = int(recent_groups)
         self.evict_slack = int(evict_slack)
+        self.device = torch.device(device)
         self._lock = threading.Lock()
         self._recent: deque[tuple[FrameTokens, GroupScore, dict[str, torch.Tensor], int]] = deque()
         self._stamps = 0  # the last stamp handed out
@@ -206,8 +223,9 @@ class TokenMemory:
         if group.tokens.ndim != 3:
             raise ValueError(f"FrameTokens.tokens must be [H, W, D], got {tuple(group.tokens.shape)}")
         h, w = group.grid
+        group = self._on_device(group)
         extras = per_token_extras(group.extras, h, w)
-        with self._lock:
+        with self._lock, self._placed():
             t0 = time.perf_counter()
             scored = self.pruner.score(group)
             if scored.score.shape != (h * w,):
@@ -223,6 +241,17 @@ class TokenMemory:
             self.tokens_evicted += evicted
             return AddResult(self._len(), (time.perf_counter() - t0) * 1e3, evicted)
 
+    def _on_device(self, group: FrameTokens) -> FrameTokens:
+        if group.tokens.device == self.device and all(v.device == self.device for v in group.extras.values()):
+            return group
+        return FrameTokens(group.index, group.pts, group.tokens.to(self.device, non_blocking=True),
+                           {k: v.to(self.device, non_blocking=True) for k, v in group.extras.items()})
+
+    def _placed(self) -> contextlib.AbstractContextManager:
+        """The pruner's own tensors are made where the memory lives (no context on the CPU,
+        where it is the default and the context's per-call cost would be pure overhead)."""
+        return contextlib.nullcontext() if self.device.type == "cpu" else self.device
+
     def _new_stamp(self) -> int:
         self._stamps += 1
         return self._stamps
@@ -233,15 +262,19 @@ class TokenMemory:
         h, w = group.grid
         n_tok = h * w
         tokens = group.tokens.reshape(n_tok, -1)
-        keep = torch.ones(n_tok, dtype=torch.bool) if scored.keep is None else scored.keep.clone()
         st = self._alloc(n_tok, tokens)
-        dropped = n_tok - int(keep.sum())
-        if scored.merge_into is not None:
-            merging = keep & (scored.merge_into >= 0)
-            folded = self._merge(st, scored.merge_into, merging, tokens, extras, w, self._new_stamp())
-            dropped += int(folded.sum())
-            keep &= ~folded
-        rows = torch.nonzero(keep).flatten()
+        dropped = 0
+        if scored.keep is None and scored.merge_into is None:  # every token: nothing to read back
+            rows = torch.arange(n_tok, device=self.device)
+        else:
+            keep = torch.ones(n_tok, dtype=torch.bool) if scored.keep is None else scored.keep.clone()
+            dropped = n_tok - int(keep.sum())
+            if scored.merge_into is not None:
+                merging = keep & (scored.merge_into >= 0)
+                folded = self._merge(st, scored.merge_into, merging, tokens, extras, w, self._new_stamp())
+                dropped += int(folded.sum())
+                keep &= ~folded
+            rows = torch.nonzero(keep).flatten()
         k = int(rows.numel())
         if st.n + k > st.size:
             raise RuntimeError("store overflow: eviction did not bring the store to capacity")
@@ -267,8 +300,11 @@ class TokenMemory:
         before = st.n
         target = self.capacity - self.evict_slack
         keep_rows = self.pruner.evict(st.view(self._grid), target).to(torch.long)
-        if keep_rows.numel() > target or (keep_rows.numel() > 1 and bool((keep_rows[1:] <= keep_rows[:-1]).any())):
-            raise RuntimeError(f"{self.pruner.name}.evict must return at most {target} ascending rows")
+        if keep_rows.numel() > target:
+            raise RuntimeError(f"{self.pruner.name}.evict must return at most {target} rows, got {keep_rows.numel()}")
+        if keep_rows.numel() > 1:  # checked where the rows are: no wait for the device
+            torch._assert_async((keep_rows[1:] > keep_rows[:-1]).all(),
+                                f"{self.pruner.name}.evict must return ascending distinct rows")
         st.keep_rows(keep_rows)
         return dropped + before - st.n
 
@@ -277,7 +313,7 @@ class TokenMemory:
         st = self._store
         if st is not None and st.size >= self.capacity + n_tok and st.tokens.shape[1] == tokens.shape[1]:
             return st
-        new = _Store(self.capacity + n_tok, tokens.shape[1], tokens.dtype)
+        new = _Store(self.capacity + n_tok, tokens.shape[1], tokens.dtype, self.device)
         if st is not None and st.n and st.tokens.shape[1] == tokens.shape[1]:
             n = st.n
             old = st.copy(self._grid)
@@ -357,12 +393,12 @@ class TokenMemory:
                 return None
             st = self._store
             stored = st.n if st is not None else 0
-            rows = rows.to(torch.long)
+            rows = rows.to(torch.long).cpu()
             cut = int(torch.searchsorted(rows, torch.tensor(stored)))
             toks: list[torch.Tensor] = []
             extras: list[dict[str, torch.Tensor]] = []
             if cut:
-                slots = st.slot[rows[:cut]]
+                slots = st.slot[rows[:cut].to(self.device)]
                 toks.append(st.tokens.index_select(0, slots))
                 extras.append({k: v.index_select(0, slots) for k, v in st.extras.items()})
             start = stored
@@ -370,12 +406,12 @@ class TokenMemory:
                 n = g.tokens.shape[0] * g.tokens.shape[1]
                 lo, hi = (int(torch.searchsorted(rows, torch.tensor(x))) for x in (start, start + n))
                 if hi > lo:
-                    local = rows[lo:hi] - start
+                    local = (rows[lo:hi] - start).to(self.device)
                     toks.append(g.tokens.reshape(n, -1).index_select(0, local))
                     extras.append({k: v.index_select(0, local) for k, v in ex.items()})
                 start += n
             if not toks:
-                return torch.zeros(0, self._width()), {}
+                return torch.zeros(0, self._width(), device=self.device), {}
             dtype = toks[-1].dtype
             keys = set.intersection(*(set(e) for e in extras))
             return (torch.cat([t.to(dtype) for t in toks]),
@@ -387,8 +423,9 @@ class TokenMemory:
         return int(self._recent[-1][0].tokens.shape[-1]) if self._recent else 0
 
     def snapshot(self) -> TokenSet:
-        """An immutable copy of everything held, sorted by (group, row, col)."""
-        with self._lock:
+        """An immutable copy of everything held, sorted by (group, row, col), on the memory's
+        device (the query ranks there; `TokenSet.columns_on_host` before laying out a prompt)."""
+        with self._lock, self._placed():
             parts: list[TokenSet] = []
             if self._store is not None and self._store.n:
                 parts.append(self._store.copy(self._grid))

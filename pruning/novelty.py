@@ -56,21 +56,26 @@ class StateBank:
         self.states = int(states)
         self.dims = int(dims)
         self._shape: tuple[int, int] | None = None
-        self._next_id = 0  # never reset: a state id names one state of one bank for good
+        self._next_id: torch.Tensor | None = None  # never reset: a state id names one state of one bank for good
 
-    def _start(self, n: int, d: int) -> None:
+    def _start(self, n: int, d: int, device: torch.device) -> None:
+        """An empty bank on the group's device; ids go on from the last bank's (kept there too:
+        counting new states reads nothing back to the host)."""
         k = self.states
         self._shape = (n, d)
         self._chunks = -(-d // self.dims) if d > self.dims else 0
         gen = torch.Generator().manual_seed(0)
-        self._signs = (torch.randint(0, 2, (1, self._chunks), generator=gen) * 2 - 1).float()
-        self._bank = torch.zeros(n, k, min(d, self.dims))
-        self._norm = torch.ones(n, k)  # of each banked vector, clamped at EPS
-        self._count = torch.zeros(n, k)  # observations folded in, 0 = empty
-        self._stamp = torch.full((n, k), -1, dtype=torch.long)  # step last seen, -1 = empty
-        self._id = torch.full((n, k), -1, dtype=torch.long)
-        self._returns = torch.zeros(n, k, dtype=torch.long)
-        self._slots = torch.arange(k)
+        signs = torch.randint(0, 2, (1, self._chunks), generator=gen, device="cpu") * 2 - 1
+        self._signs = signs.float().to(device)
+        self._bank = torch.zeros(n, k, min(d, self.dims), device=device)
+        self._norm = torch.ones(n, k, device=device)  # of each banked vector, clamped at EPS
+        self._count = torch.zeros(n, k, device=device)  # observations folded in, 0 = empty
+        self._stamp = torch.full((n, k), -1, dtype=torch.long, device=device)  # step last seen, -1 = empty
+        self._id = torch.full((n, k), -1, dtype=torch.long, device=device)
+        self._returns = torch.zeros(n, k, dtype=torch.long, device=device)
+        self._slots = torch.arange(k, device=device)
+        self._next_id = torch.zeros((), dtype=torch.long, device=device) if self._next_id is None \
+            else self._next_id.to(device)
         self._step = 0
 
     def sketch(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +101,7 @@ class StateBank:
         """
         n, d = x.shape
         if self._shape != (n, d):
-            self._start(n, d)
+            self._start(n, d, x.device)
         s = self.sketch(x)
         s_norm = s.norm(dim=1, keepdim=True)
         dots = torch.bmm(self._bank, s.unsqueeze(2)).squeeze(2)  # [N, K]
@@ -117,9 +122,9 @@ class StateBank:
         hit = slot.unsqueeze(1) == self._slots  # [N, K]: the one slot each token goes to
         same_hit = hit & same.unsqueeze(1)
         fresh = hit & ~same.unsqueeze(1)
-        new_states = int(fresh.sum())
-        self._id[fresh] = torch.arange(self._next_id, self._next_id + new_states)
-        self._next_id += new_states
+        new_ids = self._next_id + torch.cumsum(fresh.flatten(), 0).view_as(fresh) - 1  # raster order
+        self._id = torch.where(fresh, new_ids, self._id)
+        self._next_id = self._next_id + fresh.sum()
         self._returns = torch.where(same_hit, self._returns + back.long(), torch.where(fresh, 0, self._returns))
         self._count = torch.where(same_hit, self._count + 1, torch.where(fresh, 1.0, self._count))
         rows = torch.arange(s.shape[0])
@@ -127,9 +132,9 @@ class StateBank:
         new = old + (s - old) / self._count[rows, slot].clamp_max(MEAN_OF).unsqueeze(1)
         self._bank[rows, slot] = new
         self._norm[rows, slot] = new.norm(dim=1).clamp_min(EPS)
-        self._stamp[hit] = self._step
+        self._stamp.masked_fill_(hit, self._step)
         self._step += 1
-        return self._id[hit]
+        return self._id.gather(1, slot.unsqueeze(1)).squeeze(1)
 
     def periodic_ids(self) -> torch.Tensor:
         """Ids of the banked states that are periodic (`periodic`), unsorted."""

@@ -2,6 +2,8 @@
 "Notation and shared rules")."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 EPS = 1e-6
@@ -29,24 +31,23 @@ def topk_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, ties toward the lower index, returned ascending.
 
     Selection by threshold (the k-th largest value, then the lowest-index ties at it) is O(n);
-    a full sort per evicted group cost a millisecond at store sizes. NaN never comes from our
-    pruners; if it does, it ranks first, as a stable descending sort would put it.
+    a full sort per evicted group cost a millisecond at store sizes. Every size is known from
+    `k`, so nothing is read back from the device. NaN never comes from our pruners; if it
+    does, it ranks as +inf.
     """
     flat = score.flatten()
     n = flat.numel()
     k = max(0, min(int(k), n))
     if k == n:
-        return torch.arange(n)
+        return torch.arange(n, device=flat.device)
     if k == 0:
-        return torch.zeros(0, dtype=torch.long)
-    if torch.isnan(flat).any():
-        order = torch.sort(flat, descending=True, stable=True).indices[:k]
-        return torch.sort(order).values
-    thr = torch.kthvalue(flat, n - k + 1).values
-    keep = flat > thr
-    ties = torch.nonzero(flat == thr).flatten()[: k - int(keep.sum())]
-    keep[ties] = True
-    return torch.nonzero(keep).flatten()
+        return torch.zeros(0, dtype=torch.long, device=flat.device)
+    key = flat.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    thr = torch.kthvalue(key, n - k + 1).values
+    above = key > thr
+    tied = key == thr
+    take = tied & (torch.cumsum(tied, 0) <= k - above.sum())
+    return torch.nonzero_static(above | take, size=k).flatten()
 
 
 def minmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -1,0 +1,47 @@
+"""Counting host synchronizations: the operations that make the host wait for the device.
+
+With the memory on a GPU, every place the Python code needs a value from the device (an
+`.item()`, an `int(tensor)`, a `bool(tensor)`, a boolean-mask index or `nonzero`, whose output
+size depends on the data) stalls the camera's thread until the device has caught up, so the
+per-group hot path is kept free of them. `HostSyncs` counts them on any device, the CPU
+included: the same Python code dispatches the same operations there, so a count taken on the
+build machines is the count a GPU would see. `.tolist()`, `.cpu()` and `.numpy()` of a CPU
+tensor never reach the dispatcher; running the path on the `meta` device, where every one of
+these raises, catches those too (tests/test_memory_device.py does both).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_ALWAYS = {
+    "aten._local_scalar_dense",  # .item(), int(), float(), bool() of a tensor
+    "aten.nonzero", "aten.masked_select", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive",
+    "aten.equal", "aten.is_nonzero", "aten.bincount",
+}
+_BOOL_INDEX = {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"}
+
+
+def _bool_index(args: tuple) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (indices or ()))
+
+
+class HostSyncs(TorchDispatchMode):
+    """`with HostSyncs() as syncs: ...` then `syncs.total`, and `syncs.counts` by operation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        if name in _ALWAYS or (name in _BOOL_INDEX and _bool_index(args)):
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
