@@ -1,0 +1,80 @@
+"""The memory on the model's device: what a group's add reads back to the host.
+
+On a GPU every read-back stalls the camera's thread until the device catches up. `HostSyncs`
+counts them on the CPU (the same Python path dispatches the same operations there), and the
+`meta` device, where any read-back raises, proves a path has none at all, `.tolist()` included.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pruning import PRUNERS, TokenMemory, get_pruner
+from pruning.host_sync import HostSyncs
+from pruning.types import FrameTokens
+
+# Host synchronizations per added group once the store evicts, at most. A pruner that drops or
+# merges tokens at ingest needs one: how many rows a group leaves is known only on the device.
+SYNCS_PER_GROUP = {"echoprune": 0, "moprune": 16, "hieravid": 19, "forestprune": 20, "uniform": 7,
+                   "recent": 0, "dtd": 2, "random": 0}
+SYNC_FREE = [name for name, n in SYNCS_PER_GROUP.items() if n == 0]
+
+
+def stream(n: int, side: int = 6, seed: int = 0) -> list[FrameTokens]:
+    """A side x side grid of 32-dim tokens: a drifting background and a moving bright patch."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(side, side, 32, generator=gen)
+    groups = []
+    for i in range(n):
+        x = base + 0.05 * torch.randn(side, side, 32, generator=gen)
+        x[i % side, (2 * i) % side] += 3 * torch.randn(32, generator=gen)
+        groups.append(FrameTokens(i, 0.5 * i, x))
+    return groups
+
+
+# (grid side, capacity, evict slack): eviction every other group; eviction every group.
+SHAPES = [(6, 120, 40), (8, 200, 0)]
+
+
+def test_every_pruner_has_a_sync_budget():
+    assert set(SYNCS_PER_GROUP) == set(PRUNERS)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", list(SYNCS_PER_GROUP))
+def test_a_groups_add_reads_back_at_most_its_budget(name, shape):
+    side, capacity, slack = shape
+    mem = TokenMemory(capacity, get_pruner(name), recent_groups=2, evict_slack=slack)
+    groups = stream(30, side)
+    counts = []
+    for g in groups:
+        with HostSyncs() as syncs:
+            mem.add(g)
+        counts.append(syncs.total)
+    assert mem.tokens_evicted > 0
+    assert max(counts[10:]) <= SYNCS_PER_GROUP[name], (counts, dict(syncs.counts))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", SYNC_FREE)
+def test_sync_free_pruners_run_the_whole_stream_on_the_meta_device(name, shape):
+    """Meta tensors have no values: any read-back (item, tolist, a boolean mask, nonzero) and
+    any tensor left on the CPU raise, so finishing proves the path is device-only."""
+    side, capacity, slack = shape
+    mem = TokenMemory(capacity, get_pruner(name), recent_groups=2, evict_slack=slack, device="meta")
+    for g in stream(30, side):
+        mem.add(g)
+    assert mem.tokens_evicted > 0 and len(mem) <= capacity + 2 * side * side
+    snap = mem.snapshot()
+    assert snap.tokens.device.type == "meta" and snap.group.device.type == "meta"
+
+
+def test_layout_is_on_the_host_and_gather_on_the_memorys_device():
+    mem = TokenMemory(60, get_pruner("echoprune"), recent_groups=2, evict_slack=6)
+    for g in stream(12):
+        mem.add(g)
+    lay = mem.layout()
+    assert all(c.device.type == "cpu" for c in (lay.group, lay.pts, lay.row, lay.col, lay.stamp, lay.run))
+    rows = torch.arange(0, len(mem), 3)
+    toks, _ = mem.gather(rows, lay.version)
+    assert torch.equal(toks, mem.snapshot().tokens[rows])
