@@ -263,19 +263,12 @@ class TokenMemory:
         n_tok = h * w
         tokens = group.tokens.reshape(n_tok, -1)
         st = self._alloc(n_tok, tokens)
-        dropped = 0
         if scored.keep is None and scored.merge_into is None:  # every token: nothing to read back
             rows = torch.arange(n_tok, device=self.device)
         else:
-            keep = torch.ones(n_tok, dtype=torch.bool) if scored.keep is None else scored.keep.clone()
-            dropped = n_tok - int(keep.sum())
-            if scored.merge_into is not None:
-                merging = keep & (scored.merge_into >= 0)
-                folded = self._merge(st, scored.merge_into, merging, tokens, extras, w, self._new_stamp())
-                dropped += int(folded.sum())
-                keep &= ~folded
-            rows = torch.nonzero(keep).flatten()
+            rows = self._select(st, scored, tokens, extras, w)
         k = int(rows.numel())
+        dropped = n_tok - k
         if st.n + k > st.size:
             raise RuntimeError("store overflow: eviction did not bring the store to capacity")
         sl = slice(st.n, st.n + k)
@@ -330,38 +323,23 @@ class TokenMemory:
         self._store = new
         return new
 
-    @staticmethod
-    def _merge(st: _Store, merge_into: torch.Tensor, merging: torch.Tensor, tokens: torch.Tensor,
-               extras: dict[str, torch.Tensor], w: int, stamp: int) -> torch.Tensor:
-        """Fold `merging` tokens into their runs by running mean (the heads get `stamp`); returns
-        the tokens folded. A run's head is the newest held row at the token's position from
-        group `merge_into` on: the row the run started at or, once that was evicted, the token
-        that started it again. A token with no such row is not folded: it starts the run anew."""
-        folded = torch.zeros_like(merging)
-        rows = torch.nonzero(merging).flatten()
-        if rows.numel() == 0 or st.n == 0:
-            return folded
-        first = int(torch.searchsorted(st.group[: st.n], merge_into[rows].min()))
-        pos = st.row[first: st.n] * w + st.col[first: st.n]
-        since = torch.full((merging.numel(),), 1 << 62, dtype=torch.long)
-        since[rows] = merge_into[rows]
-        inside = (pos < merging.numel()) & (st.group[first: st.n] >= since[pos.clamp_max(merging.numel() - 1)])
-        newest = torch.full((merging.numel(),), -1, dtype=torch.long)
-        newest.scatter_reduce_(0, pos[inside], torch.arange(first, st.n)[inside], "amax")
-        src = rows[newest[rows] >= 0]
-        if src.numel() == 0:
-            return folded
-        heads = newest[src]
-        slots = st.slot[heads]
-        wt = st.weight[heads]
-        for buf, new in [(st.tokens, tokens), *((st.extras[k], v) for k, v in extras.items() if k in st.extras)]:
-            wv = wt.view(-1, *([1] * (buf.ndim - 1)))
-            mean = buf[slots].float().mul_(wv).add_(new[src].float()).div_(wv + 1)  # in place: one temporary
-            buf.index_copy_(0, slots, mean.to(buf.dtype))
-        st.weight[heads] += 1
-        st.stamp[heads] = stamp
-        folded[src] = True
-        return folded
+    def _select(self, st: _Store, scored: GroupScore, tokens: torch.Tensor, extras: dict[str, torch.Tensor],
+                w: int) -> torch.Tensor:
+        """The rows of a group that become store rows, after folding its merging tokens into
+        their runs. How many there are is known only on the device: the one read-back of a
+        group whose pruner drops or merges at ingest."""
+        keep = torch.ones(tokens.shape[0], dtype=torch.bool) if scored.keep is None else scored.keep.clone()
+        if scored.merge_into is None:
+            return torch.nonzero_static(keep, size=int(keep.sum().tolist())).flatten()
+        stamp = self._new_stamp()
+        heads = _run_heads(st, scored.merge_into, keep, w)
+        folded = heads >= 0
+        keep &= ~folded
+        kept, merged = torch.stack([keep.sum(), folded.sum()]).tolist()
+        if merged:
+            src = torch.nonzero_static(folded, size=merged).flatten()
+            _fold(st, src, heads[src], tokens, extras, stamp)
+        return torch.nonzero_static(keep, size=kept).flatten()
 
     def layout(self) -> MemoryLayout:
         """The snapshot's group, pts, row and col columns (copies) and the counters, taken
@@ -446,6 +424,37 @@ class TokenMemory:
             score=scored.score.float(), recent=torch.ones(n, dtype=torch.bool), grid=(h, w),
             meta=dict(scored.meta), extras=extras,
         )
+
+
+def _run_heads(st: _Store, merge_into: torch.Tensor, keep: torch.Tensor, w: int) -> torch.Tensor:
+    """[N]: the store row each merging token folds into, -1 for none. A run's head is the newest
+    held row at the token's position from group `merge_into` on: the row the run started at or,
+    once that was evicted, the token that started it again; a token with no such row starts the
+    run anew. Scans the whole store rather than from the run's first group, whose row would
+    have to be read back."""
+    n_pos = merge_into.numel()
+    newest = torch.full((n_pos,), -1, dtype=torch.long, device=merge_into.device)
+    if st.n == 0:
+        return newest
+    since = torch.where(keep & (merge_into >= 0), merge_into, 1 << 62)
+    pos = st.row[: st.n] * w + st.col[: st.n]
+    at = pos.clamp_max(n_pos - 1)
+    inside = (pos < n_pos) & (st.group[: st.n] >= since[at])
+    rows = torch.arange(st.n, device=newest.device)
+    return newest.scatter_reduce_(0, at, torch.where(inside, rows, -1), "amax")
+
+
+def _fold(st: _Store, src: torch.Tensor, heads: torch.Tensor, tokens: torch.Tensor,
+          extras: dict[str, torch.Tensor], stamp: int) -> None:
+    """Fold tokens `src` into store rows `heads` by running mean; the heads get `stamp`."""
+    slots = st.slot[heads]
+    wt = st.weight[heads]
+    for buf, new in [(st.tokens, tokens), *((st.extras[k], v) for k, v in extras.items() if k in st.extras)]:
+        wv = wt.view(-1, *([1] * (buf.ndim - 1)))
+        mean = buf[slots].float().mul_(wv).add_(new[src].float()).div_(wv + 1)  # in place: one temporary
+        buf.index_copy_(0, slots, mean.to(buf.dtype))
+    st.weight[heads] += 1
+    st.stamp[heads] = stamp
 
 
 def _concat(parts: list[TokenSet]) -> TokenSet:
