@@ -85,7 +85,13 @@ def _put(cache: OrderedDict, key: Any, value: Any, size: int) -> None:
 
 def build_plan(lengths: tuple[int, ...], device: torch.device) -> ChunkPlan:
     """The [chunks, longest] layout of chunks of `lengths` (in token order); index tensors built
-    on the host and copied to `device` once."""
+    on the host and copied to `device` once, as normal tensors even when the first forward ran in
+    inference mode: a later forward under autograd saves them for backward."""
+    with torch.inference_mode(False):
+        return _build_plan(lengths, device)
+
+
+def _build_plan(lengths: tuple[int, ...], device: torch.device) -> ChunkPlan:
     n, longest = len(lengths), max(lengths)
     if all(x == longest for x in lengths):
         return ChunkPlan(n, longest)
