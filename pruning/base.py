@@ -150,6 +150,13 @@ class TokenSet:
             run=self.run[idx],
         )
 
+    def columns_on_host(self) -> "TokenSet":
+        """The same rows with their small columns on the host, where a prompt's layout reads
+        them; the vectors stay on their device."""
+        return replace(self, group=self.group.cpu(), pts=self.pts.cpu(), row=self.row.cpu(), col=self.col.cpu(),
+                       score=self.score.cpu(), recent=self.recent.cpu(), meta={k: v.cpu() for k, v in self.meta.items()},
+                       run=self.run.cpu())
+
     def groups(self) -> torch.Tensor:
         """Distinct group indices present, ascending."""
         return torch.unique(self.group)

@@ -225,7 +225,7 @@ class TokenMemory:
         h, w = group.grid
         group = self._on_device(group)
         extras = per_token_extras(group.extras, h, w)
-        with self._lock, self._placed():
+        with self._lock, self.placed():
             t0 = time.perf_counter()
             scored = self.pruner.score(group)
             if scored.score.shape != (h * w,):
@@ -247,9 +247,10 @@ class TokenMemory:
         return FrameTokens(group.index, group.pts, group.tokens.to(self.device, non_blocking=True),
                            {k: v.to(self.device, non_blocking=True) for k, v in group.extras.items()})
 
-    def _placed(self) -> contextlib.AbstractContextManager:
-        """The pruner's own tensors are made where the memory lives (no context on the CPU,
-        where it is the default and the context's per-call cost would be pure overhead)."""
+    def placed(self) -> contextlib.AbstractContextManager:
+        """Where the pruner's own tensors are made: where the memory lives (no context on the
+        CPU, the default, where the context's per-call cost would be pure overhead). A query
+        ranks a snapshot inside it."""
         return contextlib.nullcontext() if self.device.type == "cpu" else self.device
 
     def _new_stamp(self) -> int:
@@ -403,7 +404,7 @@ class TokenMemory:
     def snapshot(self) -> TokenSet:
         """An immutable copy of everything held, sorted by (group, row, col), on the memory's
         device (the query ranks there; `TokenSet.columns_on_host` before laying out a prompt)."""
-        with self._lock, self._placed():
+        with self._lock, self.placed():
             parts: list[TokenSet] = []
             if self._store is not None and self._store.n:
                 parts.append(self._store.copy(self._grid))

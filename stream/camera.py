@@ -88,7 +88,8 @@ class Camera:
         self.bus = bus if bus is not None else Bus()
         self.pruner = pruning.get_pruner(cfg.memory.pruner, **pruner_params(cfg.memory, vlm))
         self.memory = pruning.TokenMemory(cfg.memory.capacity, self.pruner, cfg.memory.recent_groups,
-                                          evict_slack=int(cfg.memory.capacity * cfg.memory.evict_slack))
+                                          evict_slack=int(cfg.memory.capacity * cfg.memory.evict_slack),
+                                          device=vlm.device if cfg.memory.device == "model" else "cpu")
         self.source = self.open_source()
         self.sampler = Sampler(self.source, cfg.sampler.fps, cfg.sampler.policy, cfg.sampler.queue)
         self.encoder = RollingEncoder(vlm, self.memory, drop_when_behind=self.sampler.policy == "latest",

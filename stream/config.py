@@ -33,6 +33,7 @@ from .watches import WatchSpec, check_watch
 log = logging.getLogger(__name__)
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+MEMORY_DEVICES = ("model", "cpu")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class MemoryConfig:
     recent_groups: int = bounded(4, 0, 1024)  # newest groups kept whole
     evict_slack: float = bounded(0.25, 0.0, 0.9)  # evict down to capacity x (1 - slack): early rows change every few groups
     params: dict = field(default_factory=dict)  # the pruner's own parameters
+    device: str = choice(*MEMORY_DEVICES, default="model")  # model: the memory and its pruner live on the model's device
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,10 @@ class QueryHandler:
         if len(snap) == 0:
             raise RequestError("empty_memory", "the memory holds no video yet; ask again once frames have arrived")
         budget = question.llm_budget or self.settings.llm_budget or len(snap)
-        rows = self.pruner.rank_for_query(snap, self._query_embeds(question.text), budget)
-        seen = snap.select(rows)
+        query = self._query_embeds(question.text).to(self.memory.device)
+        with self.memory.placed():
+            rows = self.pruner.rank_for_query(snap, query, budget)
+        seen = snap.select(rows).columns_on_host()
         if len(seen) == 0:
             raise RequestError("empty_memory", "the query budget left no visual tokens to answer from")
         prompt = self.vlm.layout(seen, question.text, self.layout)

@@ -175,7 +175,8 @@ class VideoLM(Protocol):
         """Frame groups (up to `group_size` H x W x 3 uint8 RGB frames each) -> one [H, W, D]
         token grid per group; a family with per-token side features gives (grid, extras) instead,
         each extra [..., H, W, D] (`FrameTokens.extras`, e.g. Qwen3-VL's {"deepstack": [3, H, W, D]}).
-        Equals `encode_prepared([prepare(g) for g in groups])`."""
+        They stay on the model's device, where the memory keeps them. Equals
+        `encode_prepared([prepare(g) for g in groups])`."""
 
     def prepare(self, group: list[np.ndarray]) -> Any:
         """One group's tower input (resized, normalised, patchified), made on the caller's

@@ -124,7 +124,7 @@ class LlavaOneVision(ChatLLM):
         pixels = torch.stack([torch.as_tensor(p) for p in prepared])[None]
         feats = self.model.model.get_video_features(
             pixel_values_videos=pixels.to(self.device, self.dtype)).pooler_output[0, :-1]
-        return list(feats.reshape(len(prepared), self.side, self.side, -1).cpu())
+        return list(feats.reshape(len(prepared), self.side, self.side, -1))
 
     @functools.lru_cache(maxsize=4096)
     def _label(self, text: str) -> torch.Tensor:

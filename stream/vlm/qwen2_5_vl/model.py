@@ -57,8 +57,8 @@ class Qwen2_5_VL(QwenTower, ChatLLM):
         return cls(net, tokenizer, name=name, random_weights=random_weights, max_pixels=max_pixels)
 
     def _per_group(self, feats: Any, t: int, h: int, w: int) -> list[torch.Tensor]:
-        """One [h, w, D] token grid per group."""
-        return list(feats.pooler_output[0].reshape(t, h, w, -1).cpu())
+        """One [h, w, D] token grid per group, on the model's device (where the memory lives)."""
+        return list(feats.pooler_output[0].reshape(t, h, w, -1))
 
     @functools.lru_cache(maxsize=4096)
     def _label(self, text: str) -> torch.Tensor:

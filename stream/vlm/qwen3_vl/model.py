@@ -91,8 +91,8 @@ class Qwen3_VL(QwenTower, ChatLLM):
 
     def _per_group(self, feats: Any, t: int, h: int, w: int) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """Per group its [h, w, D] token grid and its deepstack features {"deepstack": [n, h, w, D]}."""
-        grid = feats.pooler_output[0].reshape(t, h, w, -1).cpu()
-        deep = torch.stack([f[0] for f in feats.deepstack_features]).reshape(-1, t, h, w, grid.shape[-1]).cpu()
+        grid = feats.pooler_output[0].reshape(t, h, w, -1)
+        deep = torch.stack([f[0] for f in feats.deepstack_features]).reshape(-1, t, h, w, grid.shape[-1])
         return [(grid[k], {DEEPSTACK: deep[:, k]}) for k in range(t)]
 
     @functools.lru_cache(maxsize=4096)
