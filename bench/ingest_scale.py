@@ -75,7 +75,7 @@ def camera_frames(k: int, width: int, height: int, n: int = 4) -> list[np.ndarra
 
 def _memory(vlm: VideoLM, pruner: str, capacity: int, recent: int) -> TokenMemory:
     p = get_pruner(pruner, **vlm.pruner_defaults.get(pruner, {}))
-    return TokenMemory(capacity, p, recent, evict_slack=capacity // 4)
+    return TokenMemory(capacity, p, recent, evict_slack=capacity // 4, device=vlm.device)
 
 
 async def _feed(images: list[np.ndarray], start: float | None, offset: float, frames: int):
