@@ -93,7 +93,7 @@ def ttft_sweep(vlm: VideoLM, sizes: Sequence[int], grid: tuple[int, int], questi
     group, and the question's planning ms (layout, plan, keys) outside the LLM."""
     h, w = grid
     gt = h * w
-    mem = TokenMemory(max(sizes), pruning.get_pruner("recent"), recent_groups=4)
+    mem = TokenMemory(max(sizes), pruning.get_pruner("recent"), recent_groups=4, device=vlm.device)
     cached = QueryHandler(vlm, mem, QuerySettings(max_new_tokens=1))
     full = QueryHandler(vlm, mem, QuerySettings(max_new_tokens=1, prompt_cache=False))
     cache = cached.cache
@@ -158,7 +158,7 @@ def stream_cost(vlm: VideoLM, pruner: str, capacity: int, slack: float, recent_g
     after the store first filled (stopping after `cycles` of them when given)."""
     h, w = grid
     timed = TimedPruner(pruning.get_pruner(pruner))
-    mem = TokenMemory(capacity, timed, recent_groups, evict_slack=int(slack * capacity))
+    mem = TokenMemory(capacity, timed, recent_groups, evict_slack=int(slack * capacity), device=vlm.device)
     cache = PromptCache(vlm, mem, LayoutSettings())
     st = cache.stats
     groups: list[dict] = []

@@ -66,6 +66,7 @@ def measure(size: DeviceSize, device: str) -> Table:
         t.add("TTFT, cache current", n, r["prompt_tokens"], r["cached_prefilled"], ms["cached_s"])
         t.add("TTFT, cache one group behind", n, r["prompt_tokens"], r["behind_prefilled"], ms["behind_s"])
         t.add(f"background: append one {gt}-token group", n, "", gt, Stat.of(r["append_ms"]).fmt(1))
+        t.add("a question outside the LLM, cache current (layout, plan, keys)", n, "", "", Stat.of(r["plan_ms"]).fmt(2))
     m = per_group(stream)
     label = f"background per group, {PRUNER}, slack {SLACK:g}, capacity {size.capacity}"
     t.add(f"{label}: amortized over {m['groups']} groups ({m['cycles']} eviction cycles)", f"{m['prefix']:.0f}", "",

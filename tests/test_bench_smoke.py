@@ -208,7 +208,7 @@ def test_prompt_cache_device_tiny_on_cpu_without_pyav():
     assert "torch" in imported and "av" not in imported
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ")]
     assert rows[0] == "| measure | visual tokens | prompt tokens | prefilled tokens | ms |"
-    assert len(rows) == 1 + 4 * len(prompt_cache_device.SIZES["tiny"].sizes) + 3
+    assert len(rows) == 1 + 5 * len(prompt_cache_device.SIZES["tiny"].sizes) + 3
 
 
 def test_ingest_device_tiny_on_cpu_without_pyav():
