@@ -36,9 +36,9 @@ only the past is known:
   node is always group d), 0.24 / 0.18 with this order; a hard cap of 8 nodes a tree instead
   left 6% / 64% of the budget unused. video_like_features without cuts (16x16x256, 600 groups,
   moving 0.02) at 5%: 0.38 -> 0.20. On the recall benchmark's streams event recall is unchanged
-  (seeds 0-1, 2-25%), the oldest quarter 0.25-0.31 -> 0.23-0.31. Cost: the order sorts only the
-  non-root rows (sorting all 8.8k rows of the 7B store cost 1.6 ms a group); per group within
-  noise of before (44 ms at the 7B shape on this machine).
+  (seeds 0-1, 2-25%), the oldest quarter 0.25-0.31 -> 0.23-0.31. Cost: two stable sorts of all
+  the store's rows per eviction (sorting only the non-root rows would need their count on the
+  host).
 - Step 3 runs at eviction, over the store's roots, when they alone exceed the capacity. Offline
   merges the globally most similar pair of roots repeatedly, O(R^2 D) per eviction, too slow
   for a live store. Instead each root records, at ingest, its most similar earlier root held then
@@ -46,7 +46,10 @@ only the past is known:
   first (ties: the later one): a demoted root becomes a child of that partner when it is still
   held (its tree joins the partner's, depths shift below it, and the deeper tail stays the tail),
   else its tree just goes one level down. The recorded cosine is not refreshed when the partner
-  leaves, so it is an upper bound of the root's current redundancy.
+  leaves, so it is an upper bound of the root's current redundancy. How many roots go is known
+  only on the device, so this runs on every eviction over every row (usually demoting none); a
+  root whose partner's tree is demoted with it follows that tree to its final place (pointer
+  jumping over the demoted roots, log2(rows) rounds).
 - `meta` (tree, depth, node id) and `score` (-depth) are fixed at ingest; merges move the pruner's
   own depths, which `evict` uses, but not rows already in the memory.
 - Nodes of a different token grid (a resolution change) never match: distances are not comparable.
@@ -56,6 +59,13 @@ only the past is known:
   roots stay, and a root recorded against few held roots (early in the stream) looks less
   redundant, so a store of roots only (video_like_features with cuts every 60 groups, 5%) keeps
   0.34 of itself from the oldest quarter. Not changed here.
+On a device (`TokenMemory(device=...)`) a group's score and evict read back one number (counted
+in tests/test_memory_device.py): the width of the held-node product, one past the last used
+slot (`_Held.settle`). MKL rounds each cosine differently with the product's column count, so
+the same cosines, and the same trees, need exactly that width, which only the data (the slots
+eviction freed) determines. Everything else has sizes known on the host: matching is masked
+reductions over the whole product, a tree's tail depth is a column of its held nodes (a tree
+with no held node can never be joined again), and eviction sorts all rows.
 Measured (tests/test_forestprune.py, a drifting 32-group clip with a cut, budget 10%): the store
 holds 0.63 of the offline pick without a recent window and 0.82 with four recent groups (0.98
 before ties went to newer groups: offline keeps the earlier of equal depths). Cost: 44 ms per
@@ -66,6 +76,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -78,6 +89,7 @@ from .types import FrameTokens
 MASKED_LOGIT = -5000.0  # the authors' logit for a missing edge before the row softmax
 ZERO_EDGE = 1e-6  # |logit| below this counts as no edge
 _BIG = torch.iinfo(torch.long).max
+_NO_PARTNER = -4.0  # below any cosine: how a root without a recorded partner ranks in demotion
 
 
 def _check(tau_s: float, tau_p: float, node_ratio: float) -> None:
@@ -88,27 +100,27 @@ def eviction_order(tree: torch.Tensor, depth: torch.Tensor, group: torch.Tensor,
     """[n] int64 rank keys, lowest kept first: the roots and each tree's `chain_cap` shallowest
     nodes below its root (ties: newer group) by (depth, newer group); then the other nodes by the
     trailing zero bits of their depth, most first (a coarse stride over the tree's span), newer
-    group first among equals. Only non-root rows are sorted (a store of 8k rows is mostly roots;
-    a sort of all of them cost 1.6 ms a group)."""
-    if tree.numel() == 0:
+    group first among equals. Every row is sorted, the roots in a run of their own that no rank
+    is read from: sorting only the non-root rows would need their count on the host."""
+    n = tree.numel()
+    if n == 0:
         return torch.zeros(0, dtype=torch.long)
     late = group.max() - group
-    span = int(late.max()) + 1
+    span = late.max() + 1
     key = depth * span + late
-    below = torch.nonzero(depth > 0).flatten()
-    if below.numel() == 0:
-        return key
-    order = below[torch.sort(key[below], stable=True).indices]
-    order = order[torch.sort(tree[order], stable=True).indices]
-    t = tree[order]
-    idx = torch.arange(order.numel())
-    start = torch.ones(order.numel(), dtype=torch.bool)
+    below = depth > 0
+    order = torch.sort(key, stable=True).indices
+    t = torch.where(below, tree, -1)[order]
+    by_tree = torch.sort(t, stable=True).indices
+    order, t = order[by_tree], t[by_tree]
+    idx = torch.arange(n)
+    start = torch.ones(n, dtype=torch.bool)
     start[1:] = t[1:] != t[:-1]
-    over = order[idx - torch.cummax(torch.where(start, idx, 0), 0).values >= chain_cap]
-    zeros = (depth[over] & -depth[over]).double().log2().round().long()
-    out = key.clone()
-    out[over] = int(key.max()) + 1 + (63 - zeros) * span + late[over]
-    return out
+    rank = torch.empty_like(order)
+    rank[order] = idx - torch.cummax(torch.where(start, idx, 0), 0).values
+    over = below & (rank >= chain_cap)
+    zeros = (depth & -depth).clamp_min(1).double().log2().round().long()
+    return torch.where(over, key.max() + 1 + (63 - zeros) * span + late, key)
 
 
 def propagate(cosm: torch.Tensor, norms: torch.Tensor, edge: float = 0.5, temperature: float = 0.03,
@@ -146,12 +158,12 @@ def _spacing(grid: tuple[int, int]) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=8)
-def distance_table(grid: tuple[int, int]) -> torch.Tensor:
+def distance_table(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
     """Chebyshev distance [N, N] between the normalised coordinates (row/(H-1), col/(W-1)) of
     two raster positions, exactly, as integers in units of 1/((H-1)(W-1)): equal offsets tie."""
     h, w = grid
     sy, sx = _spacing(grid)
-    pos = torch.arange(h * w)
+    pos = torch.arange(h * w, device=device)
     row, col = pos // w, pos % w
     dr = (row[:, None] - row[None, :]).abs() * sx
     dc = (col[:, None] - col[None, :]).abs() * sy
@@ -175,23 +187,46 @@ def match_nodes(new_xn: torch.Tensor, new_pos: torch.Tensor, held_xn: torch.Tens
     with cos >= tau_s and distance <= 1 - tau_p. The tree with the best feasible cos wins, ties
     to the smallest distance among those nodes, then the lowest tree id.
     """
-    n = new_xn.shape[0]
+    rank, by_tree, _ = _tree_rank(held_tree)
+    tree, _, sim = _match(new_xn, new_pos, held_xn, held_pos, held_tree, grid, tau_s, tau_p, rank, by_tree)
+    return tree, sim
+
+
+def _tree_rank(held_tree: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each held column's rank by tree id (equal ids in any order), the columns in that order,
+    and each rank's run of equal ids (a number per tree, ascending)."""
+    trees, by_tree = torch.sort(held_tree)
+    rank = torch.empty_like(by_tree)
+    rank[by_tree] = torch.arange(by_tree.numel())
+    return rank, by_tree, torch.cumsum(torch.nn.functional.pad(trees[1:] != trees[:-1], (1, 0)), 0)
+
+
+def _match(new_xn: torch.Tensor, new_pos: torch.Tensor, held_xn: torch.Tensor, held_pos: torch.Tensor,
+           held_tree: torch.Tensor, grid: tuple[int, int], tau_s: float, tau_p: float, rank: torch.Tensor,
+           by_tree: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`match_nodes` plus, for a joining node, a held column of the tree it joins (-1 when the
+    product is empty), by reductions over the whole [n, m] product, so no size depends on the
+    data: the best cos over reachable columns (found when >= tau_s), then among the columns with
+    that cos the least (distance, tree) as one integer, distance * m + the column's `rank` by tree.
+    Reach is an added -0.0 or -inf (x + -0.0 is x, bit for bit), cheaper than a select; an
+    unreachable column counts as distance reach + 1, above every reachable one. Both are
+    gathered as floats (keys exact), whose column gather is several times an integer one's."""
+    n, m = new_xn.shape[0], held_xn.shape[0]
     sim = new_xn @ held_xn.T
     if sim.numel() == 0:
-        return torch.full((n,), -1, dtype=torch.long), sim
-    table = distance_table(grid)
-    n_pos = table.shape[0]
-    reachable = torch.nn.functional.pad(table <= reach(grid, tau_p), (0, 1))
-    hpos = torch.where(held_pos >= 0, held_pos, n_pos)
-    feasible = reachable[new_pos][:, hpos] & (sim >= tau_s)
-    s = torch.where(feasible, sim, -math.inf)
-    ii, mm = torch.nonzero(feasible & (s == s.amax(1, keepdim=True)), as_tuple=True)
-    d = table[new_pos[ii], hpos[mm]]
-    nearest = torch.full((n,), _BIG).scatter_reduce(0, ii, d, "amin")
-    closest = d == nearest[ii]
-    ii, mm = ii[closest], mm[closest]
-    tree = torch.full((n,), _BIG).scatter_reduce(0, ii, held_tree[mm], "amin")
-    return torch.where(tree == _BIG, -1, tree), sim
+        none = torch.full((n,), -1, dtype=torch.long)
+        return none, none, sim
+    r = reach(grid, tau_p)
+    exact = torch.float32 if (r + 2) * m <= 2**24 else torch.float64  # keys are whole numbers below 2^24 or 2^53
+    dist = torch.nn.functional.pad(distance_table(grid, sim.device)[new_pos].clamp_max(r + 1), (0, 1), value=r + 1)
+    cols = torch.where(held_pos >= 0, held_pos, dist.shape[1] - 1)
+    gated = sim + torch.where(dist <= r, -0.0, -math.inf).index_select(1, cols)
+    best = gated.amax(1, keepdim=True)
+    found = best[:, 0] >= tau_s
+    key = (dist * m).to(exact).index_select(1, cols).add_(rank.to(exact))
+    key = torch.where(gated < best, float((r + 2) * m), key).amin(1).long()
+    column = torch.where(found, by_tree[key % m], -1)
+    return torch.where(found, held_tree[column.clamp_min(0)], -1), column, sim
 
 
 def grow_trees(choice: torch.Tensor, ids: torch.Tensor, tails: dict[int, tuple[int, int]]
@@ -308,65 +343,72 @@ class _Held:
     """Nodes the memory still holds, in reusable slots with their forest state.
 
     Freed slots are refilled lowest first, so the used slots stay near the prefix [:hi] that the
-    per-group matrix product reads.
+    per-group matrix product reads. The host knows how many nodes are held (`count`) and a bound
+    `hi` on the used slots (k new nodes take the lowest free slots, all below the count after
+    them); `settle` makes `hi` exact, the one number read back per group. `tail` is the depth of
+    the node's tree's tail, the same on every held node of a tree: a tree no held node belongs
+    to can never be joined again, so no per-tree table outlives its nodes.
     """
 
     COLUMNS = {"valid": torch.bool, "node": torch.long, "tree": torch.long, "depth": torch.long,
                "pos": torch.long, "grid": torch.long, "redundancy": torch.float32,
-               "partner": torch.long}
+               "partner": torch.long, "partner_slot": torch.long, "tail": torch.long}
 
     def __init__(self) -> None:
         self.size = 0
+        self.count = 0
         self.hi = 0
         self.feat = torch.zeros(0, 0)
         self.cols = {name: torch.zeros(0, dtype=dt) for name, dt in self.COLUMNS.items()}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        """Column `name` over the used prefix [:hi] (a view: writes go to the buffer)."""
+        """Column `name` over the prefix [:hi] (a view: writes go to the buffer)."""
         return self.cols[name][: self.hi]
 
     def reserve(self, k: int, d: int) -> None:
         """Room for k more nodes of dimension d (the buffers double when full)."""
         if self.size and self.feat.shape[1] != d:
             raise ValueError(f"token dimension changed from {self.feat.shape[1]} to {d}")
-        free = self.size - int(self.cols["valid"].sum())
-        if free >= k and self.size:
+        if self.size - self.count >= k and self.size:
             return
-        size = max(2 * self.size, self.size + k - free, 64)
+        size = max(2 * self.size, self.count + k, 64)
         feat = torch.zeros(size, d)
         if self.size:
             feat[: self.size] = self.feat
         self.feat = feat
         for name, old in self.cols.items():
             new = torch.zeros(size, dtype=old.dtype)
-            new[: self.size] = old
+            if self.size:
+                new[: self.size] = old
             self.cols[name] = new
         self.size = size
 
-    def add(self, feat: torch.Tensor, **values: torch.Tensor) -> None:
+    def settle(self) -> int:
+        """Shrink `hi` to one past the last used slot and return it. The product's rounding
+        depends on its width (MKL's per-element sums change with the column count), so it must
+        read exactly the used prefix to give the same cosines as ever: one read-back, whose
+        size only the data (which slots were freed) determines."""
+        if self.hi:
+            self.hi = int(torch.where(self["valid"], torch.arange(1, self.hi + 1), 0).max())
+        return self.hi
+
+    def add(self, feat: torch.Tensor, **values: torch.Tensor) -> torch.Tensor:
+        """Hold k new nodes; returns their slots."""
         k = feat.shape[0]
         self.reserve(k, feat.shape[1])
-        slots = torch.nonzero(~self.cols["valid"]).flatten()[:k]
+        slots = torch.nonzero_static(~self.cols["valid"], size=k).flatten()
         self.feat[slots] = feat
         self.cols["valid"][slots] = True
         for name, v in values.items():
             self.cols[name][slots] = v
-        if k:
-            self.hi = max(self.hi, int(slots[-1]) + 1)
+        self.count += k
+        self.hi = max(self.hi, self.count)
+        return slots
 
-    def free(self, slots: torch.Tensor) -> None:
-        self.cols["valid"][slots] = False
-        used = torch.nonzero(self.cols["valid"][: self.hi]).flatten()
-        self.hi = int(used[-1]) + 1 if used.numel() else 0
-
-    def find(self, node_ids: torch.Tensor) -> torch.Tensor:
-        """Slots of these node ids, -1 where the node is not held."""
-        live = torch.nonzero(self["valid"]).flatten()
-        if live.numel() == 0:
-            return torch.full_like(node_ids, -1)
-        ids, order = torch.sort(self["node"][live])
-        pos = torch.searchsorted(ids, node_ids).clamp_max(ids.numel() - 1)
-        return torch.where(ids[pos] == node_ids, live[order[pos]], -1)
+    def free(self, slots: torch.Tensor, kept: torch.Tensor, gone: int) -> None:
+        """Free `slots` where `kept` is False; `gone` of them."""
+        self.cols["valid"][slots] = kept
+        self.count -= gone
 
 
 class ForestPrune(Pruner):
@@ -392,10 +434,13 @@ class ForestPrune(Pruner):
         self.tau_p = float(tau_p)
         self.node_ratio = float(node_ratio)
         self._held = _Held()
-        self._tails: dict[int, tuple[int, int]] = {}
         self._next_node = 0
+        self._stored = torch.zeros(0, dtype=torch.long)  # slots of the store's rows, in row order
+        self._pending: deque[torch.Tensor] = deque()  # slots of each scored group's nodes not yet in the store
 
     def score(self, group: FrameTokens) -> GroupScore:
+        held = self._held
+        hi = held.settle()  # first: on a device it then waits only for the previous group's work
         h, w = group.grid
         n_tok = h * w
         x = group.tokens.reshape(n_tok, -1)
@@ -403,17 +448,25 @@ class ForestPrune(Pruner):
         cosm = xn @ xn.T
         nodes = topk_indices(propagate(cosm, x.float().norm(dim=-1)), round(n_tok * self.node_ratio))
         k = nodes.numel()
-        held = self._held
         held.reserve(k, xn.shape[1])
         same = held["valid"] & (held["grid"] == _grid_key(h, w))
-        choice, sim = match_nodes(xn[nodes], nodes, held.feat[: held.hi], torch.where(same, held["pos"], -1),
-                                  held["tree"], (h, w), self.tau_s, self.tau_p)
+        rank, by_tree, run = _tree_rank(held["tree"])
+        tree, column, sim = _match(xn[nodes], nodes, held.feat[:hi], torch.where(same, held["pos"], -1),
+                                   held["tree"], (h, w), self.tau_s, self.tau_p, rank, by_tree)
         ids = torch.arange(self._next_node, self._next_node + k)
         self._next_node += k
-        tree, depth, _ = grow_trees(choice, ids, self._tails)
-        redundancy, partner = self._partners(sim, cosm[nodes][:, nodes], tree == ids, ids)
-        held.add(xn[nodes], node=ids, tree=tree, depth=depth, pos=nodes,
-                 grid=torch.full((k,), _grid_key(h, w)), redundancy=redundancy, partner=partner)
+        joined = tree >= 0
+        depth = torch.zeros(k, dtype=torch.long)
+        if hi and k:
+            depth = torch.where(joined, held["tail"][column] + 1, 0)
+            self._grow(run[rank], column, joined)
+        tree = torch.where(joined, tree, ids)
+        redundancy, partner, partner_slot, earlier = self._partners(sim, cosm[nodes][:, nodes], ~joined, ids, rank,
+                                                                    by_tree)
+        slots = held.add(xn[nodes], node=ids, tree=tree, depth=depth, pos=nodes,
+                         grid=torch.full((k,), _grid_key(h, w)), redundancy=redundancy, partner=partner, tail=depth)
+        held.cols["partner_slot"][slots] = torch.where(earlier >= 0, slots[earlier.clamp_min(0)], partner_slot)
+        self._pending.append(slots)
         score = torch.full((n_tok,), -math.inf)
         score[nodes] = -depth.float()
         keep = torch.zeros(n_tok, dtype=torch.bool)
@@ -424,27 +477,44 @@ class ForestPrune(Pruner):
             meta[name][nodes] = v
         return GroupScore(score=score, keep=keep, meta=meta)
 
-    def _partners(self, sim: torch.Tensor, node_cos: torch.Tensor, is_root: torch.Tensor,
-                  ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _grow(self, run: torch.Tensor, column: torch.Tensor, joined: torch.Tensor) -> None:
+        """Alg. 1, LinkNode: a node joins below its tree's tail, so a tree that gained nodes this
+        group has a tail one deeper (the joiners' depth) on every held node of it, found by the
+        tree's `run` (a number per tree, per held column) through the joiners' `column`s."""
+        grew = torch.zeros(run.numel() + 1, dtype=torch.bool)
+        grew[torch.where(joined, run[column], run.numel())] = True
+        self._held["tail"].add_(grew[run] & self._held["valid"])
+
+    def _partners(self, sim: torch.Tensor, node_cos: torch.Tensor, is_root: torch.Tensor, ids: torch.Tensor,
+                  rank: torch.Tensor, by_tree: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each new root's most similar earlier root (held, or earlier in this group): its cos
-        and node id (ties to the lower id); -inf and -1 for non-roots and the very first root."""
-        k = ids.numel()
-        redundancy = torch.full((k,), -math.inf)
-        partner = torch.full((k,), -1, dtype=torch.long)
-        r = torch.nonzero(is_root).flatten()
-        if r.numel() == 0:
-            return redundancy, partner
+        and node id (ties to the lower id, so a held one first); -inf and -1 for non-roots and
+        the very first root. Also where that partner is: its held slot, or its index in this
+        group (else -1), so that demotion finds it without a search. Every row is computed and
+        the non-roots' masked: which rows are roots is data. A held root's tree is its own id,
+        so its `rank` by tree orders the held roots by id."""
+        k, m = ids.numel(), sim.shape[1]
+        none = torch.full((k,), -1, dtype=torch.long)
+        if k == 0:
+            return torch.zeros(0), none, none, none
+        at = torch.arange(k)
+        mine = torch.where(is_root[None, :] & (at[None, :] < at[:, None]), node_cos, -math.inf)
+        best = mine.amax(1, keepdim=True)
         held = self._held
-        earlier = is_root[None, :] & (torch.arange(k)[None, :] < r[:, None])
-        cand = torch.cat([sim[r].masked_fill(~(held["valid"] & (held["depth"] == 0)), -math.inf),
-                          node_cos[r].masked_fill(~earlier, -math.inf)], dim=1)
-        cand_ids = torch.cat([held["node"], ids])
-        best = cand.amax(1, keepdim=True)
-        found = best[:, 0] > -math.inf
-        who = cand_ids.expand(r.numel(), -1).masked_fill(cand != best, _BIG).amin(1)
-        redundancy[r] = torch.where(found, best[:, 0], -math.inf)
-        partner[r] = torch.where(found, who, -1)
-        return redundancy, partner
+        if m:
+            roots = sim + torch.where(held["valid"] & (held["depth"] == 0), -0.0, -math.inf)
+            best = torch.maximum(best, roots.amax(1, keepdim=True))
+        found = is_root & (best[:, 0] > -math.inf)
+        slot = none
+        if m:
+            first = torch.where(roots < best, m, rank.int()).amin(1)
+            slot = torch.where(found & (first < m), by_tree[first.clamp_max(m - 1)], -1)
+        earlier = torch.where(found & (slot < 0), torch.where(mine == best, at, k).amin(1), -1)
+        who = ids[earlier.clamp_min(0)]
+        if m:
+            who = torch.where(slot >= 0, held["node"][slot.clamp_min(0)], who)
+        return torch.where(found, best[:, 0], -math.inf), torch.where(found, who, -1), slot, earlier
 
     def evict(self, store: TokenSet, capacity: int) -> torch.Tensor:
         """Keep the `capacity` first rows of `eviction_order`; when the store's roots alone
@@ -452,56 +522,96 @@ class ForestPrune(Pruner):
         held = self._held
         if "node" not in store.meta:
             raise RuntimeError("forestprune.evict got rows without node meta")
-        slots = held.find(store.meta["node"])
-        if bool((slots < 0).any()):
-            raise RuntimeError("forestprune.evict got rows this pruner does not hold")
-        is_root = held["depth"][slots] == 0
-        excess = int(is_root.sum()) - capacity
-        if excess > 0:
-            self._demote(slots[is_root], excess)
-        order = eviction_order(held["tree"][slots], held["depth"][slots], store.group.to(torch.long), self.chain_cap)
+        slots = self._store_slots(store)
+        self._demote(slots, capacity)
+        order = eviction_order(held.cols["tree"][slots], held.cols["depth"][slots], store.group.to(torch.long),
+                               self.chain_cap)
         keep = topk_indices(-order.double(), capacity)
-        gone = torch.ones(len(store), dtype=torch.bool)
-        gone[keep] = False
-        held.free(slots[gone])
-        if len(self._tails) > 2 * held.hi + 64:
-            live = set(torch.unique(held["tree"][held["valid"]]).tolist())
-            self._tails = {t: v for t, v in self._tails.items() if t in live}
+        kept = torch.zeros(len(store), dtype=torch.bool)
+        kept[keep] = True
+        held.free(slots, kept, len(store) - keep.numel())
+        self._stored = slots[keep]
         return keep
 
-    def _demote(self, root_slots: torch.Tensor, count: int) -> None:
-        """Make the `count` most redundant roots (ties: later first) children of their partners.
+    def _store_slots(self, store: TokenSet) -> torch.Tensor:
+        """The held slot of each store row, without a search: the store is the rows the last
+        eviction kept, then the nodes of the groups that left the recent window since, in the
+        order they were scored (how many rows each brings is known here). Checked on the device."""
+        parts = [self._stored] if self._stored.numel() else []
+        new = len(store) - self._stored.numel()
+        while new > 0 and self._pending:
+            parts.append(self._pending.popleft())
+            new -= parts[-1].numel()
+        if new:
+            raise RuntimeError("forestprune.evict got rows this pruner does not hold")
+        slots = torch.cat(parts)
+        held = self._held.cols
+        torch._assert_async((held["valid"][slots] & (held["node"][slots] == store.meta["node"])).all(),
+                            "forestprune.evict got rows this pruner does not hold")
+        return slots
 
-        A merged tree's tail is the deeper of the two tails (the later among equals): while a tree
-        only grows its tail is its deepest node, and a merge must not make a long tree look short.
+    def _demote(self, slots: torch.Tensor, capacity: int) -> None:
+        """Make the store's (rows at `slots`) most redundant roots (ties: later first) children of
+        their partners, as many as its roots exceed `capacity`. That count is known only on the
+        device; the host knows it is at most the rows over `capacity`, so the demoted roots are
+        handled as a list of that length, padded.
+
+        The most redundant are the first of `topk_indices` over the reversed rows: ties go to the
+        later row, which holds the later node (ids follow arrival, as rows do). A merged tree's
+        tail is the deeper of the two tails: while a tree only grows its tail is its deepest
+        node, and a merge must not make a long tree look short. A root whose partner's tree is
+        demoted too follows that tree to its final place (pointer jumping over the list, log2
+        of its length in rounds).
         """
+        room = slots.numel() - capacity
+        if room <= 0:
+            return
         held = self._held
-        later_first = root_slots[torch.sort(held["node"][root_slots], descending=True).indices]
-        order = torch.sort(held["redundancy"][later_first], descending=True, stable=True).indices
-        chosen = later_first[order[:count]]
-        chosen = chosen[torch.sort(held["node"][chosen]).indices]
-        partner_slot = held.find(held["partner"][chosen])
-        offset: dict[int, int] = {}
-        final: dict[int, int] = {}
-        for j_slot, p_slot in zip(chosen.tolist(), partner_slot.tolist()):
-            j = int(held["tree"][j_slot])
-            if p_slot < 0:
-                offset[j], final[j] = 1, j
-            else:
-                pt = int(held["tree"][p_slot])
-                offset[j] = int(held["depth"][p_slot]) + 1 + offset.get(pt, 0)
-                final[j] = final.get(pt, pt)
-        dem = torch.tensor(sorted(offset), dtype=torch.long)
-        tree, depth = held["tree"], held["depth"]
-        pos = torch.searchsorted(dem, tree).clamp_max(dem.numel() - 1)
-        hit = held["valid"] & (dem[pos] == tree)
-        depth[hit] += torch.tensor([offset[t] for t in dem.tolist()], dtype=torch.long)[pos[hit]]
-        tree[hit] = torch.tensor([final[t] for t in dem.tolist()], dtype=torch.long)[pos[hit]]
-        for j in dem.tolist():
-            nid, d = self._tails.pop(j)
-            moved = (d + offset[j], nid)
-            cur = self._tails.get(final[j])
-            self._tails[final[j]] = moved[::-1] if cur is None or moved > cur[::-1] else cur
+        cols = held.cols
+        is_root = cols["depth"][slots] == 0
+        key = torch.where(is_root, cols["redundancy"][slots].clamp_min(_NO_PARTNER), -math.inf).flip(0)
+        rows = slots.numel() - 1 - topk_indices(key, room)
+        own = slots[rows[torch.sort(key.flip(0)[rows], descending=True, stable=True).indices]]
+        live = torch.arange(room) < is_root.sum() - capacity
+        trees, by_tree = torch.sort(torch.where(live, cols["tree"][own], _BIG))
+        partner = cols["partner_slot"][own]
+        has = live & (partner >= 0)
+        partner = partner.clamp_min(0)
+        has &= cols["valid"][partner] & (cols["node"][partner] == cols["partner"][own])  # not a reused slot
+        at = torch.searchsorted(trees, cols["tree"][partner]).clamp_max(room - 1)
+        nxt = torch.where(has & (trees[at] == cols["tree"][partner]), by_tree[at], -1)  # the partner's tree's place
+        kept_tail = torch.where(has & (nxt < 0), cols["tail"][partner], -1)
+        state = torch.stack([torch.where(has, cols["depth"][partner] + 1, 1),  # offset, final tree, next
+                             torch.where(has, cols["tree"][partner], cols["tree"][own]), nxt])
+        carry = torch.eye(3, 1, dtype=torch.long)
+        for _ in range(room.bit_length()):
+            state = torch.where(state[2] >= 0, state[:, state[2].clamp_min(0)] + state * carry, state)
+        offset, final = state[0], torch.where(live, state[1], _BIG)
+        tail = _group_max(final, torch.maximum(cols["tail"][own] + offset, kept_tail))
+        # One table for every held node: a demoted tree's nodes move (first among equal keys),
+        # and every node of a tree that received others takes the merged tail.
+        keys, order = torch.sort(torch.cat([torch.where(live, cols["tree"][own], _BIG), final]), stable=True)
+        shift, moved, tails = (torch.cat(v)[order] for v in ((offset, torch.zeros_like(offset)), (final, final),
+                                                              (tail, tail)))
+        tree, valid = held["tree"], held["valid"]
+        at = torch.searchsorted(keys, tree).clamp_max(2 * room - 1)
+        hit = valid & (keys[at] == tree)
+        held["depth"].add_(torch.where(hit, shift[at], 0))
+        held["tail"].copy_(torch.where(hit, tails[at], held["tail"]))
+        tree.copy_(torch.where(hit, moved[at], tree))
+
+
+def _group_max(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Per element, the largest `value` among the elements with the same `key` (by a sort)."""
+    order = torch.sort(key).indices
+    k = key[order]
+    start = torch.ones(k.numel(), dtype=torch.bool)
+    start[1:] = k[1:] != k[:-1]
+    seg = torch.cumsum(start, 0) - 1
+    top = torch.zeros_like(value).scatter_reduce(0, seg, value[order], "amax", include_self=False)
+    out = torch.empty_like(value)
+    out[order] = top[seg]
+    return out
 
 
 def _grid_key(h: int, w: int) -> int:

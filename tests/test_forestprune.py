@@ -562,6 +562,49 @@ def test_streaming_demotion_moves_the_tree_below_its_partner():
     assert (tree[4], depth[4]) == (0, 1) and (tree[7], depth[7]) == (3, 1)
 
 
+def test_streaming_demotions_chain_through_a_demoted_partner():
+    # b is nearly a, c nearly b, d new. Over capacity 1, b, c and d are demoted at once: b below
+    # a; c below b, which is itself demoted, so into a's tree at b's depth + 1 + b's shift; d
+    # below a (its partner among equal cosines 0: the lowest id). Group 1's nodes (still recent)
+    # follow their trees; a's tree's tail becomes the deepest, so group 2 joins at depth 4.
+    a, b, c, d = e(0), unit(e(0), [0.0, 0.3, 0.0, 0.0]), unit(e(0), [0.0, 0.3, 0.3, 0.0]), e(3)
+    video = video_of([[a, b, c, d]] * 3, 2, 2)
+    pruner = Recording(tau_p=0.0, node_ratio=1.0)
+    mem, _ = stream(video[:2], pruner, capacity=1, recent=1)
+    g1 = pruner.scores[1]
+    assert g1.meta["tree"].tolist() == [0, 1, 2, 3] and g1.meta["depth"].tolist() == [1, 1, 1, 1]
+    held = pruner._held
+    node = held["node"][held["valid"]].tolist()
+    placed = dict(zip(node, zip(held["tree"][held["valid"]].tolist(), held["depth"][held["valid"]].tolist())))
+    assert placed == {0: (0, 0), 4: (0, 1), 5: (0, 2), 6: (0, 3), 7: (0, 2)}
+    mem.add(FrameTokens(index=2, pts=2.0, tokens=video[2]))
+    g2 = pruner.scores[2]
+    assert g2.meta["tree"].tolist() == [0, 0, 0, 0] and g2.meta["depth"].tolist() == [4, 4, 4, 4]
+
+
+def test_ingest_reads_back_one_number_per_group():
+    # On a device every read-back stalls the camera's thread. score reads back only the width of
+    # the held-node product (the used slots), evict nothing, through evictions and demotions.
+    from pruning.host_sync import HostSyncs
+
+    pruner = ForestPrune(tau_p=0.5)
+    counts = {"score": [], "evict": []}
+    for name in counts:
+        inner = getattr(pruner, name)
+
+        def counted(*args, _inner=inner, _name=name):
+            with HostSyncs() as syncs:
+                out = _inner(*args)
+            counts[_name].append(syncs.total)
+            return out
+
+        setattr(pruner, name, counted)
+    video = clip(5, t=24, h=4, w=4, d=8, noise=0.4, cut=12)
+    stream(video, pruner, capacity=12, recent=2)
+    assert counts["score"][0] == 0 and max(counts["score"]) == 1
+    assert len(counts["evict"]) >= 15 and max(counts["evict"]) == 0
+
+
 @pytest.mark.parametrize("recent,measured", [(0, 0.63), (4, 0.82)])
 def test_streaming_overlaps_offline(recent, measured):
     # A drifting 32-group clip with a cut, budget 10% of its tokens: the share of the offline
