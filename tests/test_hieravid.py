@@ -412,7 +412,7 @@ def test_rank_for_query_spends_recent_first_then_the_most_relevant():
     n_recent = int(snap.recent.sum())
     store_rows = torch.nonzero(~snap.recent).flatten()
     target = int(store_rows[7])
-    query = torch.stack([torch.randn(16), 10 * snap.tokens[target]])
+    query = torch.stack([torch.randn(16, generator=torch.Generator().manual_seed(0)), 10 * snap.tokens[target]])
     picked = pruner.rank_for_query(snap, query, n_recent + 1)
     assert picked.tolist() == sorted(torch.nonzero(snap.recent).flatten().tolist() + [target])
     picked = pruner.rank_for_query(snap, query, n_recent + 10)
