@@ -2,11 +2,15 @@
 brute-force greedy log-det."""
 from __future__ import annotations
 
+import math
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pruning.dpp import SPAN_GAIN, greedy_map, greedy_map_gains, span_greedy, unit_kernel
+from pruning.dpp import (SPAN_GAIN, _greedy, _sqrt, greedy_map, greedy_map_gains, span_greedy, span_scores,
+                         unit_kernel)
+from pruning.host_sync import HostSyncs
 from pruning.similarity import normalize
 
 
@@ -160,3 +164,40 @@ def test_span_greedy_with_a_full_basis_scores_the_conditioned_kernels_diagonal(s
     torch.testing.assert_close(scores, torch.where(d2 <= SPAN_GAIN, fill, d2), atol=1e-6, rtol=0)
     assert float(scores[0]) == float(fill if r is None else fill[0])
     assert same is basis
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 9), rank=st.integers(1, 9), k=st.integers(0, 10))
+def test_the_greedy_on_the_device_runs_every_step_and_matches_the_one_that_stops(seed, n, rank, k):
+    """Steps after the first small gain change nothing: the same picks and gains, -1 and 0 after
+    them, the same residual diagonal, and nothing read back."""
+    kernel = psd(seed, n, rank)
+    stopped = _greedy(kernel, k, read_back=True)
+    with HostSyncs() as syncs:
+        picks, gains, d2 = _greedy(kernel, k)
+    assert syncs.total == 0, dict(syncs.counts)
+    made = stopped[0].numel()
+    assert picks.numel() == min(k, n) and bool((picks[made:] == -1).all()) and bool((gains[made:] == 0).all())
+    assert torch.equal(picks[:made], stopped[0]) and torch.equal(gains[:made], stopped[1])
+    assert torch.equal(d2, stopped[2])
+
+
+def test_span_scores_read_nothing_back_and_extend_the_basis_as_span_greedy():
+    g = torch.Generator().manual_seed(5)
+    units = normalize(torch.randn(30, 8, generator=g))
+    r = torch.rand(30, generator=g, dtype=torch.float64)
+    with HostSyncs() as syncs:
+        scores, picked = span_scores(units, torch.zeros(0, 8), r, picks=6, rank=7)
+    assert syncs.total == 0, dict(syncs.counts)
+    want, basis = span_greedy(units, torch.zeros(0, 8), r, picks=6, rank=7)
+    assert torch.equal(scores, want) and int(picked.count()) == 6
+    assert torch.equal(picked.extend(6), basis)
+    assert span_scores(units, basis, r, picks=6, rank=6)[1] is None  # the basis is full: nothing to pick
+
+
+def test_the_greedys_square_root_is_correctly_rounded():
+    """Its value divides every later step: it must be math.sqrt's, not an ulp off."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(2000, generator=g, dtype=torch.float64)
+    x *= torch.exp(8 * torch.randn(2000, generator=g, dtype=torch.float64))
+    assert [float(_sqrt(v)) for v in x] == [math.sqrt(v) for v in x.tolist()]
