@@ -52,7 +52,7 @@ The streaming `HieraVid` shares every step's code and departs from the offline v
    mean of all the segment's raw tokens (ingest state, as offline).
 4. Step 4's exact DPP over a segment costs `n k^2` with n, k up to the capacity (~1e11 flops a
    group at 8192). Instead each group's non-merged tokens run the greedy conditioned on an
-   orthonormal basis of the segment's picks so far (`dpp.span_greedy`: at most `dpp_picks` a
+   orthonormal basis of the segment's picks so far (`dpp.span_scores`: at most `dpp_picks` a
    group, until the basis has `dpp_rank` rows), so a token's score is its gain against the
    segment's earlier content, not only the previous group's: picks score their gain, the rest
    their residual gain; a token already in the span scores below every pick (eviction then
@@ -72,10 +72,12 @@ The streaming `HieraVid` shares every step's code and departs from the offline v
    held tokens (a query must not read ingest state), and step 4 rerun as at ingest with the
    question's relevance, blocks of N consecutive store rows of one segment. Once a segment's
    basis is full no block can pick, so the rest of its rows are scored in one call from the
-   kernel's diagonal alone (`span_greedy`'s fast path, the same scores to 1e-6 and the same
-   picks): at 8k held tokens a question makes 4 `span_greedy` calls instead of 33, which is
-   what counts on a GPU (launches and host syncs); on the CPU the query stays ~115 ms at 7B
-   shapes, bound by seven passes over the 117 MB store (gather, normalise, project, sums).
+   kernel's diagonal alone (`span_scores`' fast path, the same scores to 1e-6 and the same
+   picks): at 8k held tokens a question makes 4 DPP calls instead of 33, which is what counts
+   on a GPU (launches and host syncs); on the CPU the query stays ~115 ms at 7B shapes, bound
+   by seven passes over the 117 MB store (gather, normalise, project, sums). Segments are
+   independent, so their blocks go in rounds, the picks of a round counted in one read-back:
+   a question at 9k tokens with 5 segments reads back twice (was 327 times, twice per step).
 6. Memory-aware novelty (`memory_states`, default 4; 0 is the paper), as EchoPrune and MoPrune
    have it (`novelty.StateBank`): a token that returns to a state its position held before
    (cosine >= 0.9) is no news, so it is not a DPP candidate (score 0, like a merging token that
@@ -100,6 +102,15 @@ The streaming `HieraVid` shares every step's code and departs from the offline v
    Streaming vs offline at the same merge_ratio, first 40 groups of the five encoded recall
    clips: 0.73-0.82 of offline's pick at 0.25 and 0.22-0.73 at 0.10 (the paper's settings,
    merge_ratio 0.5 and no bank: 0.50-0.65 and 0.19-0.41). The 0.8 goal is still not met.
+
+On the model's device (`TokenMemory(device=...)`) a group's `score` reads back one small
+vector and an eviction one pair. A scene cut, the merge quantile and the greedy's steps are
+decided on the device, but a group's DPP candidates, the picks that extend a segment's basis and
+the segments the store holds are counts only the data determines, and they size the products
+of steps 3 and 4. Sized on the device instead (padded to N, to `dpp_rank`, to every tracked
+segment), each group would pay the [N, N] kernel (only its diagonal once a segment's basis is
+full) and the results would round differently (a product's or a sum's rounding depends on its
+shape), so those counts are read back, all of a group's at once.
 """
 from __future__ import annotations
 
@@ -109,7 +120,7 @@ from typing import ClassVar
 import torch
 
 from .base import GroupScore, ParamRange, Pruner, TokenSet, check_params, recent_first
-from .dpp import greedy_map, span_greedy, unit_kernel
+from .dpp import SpanPicks, greedy_map, span_scores, unit_kernel
 from .novelty import StateBank, check_states
 from .moprune import quota_select
 from .similarity import EPS, cos, minmax, normalize, topk_indices
@@ -118,6 +129,8 @@ from .types import FrameTokens
 SHIFT = 12  # float32 bits of 1 - cos kept by the merge histogram: 11 of 23 mantissa bits
 BINS = (0x40000000 >> SHIFT) + 1  # 1 - cos in [0, 2]; 2.0 is 0x40000000
 FINE = 512
+BLOCKS = (BINS + FINE - 1) // FINE
+CUTS = 64  # segment cuts a question reads back with the recent window's size (more: a second read-back)
 
 
 def overlap_ratio(sim: torch.Tensor, sim_threshold: float) -> torch.Tensor:
@@ -187,19 +200,19 @@ def gram_budget_scores(gram: torch.Tensor, lam: float) -> torch.Tensor:
     the mean. Norms are clamped at 1e-6 as in `similarity.normalize`.
     """
     m = gram.shape[0]
-    idx = torch.arange(m)
+    idx = torch.arange(m, device=gram.device)
     prefix = gram.cumsum(0).cumsum(1)
     upto = gram.cumsum(1).diagonal()
     own = gram.diagonal()
     norm = own.clamp_min(0).sqrt().clamp_min(EPS)
-    sq_earlier = torch.cat([torch.zeros(1, dtype=gram.dtype), prefix.diagonal()[:-1]])
+    sq_earlier = torch.cat([gram.new_zeros(1), prefix.diagonal()[:-1]])
     sq_later = prefix[-1, -1] - 2 * prefix[:, -1] + prefix.diagonal()
     cos_earlier = (upto - own) / (norm * sq_earlier.clamp_min(0).sqrt().clamp_min(EPS))
     cos_later = (gram.sum(1) - upto) / (norm * sq_later.clamp_min(0).sqrt().clamp_min(EPS))
     return lam * cos_later * (idx < m - 1) + (1 - lam) * (1 - cos_earlier) * (idx > 0)
 
 
-def keep_ratios(b: torch.Tensor, ratio: float, r_var: float) -> torch.Tensor:
+def keep_ratios(b: torch.Tensor, ratio: float | torch.Tensor, r_var: float) -> torch.Tensor:
     """Eq. 5: `clamp(ratio + r_var z(b), 0.05, 0.95)`, z with the population std + 1e-8."""
     z = (b - b.mean()) / (b.std(correction=0) + 1e-8)
     return (ratio + r_var * z).clamp(0.05, 0.95)
@@ -222,21 +235,21 @@ def dpp_kernel(feats: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
 
 
 def allocate(
-    score: torch.Tensor, seg: torch.Tensor, start: torch.Tensor, last: int, b: torch.Tensor,
+    score: torch.Tensor, seg: torch.Tensor, start: torch.Tensor, last: torch.Tensor, b: torch.Tensor,
     total: int, n: int, r_var: float,
 ) -> torch.Tensor:
     """Step 3 over held rows sorted by group: `total` rows, best `score` first per segment.
 
-    `seg` [rows] ids 0..M-1, `start` [rows] the first group of each row's segment, `last` the
-    newest group of the last one, `b` [M] Eq. 4's scores; `n` tokens per full group. Segment m
-    spans `G_m` groups (from its start to the next one's), its share is `keep_m * G_m` with
-    `ratio = total / (n * sum G)`, as offline's `keep_m * T_m * N`.
+    `seg` [rows] ids 0..M-1, `start` [rows] the first group of each row's segment, `last` (0-dim)
+    the newest group of the last one, `b` [M] Eq. 4's scores; `n` tokens per full group. Segment
+    m spans `G_m` groups (from its start to the next one's), its share is `keep_m * G_m` with
+    `ratio = total / (n * sum G)`, as offline's `keep_m * T_m * N`; all on the device.
     """
-    starts = torch.zeros(b.shape[0], dtype=torch.long).scatter_(0, seg, start)
-    ends = torch.cat([starts[1:], torch.tensor([last + 1])])
+    starts = start.new_zeros(b.shape[0]).scatter_(0, seg, start)
+    ends = torch.cat([starts[1:], last.view(1) + 1])
     groups = (ends - starts).clamp_min(1).to(torch.float64)
-    keep = keep_ratios(b, total / (n * float(groups.sum())), r_var)
-    return quota_select(score, seg, keep * groups, total)
+    ratio = groups.new_full((), total) / (n * groups.sum())
+    return quota_select(score, seg, keep_ratios(b, ratio, r_var) * groups, total)
 
 
 def hieravid_select(
@@ -278,11 +291,12 @@ class _MergeQuantile:
     `1 - cos` is exact in float32 for cos >= 0.5 and every float32 cos > 1 - 2^-12 has a bin of
     its own, so the order is exact there (where a static camera's values crowd: a fixed-width
     2048-bin histogram put 58% of them in its top bin); below, values within a relative
-    2^-11 of `1 - cos` of each other share a bin."""
+    2^-11 of `1 - cos` of each other share a bin. The counts live on the groups' device and the
+    quantile is found there; the host keeps only how many values were counted."""
 
     def __init__(self) -> None:
-        self.count = torch.zeros(BINS, dtype=torch.long)
-        self.block = torch.zeros((BINS + FINE - 1) // FINE, dtype=torch.long)
+        self.count: torch.Tensor | None = None
+        self.block: torch.Tensor | None = None
         self.total = 0
 
     @staticmethod
@@ -290,19 +304,23 @@ class _MergeQuantile:
         dist = (1.0 - sim.float().clamp(-1.0, 1.0)).clamp_min(0.0)
         return dist.view(torch.int32).long() >> SHIFT
 
-    def add(self, bins: torch.Tensor) -> None:
-        ones = torch.ones_like(bins)
+    def add(self, bins: torch.Tensor, counted: torch.Tensor) -> None:
+        """Count `bins` where `counted` (0-dim bool, on the device) holds; `total` is the host's
+        to raise once it knows."""
+        if self.count is None:
+            self.block = torch.zeros(BLOCKS, dtype=torch.long, device=bins.device)
+            self.count = torch.zeros(BLOCKS * FINE, dtype=torch.long, device=bins.device)  # whole blocks
+        ones = torch.ones_like(bins) * counted
         self.count.index_add_(0, bins, ones)
         self.block.index_add_(0, bins // FINE, ones)
-        self.total += int(bins.numel())
 
-    def kth(self, k: int) -> int:
-        """The bin of the k-th smallest `1 - cos` (k >= 1), i.e. of the k-th largest cos."""
+    def kth(self, k: int) -> torch.Tensor:
+        """The bin (0-dim) of the k-th smallest `1 - cos` (k >= 1), i.e. of the k-th largest cos."""
         cum = torch.cumsum(self.block, 0)
-        b = int(torch.searchsorted(cum, torch.tensor(k)))
-        below = int(cum[b - 1]) if b else 0
-        fine = torch.cumsum(self.count[b * FINE:(b + 1) * FINE], 0)
-        return b * FINE + int(torch.searchsorted(fine, torch.tensor(k - below)))
+        b = torch.searchsorted(cum, k).clamp_max(BLOCKS - 1).view(1)  # past the counts where a segment opens: unused
+        below = torch.where(b > 0, cum.index_select(0, (b - 1).clamp_min(0)), 0)  # a tensor index: no read-back
+        fine = torch.cumsum(self.count.view(BLOCKS, FINE).index_select(0, b)[0], 0)
+        return (b * FINE + torch.searchsorted(fine, k - below)).squeeze(0)
 
 
 class _SegmentMeans:
@@ -321,21 +339,21 @@ class _SegmentMeans:
         self._sum = torch.zeros(0, dtype=torch.float64)
         self._count = 0
 
-    def open(self, segment: int, d: int) -> None:
+    def open(self, segment: int, d: int, device: torch.device) -> None:
         if self.size == 0 or self.means.shape[1] != d:
             self.first, self.start, self.size = segment, 0, 0
-            self.means = torch.zeros(max(8, self.means.shape[0]), d, dtype=torch.float64)
-            self.gram = torch.zeros(self.means.shape[0], self.means.shape[0], dtype=torch.float64)
+            self.means = torch.zeros(max(8, self.means.shape[0]), d, dtype=torch.float64, device=device)
+            self.gram = torch.zeros(self.means.shape[0], self.means.shape[0], dtype=torch.float64, device=device)
         if self.start + self.size == self.means.shape[0]:
             rows = slice(self.start, self.start + self.size)
             cap = max(8, 2 * self.size + 1)
-            means = torch.zeros(cap, d, dtype=torch.float64)
-            gram = torch.zeros(cap, cap, dtype=torch.float64)
+            means = torch.zeros(cap, d, dtype=torch.float64, device=device)
+            gram = torch.zeros(cap, cap, dtype=torch.float64, device=device)
             means[: self.size] = self.means[rows]
             gram[: self.size, : self.size] = self.gram[rows, rows]
             self.means, self.gram, self.start = means, gram, 0
         self.size += 1
-        self._sum = torch.zeros(d, dtype=torch.float64)
+        self._sum = torch.zeros(d, dtype=torch.float64, device=device)
         self._count = 0
 
     def add(self, mean: torch.Tensor, n: int) -> None:
@@ -401,112 +419,176 @@ class HieraVid(Pruner):
         self._prev: torch.Tensor | None = None
         self._head: torch.Tensor | None = None
         self._basis: torch.Tensor | None = None
+        self._picks: SpanPicks | None = None  # the last group's picks, to join the basis once counted
 
-    def _merging(self, sim: torch.Tensor) -> torch.Tensor:
+    def _merging(self, sim: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
         """Step 2 so far: tokens among the top `floor(merge_ratio * values seen)` within-segment
-        cos of the stream (this group's counted), ties at the cut included."""
+        cos of the stream (this group's counted), ties at the cut included. `counted` (0-dim
+        bool) is False where a segment opens at this group: its values are not counted then."""
         bins = self._quantile.bins(sim)
-        self._quantile.add(bins)
-        k = math.floor(self.merge_ratio * self._quantile.total)
+        self._quantile.add(bins, counted)
+        total = self._quantile.total + sim.shape[0]
+        k = math.floor(self.merge_ratio * total)
         if k <= 0:
-            return torch.zeros(sim.shape[0], dtype=torch.bool)
-        if k >= self._quantile.total:
-            return torch.ones(sim.shape[0], dtype=torch.bool)
+            return torch.zeros(sim.shape[0], dtype=torch.bool, device=sim.device)
+        if k >= total:
+            return torch.ones(sim.shape[0], dtype=torch.bool, device=sim.device)
         return bins <= self._quantile.kth(k)
 
     def score(self, group: FrameTokens) -> GroupScore:
+        """Steps 1, 2 and 4 for one group. Reads back one small vector: whether a segment opens
+        here, how many DPP candidates the group has and how many tokens the last group's DPP
+        picked. Those are the sizes of the DPP's matrices; padding them to fixed sizes would
+        cost the [N, N] kernel every group (once the segment's basis is full only its diagonal
+        is needed) and change the scores' rounding (a product's rounding depends on its shape)."""
         h, w = group.grid
         n = h * w
         x = group.tokens.reshape(n, -1).float()
+        dev = x.device
         unit = normalize(x)
         prev = self._prev
-        sim = (unit * prev).sum(-1) if prev is not None and prev.shape == unit.shape else None
-        if sim is None or float(overlap_ratio(sim, self.sim_threshold)) < self.beta:
+        merging = torch.zeros(n, dtype=torch.bool, device=dev)
+        cut = torch.ones((), dtype=torch.bool, device=dev)  # a first group, or a new grid
+        if prev is not None and prev.shape == unit.shape:
+            sim = (unit * prev).sum(-1)
+            cut = overlap_ratio(sim, self.sim_threshold) < self.beta
+            merging = self._merging(sim, ~cut) & ~cut
+        explained = torch.zeros(n, dtype=torch.bool, device=dev)
+        if self._bank is not None:
+            recur, _, state = self._bank.observe(x)
+            explained = recur > float("-inf")  # a state its position held before: no news
+        cand = ~merging & ~explained
+        made = cand.new_zeros((), dtype=torch.long) if self._picks is None else self._picks.count()
+        n_cand, opens, made = torch.stack([cand.sum(), cut.long(), made]).tolist()  # the group's one read-back
+        if opens:
             self._segment += 1
-            self._means.open(self._segment, x.shape[1])
-            merging = torch.zeros(n, dtype=torch.bool)
-            self._head = torch.full((n,), group.index, dtype=torch.long)
-            self._basis = torch.zeros(0, x.shape[1])
+            self._means.open(self._segment, x.shape[1], dev)
+            self._head = torch.full((n,), group.index, dtype=torch.long, device=dev)
+            self._basis = torch.zeros(0, x.shape[1], device=dev)
             self._start = group.index
         else:
-            merging = self._merging(sim)
+            self._quantile.total += n
             self._head = torch.where(merging, self._head, group.index)
+            if self._picks is not None:
+                self._basis = self._picks.extend(made)
         self._means.add(x.mean(0), n)
         self._last = group.index
-        meta = {"segment": torch.full((n,), self._segment, dtype=torch.long),
-                "segment_start": torch.full((n,), self._start, dtype=torch.long)}
-        explained = torch.zeros(n, dtype=torch.bool)
+        meta = {"segment": torch.full((n,), self._segment, dtype=torch.long, device=dev),
+                "segment_start": torch.full((n,), self._start, dtype=torch.long, device=dev)}
         if self._bank is not None:
-            recur, _, meta["state"] = self._bank.observe(x)
-            explained = recur > float("-inf")  # a state its position held before: no news
-        cand = torch.nonzero(~merging & ~explained).flatten()
-        scores = torch.zeros(n)
-        block, self._basis = span_greedy(unit[cand], self._basis, None, self.dpp_picks, self.dpp_rank)
-        scores[cand] = block.float()
+            meta["state"] = state
+        rows = torch.nonzero_static(cand, size=n_cand).flatten()
+        block, self._picks = span_scores(unit[rows], self._basis, None, self.dpp_picks, self.dpp_rank)
+        scores = torch.zeros(n, device=dev).index_copy_(0, rows, block.float())
         self._prev = unit
         return GroupScore(score=scores, merge_into=torch.where(merging, self._head, -1), meta=meta)
 
     def evict(self, store: TokenSet, capacity: int) -> torch.Tensor:
-        ids, seg = torch.unique_consecutive(store.meta["segment"], return_inverse=True)
-        self._means.drop_before(int(ids[0]))
+        """Step 3 over the held segments. Reads back one pair: how many segments the store holds
+        (Eq. 4-5 are sized by it: padded, their sums over segments would round differently)
+        and the oldest, whose predecessors' means are dropped."""
+        segment = store.meta["segment"]
+        change = segment[1:] != segment[:-1]
+        m, oldest = torch.stack([change.sum() + 1, segment[0]]).tolist()
+        seg = torch.cat([change.new_zeros(1, dtype=torch.long), torch.cumsum(change, 0)])  # ids 0..m-1
+        ids = segment[torch.nonzero_static(torch.cat([change.new_ones(1), change]), size=m).flatten()]
+        self._means.drop_before(oldest)
         b = gram_budget_scores(self._means.gram_of(ids), self.lam)
         h, w = store.grid
         score = store.score
         if self._bank is not None and "state" in store.meta:  # a state since proved periodic: first out
             periodic = self._bank.periodic(store.row * w + store.col, store.meta["state"])
             score = torch.where(periodic, torch.full_like(score, -1.0), score)
-        return allocate(score, seg, store.meta["segment_start"], self._last, b, capacity, h * w, self.r_var)
+        last = store.group.new_full((), self._last)
+        return allocate(score, seg, store.meta["segment_start"], last, b, capacity, h * w, self.r_var)
+
+    def _parts(self, snap: TokenSet) -> tuple[torch.Tensor, torch.Tensor, int, list[int]]:
+        """Rows of the store, then of the recent window (each ascending); [rows] bool, True where
+        a segment or the recent window starts in that order (after row 0); how many rows are
+        recent, and where those starts are, from one read-back (a second past CUTS starts)."""
+        order = torch.sort(snap.recent.to(torch.uint8), stable=True).indices
+        seg, recent = snap.meta["segment"][order], snap.recent[order]
+        flags = torch.zeros_like(recent)
+        flags[1:] = (seg[1:] != seg[:-1]) | (recent[1:] != recent[:-1])
+        first = torch.nonzero_static(flags, size=min(CUTS, flags.numel()), fill_value=-1).flatten()
+        read = torch.cat([snap.recent.sum().view(1), flags.sum().view(1), first]).tolist()
+        n_recent, n_cuts = read[:2]
+        cuts = read[2:2 + n_cuts] if n_cuts <= CUTS else torch.nonzero_static(flags, size=n_cuts).flatten().tolist()
+        return order, flags, n_recent, cuts
 
     def _dpp_scores(
-        self, snap: TokenSet, rows: torch.Tensor, r: torch.Tensor | None
+        self, snap: TokenSet, rows: torch.Tensor, r: torch.Tensor | None, cuts: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step 4 over `rows` (sorted by group) as at ingest, with relevance `r`: each segment's
-        rows in blocks of <= N, each block's greedy conditioned on the segment's basis so far;
-        and the mean token of each segment's rows [M, D]."""
+        """Step 4 over `rows` (sorted by group, a segment starting at each of `cuts`) as at
+        ingest, with relevance `r`: each segment's rows in blocks of <= N, each block's greedy
+        conditioned on the segment's basis so far; and the mean token of each segment's rows
+        [M, D]. Segments are independent, so their blocks go in rounds, one block of each
+        segment per round and one read-back of the picks' counts per round that picked."""
         n = snap.grid[0] * snap.grid[1]
-        seg = snap.meta["segment"][rows]
-        cuts = (torch.nonzero(seg[1:] != seg[:-1]).flatten() + 1).tolist()
-        out = torch.zeros(rows.numel(), dtype=torch.float64)
+        out = torch.zeros(rows.numel(), dtype=torch.float64, device=rows.device)
         x = snap.tokens[rows].float()
         units = normalize(x)
         rel = None if r is None else r[rows]
+        spans = list(zip([0, *cuts], [*cuts, rows.numel()]))
+        at = [a for a, _ in spans]
+        bases = [torch.zeros(0, snap.tokens.shape[1], device=rows.device) for _ in spans]
+        while any(s < b for s, (_, b) in zip(at, spans)):
+            picked = []
+            for m, (_, b) in enumerate(spans):
+                s = at[m]
+                if s == b:
+                    continue
+                # block by block while picks grow the basis; once it is full, the rest at once
+                e = min(s + n, b) if bases[m].shape[0] < self.dpp_rank and self.dpp_picks > 0 else b
+                block, picks = span_scores(units[s:e], bases[m], None if rel is None else rel[s:e],
+                                           self.dpp_picks, self.dpp_rank)
+                out[s:e] = block
+                at[m] = e
+                if picks is not None:
+                    picked.append((m, picks))
+            if picked:
+                for (m, picks), made in zip(picked, torch.stack([p.count() for _, p in picked]).tolist()):
+                    bases[m] = picks.extend(made)
         means = []
-        for a, b in zip([0, *cuts], [*cuts, rows.numel()]):
-            basis = torch.zeros(0, snap.tokens.shape[1])
-            s = a
-            while s < b:  # block by block while picks grow the basis; once it is full, the rest at once
-                e = min(s + n, b) if basis.shape[0] < self.dpp_rank and self.dpp_picks > 0 else b
-                out[s:e], basis = span_greedy(units[s:e], basis, None if rel is None else rel[s:e],
-                                              self.dpp_picks, self.dpp_rank)
-                s = e
-            total = torch.zeros(x.shape[1], dtype=torch.float64)
-            for s in range(a, b, n):  # in group-sized blocks, as ingest sums them
-                total += x[s:min(s + n, b)].sum(0)
-            means.append(total / (b - a))
+        for a, b in spans:  # summed in group-sized blocks, as ingest sums them, added in order
+            whole, part = divmod(b - a, n)
+            sums = x[a:b - part].view(whole, n, x.shape[1]).sum(1)
+            if part:
+                sums = torch.cat([sums, x[b - part:b].sum(0, keepdim=True)])
+            means.append(sums.double().cumsum(0)[-1] / (b - a))
         return out, torch.stack(means).float()
 
     def query_score(self, snap: TokenSet, query_embeds: torch.Tensor | None) -> torch.Tensor:
         """Blocked DPP scores with the question's relevance (Eq. 8-9), the store's rows and the
         recent window's in separate blocks, as `rank_for_query` ranks them."""
         r = relevance(snap.tokens, query_embeds)
-        out = torch.zeros(len(snap), dtype=torch.float64)
-        for rows in (torch.nonzero(~snap.recent).flatten(), torch.nonzero(snap.recent).flatten()):
+        out = torch.zeros(len(snap), dtype=torch.float64, device=snap.score.device)
+        order, _, n_recent, cuts = self._parts(snap)
+        stored = len(snap) - n_recent
+        for rows, part in ((order[:stored], [c for c in cuts if c < stored]),
+                           (order[stored:], [c - stored for c in cuts if c > stored])):
             if rows.numel():
-                out[rows] = self._dpp_scores(snap, rows, r)[0]
+                out[rows] = self._dpp_scores(snap, rows, r, part)[0]
         return out
 
     def rank_for_query(self, snap: TokenSet, query_embeds: torch.Tensor | None, budget: int) -> torch.Tensor:
-        """The recent window first, then step 3's segment shares of the store by query-time DPP."""
+        """The recent window first, then step 3's segment shares of the store by query-time DPP.
+        Reads back the recent window's size and the store's segment cuts (one read-back), and
+        the number of picks once per round of DPP blocks (`_dpp_scores`)."""
         budget = max(0, min(int(budget), len(snap)))
-        recent = torch.nonzero(snap.recent).flatten()
-        if budget == len(snap) or recent.numel() >= budget:
+        if budget == len(snap):
             return recent_first(snap, snap.score, budget)
-        rest = torch.nonzero(~snap.recent).flatten()
-        scores, means = self._dpp_scores(snap, rest, relevance(snap.tokens, query_embeds))
-        seg = torch.unique_consecutive(snap.meta["segment"][rest], return_inverse=True)[1]
+        order, flags, n_recent, cuts = self._parts(snap)
+        if n_recent >= budget:
+            return recent_first(snap, snap.score, budget)
+        stored = len(snap) - n_recent
+        rest, recent = order[:stored], order[stored:]
+        cuts = [c for c in cuts if c < stored]
+        scores, means = self._dpp_scores(snap, rest, relevance(snap.tokens, query_embeds), cuts)
+        seg = flags[:stored].cumsum(0)  # ids 0..M-1
         h, w = snap.grid
         b = budget_scores(means, self.lam)
-        share = budget - recent.numel()
-        last = int(snap.group.max())
-        picked = rest[allocate(scores, seg, snap.meta["segment_start"][rest], last, b, share, h * w, self.r_var)]
+        last = snap.group.max()
+        picked = rest[allocate(scores, seg, snap.meta["segment_start"][rest], last, b, budget - n_recent,
+                               h * w, self.r_var)]
         return torch.sort(torch.cat([recent, picked])).values

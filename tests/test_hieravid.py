@@ -16,6 +16,7 @@ from pruning import FrameTokens, TokenSet, get_pruner, pruner_params
 from pruning.base import GroupScore, Pruner
 from pruning import TokenMemory
 from pruning.hieravid import (
+    CUTS,
     HieraVid,
     budget_scores,
     hieravid_select,
@@ -25,6 +26,7 @@ from pruning.hieravid import (
     segment_ids,
     static_flags,
 )
+from pruning.host_sync import HostSyncs
 from pruning.similarity import cos
 
 
@@ -521,3 +523,54 @@ def test_periodic_distractors_are_no_news_to_its_dpp():
             assert kept == events or capacity < 0.10, (seed, kept)
             paper_share, _, _ = _planted(seed, capacity, memory_states=0)
             assert paper_share >= 0.5, (seed, capacity, paper_share)
+
+
+def test_ingest_reads_back_once_per_group_and_once_per_eviction():
+    """On a device every read-back stalls the camera's thread: a group's score reads back one
+    vector (a cut, its DPP candidates, the last group's picks), an eviction one pair, whether a
+    segment opens, merges or picks."""
+    video = clip(14, t_len=16, cuts=(5, 11))
+    pruner = HieraVid(dpp_picks=4, dpp_rank=8)
+    mem = TokenMemory(60, pruner, recent_groups=2, evict_slack=10)
+    score, evict = pruner.score, pruner.evict
+    counts = {"score": [], "evict": []}
+
+    def counted(name, fn):
+        def call(*args):
+            with HostSyncs() as syncs:
+                out = fn(*args)
+            counts[name].append(syncs.total)
+            return out
+        return call
+
+    pruner.score, pruner.evict = counted("score", score), counted("evict", evict)
+    for t in range(16):
+        mem.add(FrameTokens(t, float(t), video[t]))
+    # from the second group on: the state bank's first group copies its signs from the host
+    assert counts["score"][1:] == [1] * 15 and counts["evict"] and set(counts["evict"]) == {1}
+
+
+def test_a_question_reads_back_the_cuts_and_each_round_of_picks():
+    """The recent window's size and the segment cuts in one read-back, then one per round of
+    DPP blocks: two when each segment's first block fills its basis."""
+    video = clip(15, t_len=12, cuts=(4, 8))
+    mem = stream(HieraVid(dpp_rank=4), video, capacity=80, recent=2)
+    snap, pruner = mem.snapshot(), mem.pruner
+    query = torch.randn(3, 16, generator=torch.Generator().manual_seed(3))
+    budget = int(snap.recent.sum()) + 20
+    with HostSyncs() as syncs:
+        pruner.rank_for_query(snap, query, budget)
+    assert syncs.total == 2, dict(syncs.counts)
+
+
+def test_segment_cuts_past_the_first_read_back_are_read_again():
+    n = 2 * CUTS + 10
+    seg = torch.arange(n).repeat_interleave(2)
+    snap = TokenSet(
+        tokens=torch.randn(2 * n, 8), group=torch.arange(2 * n), pts=torch.zeros(2 * n, dtype=torch.float64),
+        row=torch.zeros(2 * n, dtype=torch.long), col=torch.zeros(2 * n, dtype=torch.long), score=torch.rand(2 * n),
+        recent=torch.arange(2 * n) >= 2 * n - 3, grid=(1, 1), meta={"segment": seg, "segment_start": 2 * (seg // 2)},
+    )
+    order, flags, n_recent, cuts = HieraVid()._parts(snap)
+    assert n_recent == 3 and order.tolist() == list(range(2 * n))
+    assert cuts == sorted([*range(2, 2 * n, 2), 2 * n - 3]) and torch.nonzero(flags).flatten().tolist() == cuts
