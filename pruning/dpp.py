@@ -31,7 +31,11 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     """The correctly rounded square root of a 0-dim float64 tensor (as `math.sqrt`), on its
     device. torch's own float64 sqrt is an ulp off now and then on the CPU (its vectorised
     math), and every later gain of the greedy would move with it; LAPACK's 1x1 Cholesky factor
-    is the hardware's root. A non-positive x gives a meaningless value (the greedy masks it)."""
+    is the hardware's root. A GPU's float64 sqrt is correctly rounded, and a solver call per
+    greedy step would cost a launch of its own there. A non-positive x gives a meaningless
+    value (the greedy masks it)."""
+    if x.device.type != "cpu":
+        return torch.sqrt(x)
     return torch.linalg.cholesky_ex(x.view(1, 1)).L.view(())
 
 
