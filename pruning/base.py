@@ -64,13 +64,16 @@ class GroupScore:
     its run's head: the newest held token at the same (row, col) from group g on (HieraVid's
     static runs; g's own token, or the one that restarted the run once g's was evicted); with
     none held, token i is kept as a row and starts the run anew. `meta`
-    is stored per token and handed to `evict`.
+    is stored per token and handed to `evict`. `kept`, when the pruner knows it without
+    reading the device (a fixed share of the group), is how many tokens `keep` keeps: the
+    memory then needs no read-back to move them (docs/DESIGN.md, the memory on the device).
     """
 
     score: torch.Tensor
     keep: torch.Tensor | None = None
     merge_into: torch.Tensor | None = None
     meta: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    kept: int | None = None
 
 
 class RowView:

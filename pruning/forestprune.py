@@ -482,7 +482,7 @@ class ForestPrune(Pruner):
         for name, v in (("tree", tree), ("depth", depth), ("node", ids)):
             meta[name] = torch.full((n_tok,), -1, dtype=torch.long)
             meta[name][nodes] = v
-        return GroupScore(score=score, keep=keep, meta=meta)
+        return GroupScore(score=score, keep=keep, meta=meta, kept=k)
 
     def _grow(self, run: torch.Tensor, column: torch.Tensor, joined: torch.Tensor) -> None:
         """Alg. 1, LinkNode: a node joins below its tree's tail, so a tree that gained nodes this

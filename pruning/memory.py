@@ -328,10 +328,13 @@ class TokenMemory:
                 w: int) -> torch.Tensor:
         """The rows of a group that become store rows, after folding its merging tokens into
         their runs. How many there are is known only on the device: the one read-back of a
-        group whose pruner drops or merges at ingest."""
+        group whose pruner drops or merges at ingest, unless it says how many it keeps."""
         keep = torch.ones(tokens.shape[0], dtype=torch.bool) if scored.keep is None else scored.keep.clone()
         if scored.merge_into is None:
-            return torch.nonzero_static(keep, size=int(keep.sum().tolist())).flatten()
+            if scored.kept is None:
+                return torch.nonzero_static(keep, size=int(keep.sum().tolist())).flatten()
+            torch._assert_async(keep.sum() == scored.kept, f"{self.pruner.name}.score: keep does not keep `kept` tokens")
+            return torch.nonzero_static(keep, size=scored.kept).flatten()
         stamp = self._new_stamp()
         heads = _run_heads(st, scored.merge_into, keep, w)
         folded = heads >= 0
