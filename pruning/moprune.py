@@ -35,7 +35,7 @@ and departs from the offline version where the clip's future is unknown:
    grid, 3% and 10% capacity): the paper's motion spent 0.93-0.98 of the store on them and kept
    3 and 11 of 12 events; with the bank 0.05-0.07 and every event (0.00 with departure 5).
 5. Explained tokens leave first (with the bank): a held token that returned to a banked state
-   at ingest, or whose state has proved periodic since (`StateBank.periodic_ids`, remembered in
+   at ingest, or whose state has proved periodic since (`StateBank.periodic`, remembered in
    `_known` for the tokens of it the store holds after the bank pushes it out), is kept only
    when every other token is (`quota_select(..., last=...)`): it takes no group's share.
    Measured reason (bench/recall.py, 5 seeds x 600 s, 2/5/10%): with 4 alone, 0.19/0.20/0.21
@@ -48,12 +48,14 @@ and departs from the offline version where the clip's future is unknown:
    had pushed out since, half of the 832 in the first 4 s after a cut (first appearances, new
    when they came). Ranked last, all of these give their share to other tokens: 0.096/0.06/0.04,
    event recall 0.90/0.98/1.00 -> 0.92/0.99/1.00, event-seconds 0.62/0.82/0.87 ->
-   0.65/0.83/0.88. Costs a sorted-id lookup over the store at eviction (0.05-0.5 ms per group
-   at Qwen2.5-VL-7B shapes, more the more tokens it explains).
+   0.65/0.83/0.88. Costs a bank lookup of every held token and a sorted-id lookup over the
+   store at eviction (about 0.4 ms per group at Qwen2.5-VL-7B shapes, capacity 8192, 2 cores).
 Ingest costs a few passes over the group's [N, D] tokens (the bank one more, about 1 ms at
 Qwen2.5-VL-7B shapes on one core); eviction reads only per-row scalars (one integer sort, an
-O(n) selection and, with the bank, a sorted-id lookup), never the store's features: 2.4 ms per
+O(n) selection and, with the bank, the lookups above), never the store's features: 2.4 ms per
 group at Qwen2.5-VL-7B shapes without the bank, half of it each (bench/results/prune_cost.md).
+Neither reads anything back to the host (tests/test_memory_device.py): a scene cut is decided
+on the device, and eviction's per-group values live in buffers as long as the store.
 Measured (tests/test_moprune.py, with `memory_states=0`): with no recent window the store holds
 0.94-1.00 of the offline pick.
 """
@@ -80,16 +82,18 @@ def scene_starts(means: torch.Tensor, scene_threshold: float) -> torch.Tensor:
 
 def group_scores(
     x: torch.Tensor, mean: torch.Tensor, centroid: torch.Tensor, prev: torch.Tensor | None, eta: float,
-    recur: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, float]:
-    """Token scores `s` [N] (Eq. 7-11) and frame uniqueness `u_t` (Sec. 3.3) of one group.
+    recur: torch.Tensor | None = None, same_scene: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token scores `s` [N] (Eq. 7-11) and frame uniqueness `u_t` (Sec. 3.3, 0-dim) of one group.
 
     `x` [N, D] float32 tokens, `mean` [D] their mean `g_t`, `centroid` [D] the scene centroid,
     `prev` [N, D] the previous group of the same scene, or None in a scene's first group
-    (motion 0). `recur` [N], the distance to a state the position left (`novelty.StateBank`,
-    inf if none), caps the motion: a return to a known state moved only that far. The cosines
-    are matrix-vector products over the token norms, which is the same cos on L2-normalised
-    vectors without a normalised copy of the group.
+    (motion 0). `same_scene`, a 0-dim bool, says on the device whether `prev` is of the same
+    scene (motion 0 if not), so a scene cut is never read back to the host. `recur` [N], the
+    distance to a state the position left (`novelty.StateBank`, inf if none), caps the motion:
+    a return to a known state moved only that far. The cosines are matrix-vector products over
+    the token norms, which is the same cos on L2-normalised vectors without a normalised copy of
+    the group.
     """
     norms = x.norm(dim=-1).clamp_min(EPS)
     s_scene = torch.mv(x, normalize(centroid)) / norms
@@ -100,21 +104,29 @@ def group_scores(
     else:
         motion = (x - prev).norm(dim=-1)
         m = minmax(motion if recur is None else torch.minimum(motion, recur))
+        if same_scene is not None:
+            m = torch.where(same_scene, m, 0.0)
     s = torch.exp((1 - eta) * torch.log(u + EPS) + eta * torch.log(m + EPS))
-    return s, float(-s_scene.mean())
+    return s, -s_scene.mean()
 
 
-def frame_weights(u: torch.Tensor, alpha: float, scene: torch.Tensor | None = None) -> torch.Tensor:
+def frame_weights(
+    u: torch.Tensor, alpha: float, scene: torch.Tensor | None = None, scenes: int | None = None
+) -> torch.Tensor:
     """Eq. 5 per scene: `sigma_t = exp(u~_t) / (sum_j exp(u~_j) + 1e-6)`, `u~ = (u - max u) / alpha`.
 
-    `u` [G] frame uniqueness; `scene` [G] ids 0..K-1 (None: one scene). Float64.
+    `u` [G] frame uniqueness; `scene` [G] ids 0..K-1 (None: one scene). `scenes`, a bound on K
+    known on the host, sizes the per-scene sums without reading the largest id back. Float64.
     """
     u = u.to(torch.float64)
-    scene = torch.zeros(u.shape[0], dtype=torch.long) if scene is None else scene
-    k = int(scene.max()) + 1 if scene.numel() else 0
-    top = torch.full((k,), -math.inf, dtype=torch.float64).scatter_reduce(0, scene, u, "amax")
-    e = torch.exp((u - top[scene]) / alpha)
-    return e / (torch.zeros(k, dtype=torch.float64).index_add(0, scene, e) + EPS)[scene]
+    if scene is None:
+        scene = torch.zeros(u.shape[0], dtype=torch.long, device=u.device)
+        scenes = min(1, u.shape[0])
+    k = (int(scene.max()) + 1 if scene.numel() else 0) if scenes is None else scenes
+    top = torch.full((k,), -math.inf, dtype=torch.float64, device=u.device).scatter_reduce(0, scene, u, "amax")
+    e = torch.exp((u - top.index_select(0, scene)) / alpha)
+    sums = torch.zeros(k, dtype=torch.float64, device=u.device).index_add(0, scene, e) + EPS
+    return e / sums.index_select(0, scene)
 
 
 def _descending_key(score: torch.Tensor) -> torch.Tensor:
@@ -127,14 +139,23 @@ def _descending_key(score: torch.Tensor) -> torch.Tensor:
     return (1 << 31) - torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
+def _rows_of(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """The rows where `mask` [n] is set (exactly k of them), ascending: `torch.nonzero_static`
+    (nothing read back), twice as fast on the CPU."""
+    at = torch.where(mask, torch.cumsum(mask, 0), 0)  # 1..k, and 0 for the rows left out
+    rows = torch.empty(k + 1, dtype=torch.long, device=mask.device)
+    return rows.scatter_(0, at, torch.arange(mask.shape[0], device=mask.device))[1:]
+
+
 def smallest_rows(key: torch.Tensor, k: int) -> torch.Tensor:
-    """Rows of the k smallest `key`s, ties toward the lower row, ascending; O(n), no sort."""
+    """Rows of the k smallest `key`s, ties toward the lower row, ascending; O(n), no sort, and
+    nothing read back from the device (the output's size is `k`)."""
     if k <= 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=key.device)
     tau = torch.kthvalue(key, k).values
     below = key < tau
     tied = key == tau
-    return torch.nonzero(below | (tied & (torch.cumsum(tied, 0) <= k - int(below.sum())))).flatten()
+    return _rows_of(below | (tied & (torch.cumsum(tied, 0) <= k - below.sum())), k)
 
 
 def quota_select(
@@ -145,24 +166,27 @@ def quota_select(
     Divisor (Jefferson) apportionment: the row of rank r (0 = best, ties toward the lower row)
     in bucket b has key `(r + 1) / weight[b]` and the `total` smallest keys are kept, so bucket
     b keeps `min(held_b, floor(lam * weight[b]))` rows for the one `lam` that sums to `total`.
-    `bucket` [n] holds ids 0..B-1 (< 2^29), `weight` [B] > 0. `last` [n] bool: rows kept only
-    when all the others are (they rank after every other row of their bucket, and their keys
-    after every other key). Returns ascending rows.
+    `bucket` [n] holds ids 0..B-1 (< 2^29), `weight` [B] > 0 (entries no row names are never
+    read). `last` [n] bool: rows kept only when all the others are (they rank after every
+    other row of their bucket, and their keys after every other key). Returns ascending rows;
+    reads nothing back from the device.
     """
     n = int(score.numel())
     if total >= n:
-        return torch.arange(n)
+        return torch.arange(n, device=score.device)
     sort_key = bucket * (1 << 34) + _descending_key(score)
     if last is not None:
         sort_key = sort_key + last.long() * (1 << 33)
-    order = torch.sort(sort_key, stable=True).indices
-    counts = torch.bincount(bucket, minlength=int(weight.numel()))
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty(n, dtype=torch.long)
-    rank[order] = torch.arange(n) - starts[bucket[order]]
-    key = (rank + 1).to(torch.float64) / weight.to(torch.float64)[bucket]
-    if last is not None and bool(last.any()):
-        key = torch.where(last, key + key.max(), key)
+    ranked, order = torch.sort(sort_key, stable=True)
+    in_bucket = ranked >> 34
+    steps = torch.arange(n, device=score.device)
+    opens = torch.ones(n, dtype=torch.bool, device=score.device)
+    opens[1:] = in_bucket[1:] != in_bucket[:-1]
+    rank = steps - torch.cummax(torch.where(opens, steps, 0), 0).values
+    key = (rank + 1).to(torch.float64) / weight.to(torch.float64).index_select(0, in_bucket)
+    if last is not None:
+        key = torch.where((ranked & (1 << 33)) != 0, key + key.max(), key)
+    key = torch.empty_like(key).scatter_(0, order, key)
     return smallest_rows(key, total)
 
 
@@ -184,7 +208,7 @@ def moprune_select(
         scored = [
             group_scores(x[t], means[t], centroid, x[t - 1] if t > a else None, eta) for t in range(a, b)
         ]
-        sigma = frame_weights(torch.tensor([u for _, u in scored]), alpha)
+        sigma = frame_weights(torch.stack([u for _, u in scored]), alpha)
         gamma = ratio * (1 + sigma - 1 / (b - a))
         for t, (s, _), g in zip(range(a, b), scored, gamma.tolist()):
             kept.append(t * n + topk_indices(s, math.floor(min(g, 1.0) * n)))
@@ -207,8 +231,10 @@ class MoPrune(Pruner):
         self.eta = float(eta)
         self.memory_states = memory_states
         self._bank = StateBank(memory_states) if memory_states else None
-        self._known = torch.zeros(0, dtype=torch.long)  # ids of periodic states the store holds
-        self._scene = -1
+        self._widths: set[int] = set()  # grid widths the bank's positions were laid out with
+        self._bank_tokens = 0  # tokens per group of the bank's grid: it restarts when that changes
+        self._known: torch.Tensor | None = None  # ids of periodic states the store holds, sorted, -1 padded
+        self._scene: torch.Tensor | None = None  # the last scene's id, on the device
         self.reset()
 
     def reset(self) -> None:
@@ -217,62 +243,81 @@ class MoPrune(Pruner):
         self._prev: torch.Tensor | None = None
         self._prev_mean: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
-        self._count = 0
+        self._count: torch.Tensor | None = None
 
     def score(self, group: FrameTokens) -> GroupScore:
+        """Scene and motion decided on the device: a cut resets the running centroid and zeroes
+        the motion by `torch.where`, so nothing is read back. Only a first group, a reconnect and
+        a group of another shape (token count or width D), which the host sees, open a scene on
+        the host's word."""
         h, w = group.grid
         n = h * w
         x = group.tokens.reshape(n, -1).float()
         mean = x.mean(0)
-        prev = self._prev
-        same_scene = (
-            prev is not None and prev.shape == x.shape
-            and not bool(scene_starts(torch.stack([self._prev_mean, mean]), self.scene_threshold)[1])
-        )
-        if not same_scene:
-            self._scene += 1
-            self._sum = torch.zeros(x.shape[1], dtype=torch.float64)
-            self._count = 0
+        prev = self._prev if self._prev is not None and self._prev.shape == x.shape else None
+        if prev is None:
+            same_scene = None
+            opens = torch.ones((), dtype=torch.long, device=x.device)
+            self._sum = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self._count = torch.zeros((), dtype=torch.long, device=x.device)
+        else:
+            same_scene = ~scene_starts(torch.stack([self._prev_mean, mean]), self.scene_threshold)[1]
+            opens = (~same_scene).long()
+            self._sum = torch.where(same_scene, self._sum, 0.0)
+            self._count = torch.where(same_scene, self._count, 0)
+        if self._scene is None:
+            self._scene = torch.full((), -1, dtype=torch.long, device=x.device)
+        self._scene = self._scene + opens
         self._sum += mean.to(torch.float64) * n
-        self._count += n
-        meta = {"scene": torch.full((n,), self._scene, dtype=torch.long)}
+        self._count = self._count + n
+        meta = {"scene": self._scene.expand(n).clone()}
         recur = None
         if self._bank is not None:
+            if n != self._bank_tokens:
+                self._widths, self._bank_tokens = set(), n
+            self._widths.add(w)
             _, recur, meta["state"] = self._bank.observe(x)
             meta["returned"] = torch.isfinite(recur)
-        s, u = group_scores(x, mean, (self._sum / self._count).float(), prev if same_scene else None, self.eta, recur)
+        s, u = group_scores(x, mean, (self._sum / self._count).float(), prev, self.eta, recur, same_scene)
         self._prev, self._prev_mean = x, mean
-        meta["u"] = torch.full((n,), u)
+        meta["u"] = u.expand(n).clone()
         return GroupScore(score=s, meta=meta)
 
     def _explained(self, store: TokenSet) -> torch.Tensor | None:
         """[n] bool: held tokens that returned to a banked state at ingest, or whose state has
-        proved periodic (`StateBank.periodic_ids`) since, or None if there are none. A state once
-        seen periodic stays so for the tokens of it the store holds after the bank has pushed it
-        out: `self._known` keeps the ids of those (sorted; ids are never reused)."""
+        proved periodic since, or None without the bank. A state once seen periodic stays so for
+        the tokens of it the store holds after the bank has pushed it out: `self._known` keeps
+        the ids of those (ids are never reused), as many entries as the store had rows, so its
+        size is known on the host. A state id lives at the one position of the bank where it
+        was made, laid out with the grid width of its group: every width the bank has seen is
+        tried (`StateBank.periodic`), and a wrong one never finds the id."""
         if self._bank is None or "state" not in store.meta:
             return None
         state = store.meta["state"]
-        known = torch.unique(torch.cat([self._known, self._bank.periodic_ids()]))
-        if known.numel():
-            at = torch.searchsorted(known, state).clamp_max(known.numel() - 1)
-            periodic = known[at] == state
-            held = torch.zeros(known.numel(), dtype=torch.bool)
-            held[at[periodic]] = True
-            self._known = known[held]
-            explained = periodic | store.meta["returned"]
-        else:
-            explained = store.meta["returned"]
-        return explained if bool(explained.any()) else None
+        periodic = torch.zeros_like(state, dtype=torch.bool)
+        for w in sorted(self._widths):
+            periodic |= self._bank.periodic(store.row * w + store.col, state)
+        if self._known is not None:
+            at = torch.searchsorted(self._known, state).clamp_max(self._known.numel() - 1)
+            periodic |= self._known.index_select(0, at) == state
+        self._known = torch.sort(torch.where(periodic, state, -1)).values
+        return periodic | store.meta["returned"]
 
     def evict(self, store: TokenSet, capacity: int) -> torch.Tensor:
-        first = torch.ones(len(store), dtype=torch.bool)
-        first[1:] = store.group[1:] != store.group[:-1]
-        group_of_row = torch.cumsum(first.long(), 0) - 1
-        scene = store.meta["scene"][first]
-        u = store.meta["u"][first]
-        scene_of_group = torch.unique_consecutive(scene, return_inverse=True)[1]
-        held = torch.bincount(scene_of_group).to(torch.float64)
-        sigma = frame_weights(u, self.alpha, scene_of_group)
-        weight = 1 + sigma - 1 / held[scene_of_group]
+        """Per-group values live in [n] buffers (a store of n rows holds at most n groups):
+        group g's at entry g, the entries past the last group in a scene of their own, so no
+        size is read back from the device."""
+        n = len(store)
+        steps = torch.arange(n)
+        first = torch.ones(n, dtype=torch.bool)
+        torch.ne(store.group[1:], store.group[:-1], out=first[1:])
+        group_of_row = torch.cumsum(first, 0) - 1
+        heads = torch.zeros(n + 1, dtype=torch.long).scatter_(0, torch.where(first, group_of_row, n), steps)[:n]
+        scene = store.meta["scene"].index_select(0, heads)
+        opens = torch.ones(n, dtype=torch.bool)
+        torch.ne(scene[1:], scene[:-1], out=opens[1:])
+        scene_of_group = torch.where(steps <= group_of_row[-1], torch.cumsum(opens, 0) - 1, n)
+        held = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, scene_of_group, torch.ones(n, dtype=torch.float64))
+        sigma = frame_weights(store.meta["u"].index_select(0, heads), self.alpha, scene_of_group, scenes=n + 1)
+        weight = 1 + sigma - 1 / held.index_select(0, scene_of_group)
         return quota_select(store.score, group_of_row, weight, capacity, self._explained(store))
