@@ -38,6 +38,10 @@ class Uniform(Pruner):
     next eviction. If even one group exceeds capacity, its first `capacity` tokens are kept.
     The score is the stride level of the group (trailing zero bits of its offset), so a query
     budget smaller than the store still spreads evenly: coarsest stride first.
+
+    The stride lives on the host, so a group on it enters with no keep-mask (nothing for the
+    memory to read back). Eviction reads back once, a pair: the new stride and how many rows it
+    keeps depend on the groups the store holds, which only the device knows.
     """
 
     name = "uniform"
@@ -45,7 +49,7 @@ class Uniform(Pruner):
 
     def __init__(self) -> None:
         self._origin: int | None = None
-        self._stride = 1
+        self._level = 0  # the stride is 2 ** level
 
     def score(self, group: FrameTokens) -> GroupScore:
         h, w = group.grid
@@ -53,17 +57,29 @@ class Uniform(Pruner):
             self._origin = group.index
         offset = group.index - self._origin
         level = (offset & -offset).bit_length() - 1 if offset > 0 else _ORIGIN_LEVEL
-        keep = torch.full((h * w,), offset % self._stride == 0)
+        keep = None if offset % (1 << self._level) == 0 else torch.zeros(h * w, dtype=torch.bool)
         return GroupScore(score=torch.full((h * w,), float(level)), keep=keep)
 
     def evict(self, store: TokenSet, capacity: int) -> torch.Tensor:
+        """The least stride from the current one at which the groups on it fit, or only one is
+        left, found for every stride at once: each row's level (the trailing zero bits of its
+        offset; it is on stride 2^L when its level is at least L) and, per level, the rows at
+        or above it and the least and greatest group among them."""
+        levels = _ORIGIN_LEVEL + 1
         offset = store.group - (self._origin or 0)
-        while True:
-            on = offset % self._stride == 0
-            if int(on.sum()) <= capacity or torch.unique(store.group[on]).numel() <= 1:
-                break
-            self._stride *= 2
-        return torch.nonzero(on).flatten()[:capacity]
+        level = torch.where(offset == 0, _ORIGIN_LEVEL, torch.frexp((offset & -offset).double()).exponent.long() - 1)
+        rows = torch.zeros(levels, dtype=torch.long).index_add_(0, level, torch.ones_like(level))
+        top = torch.full((levels,), -(1 << 62)).scatter_reduce(0, level, store.group, "amax")
+        low = torch.full((levels,), 1 << 62).scatter_reduce(0, level, store.group, "amin")
+        rows = rows.flip(0).cumsum(0).flip(0)
+        top = top.flip(0).cummax(0).values.flip(0)
+        low = low.flip(0).cummin(0).values.flip(0)
+        steps = torch.arange(levels)
+        fits = ((rows <= capacity) | (top <= low)) & (steps >= self._level)
+        new_level = torch.where(fits, steps, levels).amin()
+        kept = torch.where(steps == new_level, rows, 0).sum().clamp_max(capacity)
+        self._level, count = torch.stack([new_level, kept]).tolist()
+        return torch.nonzero_static(level >= self._level, size=count).flatten()
 
 
 class DTD(Pruner):

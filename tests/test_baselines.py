@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from pruning import TokenMemory, get_pruner
+from pruning import TokenMemory, TokenSet, get_pruner
 from pruning.baselines import DTD, Random, Recent, Uniform
+from pruning.host_sync import HostSyncs
 from pruning.types import FrameTokens
 
 
@@ -65,6 +66,36 @@ def test_uniform_with_capacity_below_one_group_keeps_a_prefix():
         mem.add(g)
         snap = mem.snapshot()
         assert snap.group.tolist() == [0, 0, 0] and snap.row.tolist() == [0, 0, 1]
+
+
+def test_uniform_admits_a_group_on_the_stride_without_a_mask_and_evicts_with_one_read_back():
+    """A group on the stride has no keep-mask (the memory reads nothing back for it); eviction
+    reads back one pair: the new stride and how many rows it keeps."""
+    pruner = Uniform()
+    frames = groups(6)
+    assert all(pruner.score(g).keep is None for g in frames[:4])
+    group = torch.tensor([0] * 4 + [1] * 4 + [2] * 4 + [3] * 4)
+    store = TokenSet(tokens=torch.zeros(16, 4), group=group, pts=group.double(), row=group * 0, col=group * 0,
+                     score=torch.zeros(16), recent=torch.zeros(16, dtype=torch.bool), grid=(2, 2))
+    with HostSyncs() as syncs:
+        kept = pruner.evict(store, 8)
+    assert syncs.total == 1 and group[kept].tolist() == [0] * 4 + [2] * 4
+    assert pruner.score(frames[4]).keep is None
+    assert not bool(pruner.score(frames[5]).keep.any())
+
+
+def test_dtd_and_uniforms_ingest_read_nothing_back():
+    """On the meta device every read-back raises: DTD's score and evict and Uniform's score run."""
+    dtd, uniform = DTD(), Uniform()
+    with torch.device("meta"):
+        for k in range(3):
+            group = FrameTokens(k, float(k), torch.randn(2, 2, 4))
+            assert dtd.score(group).keep.device.type == "meta"
+            assert uniform.score(group).score.device.type == "meta"
+        group = torch.zeros(12, dtype=torch.long)
+        store = TokenSet(tokens=torch.zeros(12, 4), group=group, pts=group.double(), row=group, col=group,
+                         score=torch.zeros(12), recent=group.bool(), grid=(2, 2))
+        assert dtd.evict(store, 8).shape == (8,)
 
 
 def dtd_stream() -> list[FrameTokens]:
