@@ -15,8 +15,8 @@ from pruning.types import FrameTokens
 
 # Host synchronizations per added group once the store evicts, at most. A pruner that drops or
 # merges tokens at ingest needs one: how many rows a group leaves is known only on the device.
-SYNCS_PER_GROUP = {"echoprune": 0, "moprune": 16, "hieravid": 3, "forestprune": 2, "uniform": 7,
-                   "recent": 0, "dtd": 2, "random": 0}
+SYNCS_PER_GROUP = {"echoprune": 0, "moprune": 0, "hieravid": 3, "forestprune": 2, "uniform": 1,
+                   "recent": 0, "dtd": 1, "random": 0}
 SYNC_FREE = [name for name, n in SYNCS_PER_GROUP.items() if n == 0]
 
 
