@@ -39,9 +39,10 @@ class Uniform(Pruner):
     The score is the stride level of the group (trailing zero bits of its offset), so a query
     budget smaller than the store still spreads evenly: coarsest stride first.
 
-    The stride lives on the host, so a group on it enters with no keep-mask (nothing for the
-    memory to read back). Eviction reads back once, a pair: the new stride and how many rows it
-    keeps depend on the groups the store holds, which only the device knows.
+    The stride lives on the host, so the memory reads nothing back for a group: one on it enters
+    with no keep-mask, one off it keeps none, and says so (`kept`). Eviction reads back once, a
+    pair: the new stride and how many rows it keeps depend on the groups the store holds, which
+    only the device knows.
     """
 
     name = "uniform"
@@ -57,8 +58,10 @@ class Uniform(Pruner):
             self._origin = group.index
         offset = group.index - self._origin
         level = (offset & -offset).bit_length() - 1 if offset > 0 else _ORIGIN_LEVEL
-        keep = None if offset % (1 << self._level) == 0 else torch.zeros(h * w, dtype=torch.bool)
-        return GroupScore(score=torch.full((h * w,), float(level)), keep=keep)
+        score = torch.full((h * w,), float(level))
+        if offset % (1 << self._level) == 0:
+            return GroupScore(score=score)
+        return GroupScore(score=score, keep=torch.zeros(h * w, dtype=torch.bool), kept=0)
 
     def evict(self, store: TokenSet, capacity: int) -> torch.Tensor:
         """The least stride from the current one at which the groups on it fit, or only one is

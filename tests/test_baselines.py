@@ -68,9 +68,10 @@ def test_uniform_with_capacity_below_one_group_keeps_a_prefix():
         assert snap.group.tolist() == [0, 0, 0] and snap.row.tolist() == [0, 0, 1]
 
 
-def test_uniform_admits_a_group_on_the_stride_without_a_mask_and_evicts_with_one_read_back():
-    """A group on the stride has no keep-mask (the memory reads nothing back for it); eviction
-    reads back one pair: the new stride and how many rows it keeps."""
+def test_uniform_says_what_a_group_keeps_and_evicts_with_one_read_back():
+    """A group on the stride has no keep-mask and one off it keeps none and says so (the memory
+    reads nothing back for either); eviction reads back one pair: the new stride and how many
+    rows it keeps."""
     pruner = Uniform()
     frames = groups(6)
     assert all(pruner.score(g).keep is None for g in frames[:4])
@@ -81,7 +82,8 @@ def test_uniform_admits_a_group_on_the_stride_without_a_mask_and_evicts_with_one
         kept = pruner.evict(store, 8)
     assert syncs.total == 1 and group[kept].tolist() == [0] * 4 + [2] * 4
     assert pruner.score(frames[4]).keep is None
-    assert not bool(pruner.score(frames[5]).keep.any())
+    off = pruner.score(frames[5])
+    assert off.kept == 0 and not bool(off.keep.any())
 
 
 def test_dtd_and_uniforms_ingest_read_nothing_back():
