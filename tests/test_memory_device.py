@@ -13,9 +13,11 @@ from pruning import PRUNERS, TokenMemory, get_pruner
 from pruning.host_sync import HostSyncs
 from pruning.types import FrameTokens
 
-# Host synchronizations per added group once the store evicts, at most. A pruner that drops or
-# merges tokens at ingest needs one: how many rows a group leaves is known only on the device.
-SYNCS_PER_GROUP = {"echoprune": 0, "moprune": 0, "hieravid": 3, "forestprune": 2, "uniform": 1,
+# Host synchronizations per added group once the store evicts, at most, each a count only the
+# data determines: DTD's keep-mask and HieraVid's merges (the rows a group leaves), HieraVid's DPP
+# candidates and basis picks and the segments its store holds, ForestPrune's product width (the
+# held nodes' last slot), Uniform's stride over the groups the store holds (at an eviction).
+SYNCS_PER_GROUP = {"echoprune": 0, "moprune": 0, "hieravid": 3, "forestprune": 1, "uniform": 1,
                    "recent": 0, "dtd": 1, "random": 0}
 SYNC_FREE = [name for name, n in SYNCS_PER_GROUP.items() if n == 0]
 
