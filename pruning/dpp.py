@@ -9,10 +9,10 @@ of the order is the greedy pick for a smaller k. Once the best gain is <= 1e-10 
 the set lies numerically in the span of what was picked; dividing by its square root would give
 NaN, so the remaining picks are filled by descending diagonal (ties toward the lower index).
 
-`span_greedy` serves the streaming HieraVid, which cannot afford a DPP over a whole segment per
+`span_scores` serves the streaming HieraVid, which cannot afford a DPP over a whole segment per
 group: it runs the same greedy in feature space on one block of tokens at a time, conditioned on
 an orthonormal basis of the segment's earlier picks, which it extends (pruning/hieravid.py,
-departure 4, says why and what it costs). Its scores (`span_scores`) read nothing back from the
+departure 4, says why and what it costs). Its scores read nothing back from the
 device, the greedy's steps included; extending the basis (`SpanPicks.extend`) needs the number
 of picks on the host, as the basis's row count shapes every later product, so HieraVid counts
 them when it reads back anyway (with the next group's counts, or a round of blocks' at once).
@@ -177,12 +177,3 @@ def span_scores(
     slot = torch.where(order >= 0, order, n)  # picks not made land in a spare slot
     scores = torch.cat([scores, scores.new_zeros(1)]).index_copy_(0, slot, gains)[:n]
     return scores, SpanPicks(u, proj, basis, order)
-
-
-def span_greedy(
-    units: torch.Tensor, basis: torch.Tensor, relevance: torch.Tensor | None, picks: int, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`span_scores` and the basis it leaves: (scores, the basis with the picks appended); reads
-    the number of picks back when some could be made."""
-    scores, picked = span_scores(units, basis, relevance, picks, rank)
-    return scores, basis if picked is None else picked.extend(int(picked.count()))

@@ -8,10 +8,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pruning.dpp import (SPAN_GAIN, _greedy, _sqrt, greedy_map, greedy_map_gains, span_greedy, span_scores,
+from pruning.dpp import (SPAN_GAIN, _greedy, _sqrt, greedy_map, greedy_map_gains, span_scores,
                          unit_kernel)
 from pruning.host_sync import HostSyncs
 from pruning.similarity import normalize
+
+
+def span_greedy(units, basis, relevance, picks, rank):
+    """`span_scores` and the basis it leaves, the picks appended (as HieraVid's ingest does)."""
+    scores, picked = span_scores(units, basis, relevance, picks, rank)
+    return scores, basis if picked is None else picked.extend(int(picked.count()))
 
 
 def brute_greedy(kernel: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
