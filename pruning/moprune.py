@@ -52,8 +52,9 @@ and departs from the offline version where the clip's future is unknown:
    store at eviction (about 0.4 ms per group at Qwen2.5-VL-7B shapes, capacity 8192, 2 cores).
 Ingest costs a few passes over the group's [N, D] tokens (the bank one more, about 1 ms at
 Qwen2.5-VL-7B shapes on one core); eviction reads only per-row scalars (one integer sort, an
-O(n) selection and, with the bank, the lookups above), never the store's features: 2.4 ms per
-group at Qwen2.5-VL-7B shapes without the bank, half of it each (bench/results/prune_cost.md).
+O(n) selection and, with the bank, the lookups above), never the store's features: score +
+evict take 3.8 ms per group at Qwen2.5-VL-7B shapes with the bank (bench/results/prune_cost.md,
+2026-11-30; 0.5-0.8 ms of it is the price of reading nothing back, below).
 Neither reads anything back to the host (tests/test_memory_device.py): a scene cut is decided
 on the device, and eviction's per-group values live in buffers as long as the store.
 Measured (tests/test_moprune.py, with `memory_states=0`): with no recent window the store holds
