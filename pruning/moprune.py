@@ -216,6 +216,14 @@ def moprune_select(
     return torch.sort(torch.cat(kept)).values
 
 
+def _among(x: torch.Tensor, ascending: torch.Tensor) -> torch.Tensor:
+    """[n] bool: each of x is in the ascending vector (a fixed-size membership test)."""
+    if ascending.numel() == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    at = torch.searchsorted(ascending, x).clamp_max(ascending.numel() - 1)
+    return ascending.index_select(0, at) == x
+
+
 class MoPrune(Pruner):
     """Streaming MoPrune: causal scenes and motion, budgets re-allocated over the store."""
 
@@ -232,8 +240,6 @@ class MoPrune(Pruner):
         self.eta = float(eta)
         self.memory_states = memory_states
         self._bank = StateBank(memory_states) if memory_states else None
-        self._widths: set[int] = set()  # grid widths the bank's positions were laid out with
-        self._bank_tokens = 0  # tokens per group of the bank's grid: it restarts when that changes
         self._known: torch.Tensor | None = None  # ids of periodic states the store holds, sorted, -1 padded
         self._scene: torch.Tensor | None = None  # the last scene's id, on the device
         self.reset()
@@ -274,9 +280,6 @@ class MoPrune(Pruner):
         meta = {"scene": self._scene.expand(n).clone()}
         recur = None
         if self._bank is not None:
-            if n != self._bank_tokens:
-                self._widths, self._bank_tokens = set(), n
-            self._widths.add(w)
             _, recur, meta["state"] = self._bank.observe(x)
             meta["returned"] = torch.isfinite(recur)
         s, u = group_scores(x, mean, (self._sum / self._count).float(), prev, self.eta, recur, same_scene)
@@ -289,18 +292,14 @@ class MoPrune(Pruner):
         proved periodic since, or None without the bank. A state once seen periodic stays so for
         the tokens of it the store holds after the bank has pushed it out: `self._known` keeps
         the ids of those (ids are never reused), as many entries as the store had rows, so its
-        size is known on the host. A state id lives at the one position of the bank where it
-        was made, laid out with the grid width of its group: every width the bank has seen is
-        tried (`StateBank.periodic`), and a wrong one never finds the id."""
+        size is known on the host. An id names one state of one position, so looking it up
+        among the bank's periodic ids needs no position."""
         if self._bank is None or "state" not in store.meta:
             return None
         state = store.meta["state"]
-        periodic = torch.zeros_like(state, dtype=torch.bool)
-        for w in sorted(self._widths):
-            periodic |= self._bank.periodic(store.row * w + store.col, state)
+        periodic = _among(state, self._bank.periodic_ids())
         if self._known is not None:
-            at = torch.searchsorted(self._known, state).clamp_max(self._known.numel() - 1)
-            periodic |= self._known.index_select(0, at) == state
+            periodic |= _among(state, self._known)
         self._known = torch.sort(torch.where(periodic, state, -1)).values
         return periodic | store.meta["returned"]
 

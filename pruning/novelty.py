@@ -137,10 +137,11 @@ class StateBank:
         return self._id.gather(1, slot.unsqueeze(1)).squeeze(1)
 
     def periodic_ids(self) -> torch.Tensor:
-        """Ids of the banked states that are periodic (`periodic`), unsorted."""
+        """Ids of the banked states that are periodic (`periodic`), ascending, after -1 for every
+        slot that holds none: one entry per slot, so its size is known on the host."""
         if self._shape is None:
             return torch.zeros(0, dtype=torch.long)
-        return self._id[self._returns >= PERIODIC_RETURNS]
+        return torch.sort(torch.where(self._returns >= PERIODIC_RETURNS, self._id, -1).flatten()).values
 
     def periodic(self, position: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """[n] bool: the state `state` [n] of position `position` [n] (row * W + col) is still
