@@ -35,7 +35,7 @@ and departs from the offline version where the clip's future is unknown:
    grid, 3% and 10% capacity): the paper's motion spent 0.93-0.98 of the store on them and kept
    3 and 11 of 12 events; with the bank 0.05-0.07 and every event (0.00 with departure 5).
 5. Explained tokens leave first (with the bank): a held token that returned to a banked state
-   at ingest, or whose state has proved periodic since (`StateBank.periodic`, remembered in
+   at ingest, or whose state has proved periodic since (`StateBank.periodic_ids`, remembered in
    `_known` for the tokens of it the store holds after the bank pushes it out), is kept only
    when every other token is (`quota_select(..., last=...)`): it takes no group's share.
    Measured reason (bench/recall.py, 5 seeds x 600 s, 2/5/10%): with 4 alone, 0.19/0.20/0.21
@@ -48,8 +48,9 @@ and departs from the offline version where the clip's future is unknown:
    had pushed out since, half of the 832 in the first 4 s after a cut (first appearances, new
    when they came). Ranked last, all of these give their share to other tokens: 0.096/0.06/0.04,
    event recall 0.90/0.98/1.00 -> 0.92/0.99/1.00, event-seconds 0.62/0.82/0.87 ->
-   0.65/0.83/0.88. Costs a bank lookup of every held token and a sorted-id lookup over the
-   store at eviction (about 0.4 ms per group at Qwen2.5-VL-7B shapes, capacity 8192, 2 cores).
+   0.65/0.83/0.88. Costs two sorted-id lookups of every held token at eviction (among the bank's
+   periodic ids and among those remembered; a few tenths of a ms per group at Qwen2.5-VL-7B
+   shapes, capacity 8192, 2 cores).
 Ingest costs a few passes over the group's [N, D] tokens (the bank one more, about 1 ms at
 Qwen2.5-VL-7B shapes on one core); eviction reads only per-row scalars (one integer sort, an
 O(n) selection and, with the bank, the lookups above), never the store's features: score +
