@@ -70,7 +70,7 @@ import torch
 
 from .base import POSITIVE, GroupScore, ParamRange, Pruner, TokenSet, check_params
 from .novelty import StateBank, check_states
-from .similarity import EPS, cos, minmax, normalize, topk_indices
+from .similarity import EPS, cos, minmax, normalize, smallest_rows, topk_indices
 from .types import FrameTokens
 
 
@@ -139,25 +139,6 @@ def _descending_key(score: torch.Tensor) -> torch.Tensor:
     """
     bits = (score.float() + 0.0).view(torch.int32).long()
     return (1 << 31) - torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-def _rows_of(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """The rows where `mask` [n] is set (exactly k of them), ascending: `torch.nonzero_static`
-    (nothing read back), twice as fast on the CPU."""
-    at = torch.where(mask, torch.cumsum(mask, 0), 0)  # 1..k, and 0 for the rows left out
-    rows = torch.empty(k + 1, dtype=torch.long, device=mask.device)
-    return rows.scatter_(0, at, torch.arange(mask.shape[0], device=mask.device))[1:]
-
-
-def smallest_rows(key: torch.Tensor, k: int) -> torch.Tensor:
-    """Rows of the k smallest `key`s, ties toward the lower row, ascending; O(n), no sort, and
-    nothing read back from the device (the output's size is `k`)."""
-    if k <= 0:
-        return torch.zeros(0, dtype=torch.long, device=key.device)
-    tau = torch.kthvalue(key, k).values
-    below = key < tau
-    tied = key == tau
-    return _rows_of(below | (tied & (torch.cumsum(tied, 0) <= k - below.sum())), k)
 
 
 def quota_select(
