@@ -37,6 +37,7 @@ from typing import Mapping
 import torch
 
 from .base import GroupScore, Pruner, RowView, TokenSet
+from .similarity import rows_of
 from .types import FrameTokens
 
 
@@ -163,7 +164,7 @@ class _Store:
         k = int(keep.numel())
         mask = torch.ones(self.n, dtype=torch.bool, device=self.device)
         mask[keep] = False
-        gone = torch.nonzero_static(mask, size=self.n - k).flatten()
+        gone = rows_of(mask, self.n - k)
         self.free = torch.cat([self.free, self.slot[: self.n][gone]])
         for col in self.small_columns():
             col[:k] = col[keep]
@@ -332,18 +333,18 @@ class TokenMemory:
         keep = torch.ones(tokens.shape[0], dtype=torch.bool) if scored.keep is None else scored.keep.clone()
         if scored.merge_into is None:
             if scored.kept is None:
-                return torch.nonzero_static(keep, size=int(keep.sum().tolist())).flatten()
+                return rows_of(keep, int(keep.sum().tolist()))
             torch._assert_async(keep.sum() == scored.kept, f"{self.pruner.name}.score: keep does not keep `kept` tokens")
-            return torch.nonzero_static(keep, size=scored.kept).flatten()
+            return rows_of(keep, scored.kept)
         stamp = self._new_stamp()
         heads = _run_heads(st, scored.merge_into, keep, w)
         folded = heads >= 0
         keep &= ~folded
         kept, merged = torch.stack([keep.sum(), folded.sum()]).tolist()
         if merged:
-            src = torch.nonzero_static(folded, size=merged).flatten()
+            src = rows_of(folded, merged)
             _fold(st, src, heads[src], tokens, extras, stamp)
-        return torch.nonzero_static(keep, size=kept).flatten()
+        return rows_of(keep, kept)
 
     def layout(self) -> MemoryLayout:
         """The snapshot's group, pts, row and col columns (copies) and the counters, taken
