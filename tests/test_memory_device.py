@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pruning import PRUNERS, TokenMemory, get_pruner
+from pruning import base as pruning_base
 from pruning.host_sync import HostSyncs
 from pruning.types import FrameTokens
 
@@ -80,3 +81,21 @@ def test_layout_is_on_the_host_and_gather_on_the_memorys_device():
     rows = torch.arange(0, len(mem), 3)
     toks, _ = mem.gather(rows, lay.version)
     assert torch.equal(toks, mem.snapshot().tokens[rows])
+
+
+class _Miscounts(pruning_base.Pruner):
+    """Keeps half of each group but says it keeps one token more."""
+
+    name = "miscounts"
+
+    def score(self, group: FrameTokens) -> pruning_base.GroupScore:
+        n = group.grid[0] * group.grid[1]
+        keep = torch.arange(n) % 2 == 0
+        return pruning_base.GroupScore(score=torch.zeros(n), keep=keep, kept=int(keep.sum()) + 1)
+
+
+def test_a_pruner_that_miscounts_what_it_keeps_fails_loudly():
+    mem = TokenMemory(200, _Miscounts(), recent_groups=1)
+    with pytest.raises(RuntimeError, match="miscounts"):
+        for g in stream(3):
+            mem.add(g)
