@@ -8,8 +8,8 @@ next groups are timed:
 - add ms: `TokenMemory.add`'s own prune_ms (score + evict + moving the rows into and out of
   the preallocated store), what a group costs the ingest thread;
 - pruner ms: the pruner's `score` + `evict` calls alone (`TimedPruner`);
-and then `rank_for_query` on a snapshot of the full memory at budget 4096 with a 16-token
-question. 2 torch threads, float32 tokens (the pipeline's default model dtype).
+and then a question's ranking as the full path runs it: `rank_for_query` on the memory in place
+(`TokenMemory.frozen`) at budget 4096 with a 16-token question, and the picked rows copied. 2 torch threads, float32 tokens (the pipeline's default model dtype).
 """
 from __future__ import annotations
 
@@ -69,13 +69,13 @@ def measure(s: CostSettings, label: str, h: int, w: int, d: int, deepstack: int 
                 break
         elif fed >= s.max_fill_groups:
             break
-    snap = mem.snapshot()
     gen.manual_seed(2)
     query = torch.randn(s.query_tokens, d, generator=gen)
     rank_ms = []
     for _ in range(s.rank_repeats if pruner.evictions else 0):
         t0 = time.perf_counter()
-        pruner.rank_for_query(snap, query, s.query_budget)
+        with mem.frozen() as view:  # as a question's full path: rank in place, copy the picked rows
+            view.select(pruner.rank_for_query(view, query, s.query_budget))
         rank_ms.append((time.perf_counter() - t0) * 1e3)
     return {"add_ms": add_ms, "pruner_ms": own_ms, "rank_ms": rank_ms, "groups_fed": fed, "held": len(mem),
             "full": bool(pruner.evictions)}

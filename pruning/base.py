@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping
 
 import torch
 
@@ -77,33 +77,75 @@ class GroupScore:
 
 
 class RowView:
-    """Rows `idx` of a buffer, gathered only when indexed.
+    """Rows `idx` of a buffer, then the rows of `tail` (if any), gathered only when indexed.
 
     The long-term store hands `evict` its tokens (and extras) this way: eviction decides from
     scores and metadata, and copying every held vector for every added group would cost more
-    than the pruning itself. `view[i]` returns real rows; `materialize()` all of them.
+    than the pruning itself. A question ranks the whole memory the same way
+    (`TokenMemory.frozen`): the store's rows in their slots, the recent window as the tail.
+    `view[i]` returns real rows; `materialize()` all of them; `rowwise(fn)` applies a row-wise
+    `fn` without gathering.
     """
 
-    def __init__(self, buf: torch.Tensor, idx: torch.Tensor):
+    def __init__(self, buf: torch.Tensor, idx: torch.Tensor, tail: torch.Tensor | None = None):
         self.buf = buf
         self.idx = idx
+        self.tail = tail
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((int(self.idx.numel()), *self.buf.shape[1:]))
+        extra = 0 if self.tail is None else int(self.tail.shape[0])
+        return torch.Size((int(self.idx.numel()) + extra, *self.buf.shape[1:]))
 
     @property
     def dtype(self) -> torch.dtype:
         return self.buf.dtype
 
     def __len__(self) -> int:
-        return int(self.idx.numel())
+        return self.shape[0]
 
     def __getitem__(self, i) -> torch.Tensor:
-        return self.buf[self.idx[i]]
+        if self.tail is None:
+            return self.buf[self.idx[i]]
+        j = torch.as_tensor(i, device=self.idx.device).to(torch.long)
+        head = int(self.idx.numel())
+        if head == 0:
+            return self.tail[j]
+        return self._split(j, head) if j.device.type == "cpu" else self._where(j, head)
+
+    def _split(self, j: torch.Tensor, head: int) -> torch.Tensor:
+        """Each row from its part, where reading the split back costs nothing (the CPU)."""
+        inside = j < head
+        if bool(inside.all()):  # the store's rows alone (a ranking over the store): one gather
+            return self.buf[self.idx[j]]
+        out = torch.empty(*j.shape, *self.buf.shape[1:], dtype=self.buf.dtype, device=self.buf.device)
+        out[inside] = self.buf[self.idx[j[inside]]]
+        out[~inside] = self.tail[j[~inside] - head].to(self.buf.dtype)
+        return out
+
+    def _where(self, j: torch.Tensor, head: int) -> torch.Tensor:
+        """Every row gathered from both parts and the right one kept: nothing read back."""
+        inner = self.buf[self.idx[j.clamp_max(head - 1)]]
+        outer = self.tail[(j - head).clamp(0, int(self.tail.shape[0]) - 1)]
+        inside = (j < head).view(*j.shape, *([1] * (inner.ndim - j.ndim)))
+        return torch.where(inside, inner, outer.to(inner.dtype))
 
     def materialize(self) -> torch.Tensor:
-        return self.buf.index_select(0, self.idx)
+        rows = self.buf.index_select(0, self.idx)
+        return rows if self.tail is None else torch.cat([rows, self.tail.to(rows.dtype)])
+
+    def rowwise(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`fn(self.materialize())` for an `fn` that treats each row alone, run over the whole
+        buffer and the tail instead, so no held vector is copied (free slots cost the buffer's
+        spare group). Rounding may differ from one call on the gathered rows where a matrix
+        product's kernel depends on the row count."""
+        out = fn(self.buf)[self.idx]
+        return out if self.tail is None else torch.cat([out, fn(self.tail.to(self.buf.dtype))])
+
+
+def rowwise(tokens: torch.Tensor | RowView, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`fn(tokens)` for a row-wise `fn`, on a tensor or a `RowView` alike."""
+    return tokens.rowwise(fn) if isinstance(tokens, RowView) else fn(tokens)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from .base import POSITIVE, GroupScore, ParamRange, Pruner, TokenSet, check_params
+from .base import POSITIVE, GroupScore, ParamRange, Pruner, TokenSet, check_params, rowwise
 from .novelty import StateBank, check_states
 from .similarity import EPS, normalize, topk_indices
 from .types import FrameTokens
@@ -62,12 +62,14 @@ _ALIGN = 64
 
 
 def relevance(tokens: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
-    """Eq. 4: `r_i = max_j cos(v_i, t_j)` for tokens [..., D] and text [L, D]; 0 without text."""
+    """Eq. 4: `r_i = max_j cos(v_i, t_j)` for tokens [..., D] (or a `RowView` of them) and text
+    [L, D]; 0 without text."""
     lead = tokens.shape[:-1]
-    if text is None or text.numel() == 0 or tokens.numel() == 0:
+    if text is None or text.numel() == 0 or lead.numel() == 0:
         return torch.zeros(lead)
-    sims = normalize(tokens).reshape(-1, tokens.shape[-1]) @ normalize(text.reshape(-1, text.shape[-1])).T
-    return sims.amax(dim=1).reshape(lead)
+    unit_text = normalize(text.reshape(-1, text.shape[-1])).T
+    best = rowwise(tokens, lambda x: (normalize(x).reshape(-1, x.shape[-1]) @ unit_text).amax(dim=1))
+    return best.reshape(lead)
 
 
 class Prepared(NamedTuple):

@@ -119,7 +119,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import GroupScore, ParamRange, Pruner, TokenSet, check_params, recent_first
+from .base import GroupScore, ParamRange, Pruner, TokenSet, check_params, recent_first, rowwise
 from .dpp import SpanPicks, greedy_map, span_scores, unit_kernel
 from .novelty import StateBank, check_states
 from .moprune import quota_select
@@ -220,11 +220,13 @@ def keep_ratios(b: torch.Tensor, ratio: float | torch.Tensor, r_var: float) -> t
 
 def relevance(tokens: torch.Tensor, query: torch.Tensor | None) -> torch.Tensor | None:
     """Eq. 8 over every question token: `minmax(mean_l softmax(H h_l / sqrt(D)))`, `query` [L, D]
-    (or [D]) the question's states, h_l its rows (the paper's Table 7 "average" variant)."""
+    (or [D]) the question's states, h_l its rows (the paper's Table 7 "average" variant); H
+    [n, D] or a `RowView` of the held rows."""
     if query is None or query.numel() == 0 or tokens.shape[0] == 0:
         return None
     h = query.reshape(-1, query.shape[-1]).float()
-    p = torch.softmax((tokens.float() @ h.T).double() / math.sqrt(h.shape[1]), 0).mean(1)
+    logits = rowwise(tokens, lambda x: x.float() @ h.T)
+    p = torch.softmax(logits.double() / math.sqrt(h.shape[1]), 0).mean(1)
     return minmax(p)
 
 

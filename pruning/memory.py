@@ -14,7 +14,8 @@ after r) then sees early rows change once every few groups instead of every grou
 `capacity` itself stays exact.
 
 `add` (ingest thread) and `snapshot`/`layout`/`gather` (query and display threads) take one
-lock; all return copies. `version` changes with every change to what is held, so a reader that
+lock; all return copies. A question that ranks the whole memory holds the lock instead
+(`frozen`) and copies only the rows it keeps. `version` changes with every change to what is held, so a reader that
 keeps something derived from the memory can tell whether it is stale without copying the
 tokens, and every held row carries a `stamp` that changes whenever its vector does (it is
 written or merged into), so such a reader can find the first row that changed.
@@ -31,8 +32,8 @@ import contextlib
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, replace
+from typing import Iterator, Mapping
 
 import torch
 
@@ -418,6 +419,28 @@ class TokenMemory:
                 return _empty_set(self._grid or (0, 0))
             return _concat(parts)
 
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[TokenSet]:
+        """Everything held, in snapshot order, as a view for a question to rank without copying
+        the memory: the store's vectors stay in their slots (`RowView`), only the recent
+        window's are joined into one tail. Ingest waits for the lock until the block ends, so
+        the view is valid inside it only; `select` the rows to keep."""
+        with self._lock, self.placed():
+            yield self._view()
+
+    def _view(self) -> TokenSet:
+        recent = [self._group_set(g, scored, extras) for g, scored, extras, _ in self._recent]
+        st = self._store
+        if st is None or st.n == 0:
+            return _concat(recent) if recent else _empty_set(self._grid or (0, 0))
+        head = st.view(self._grid)
+        if not recent:
+            return head
+        tail = _concat(recent)
+        keys = sorted(set(head.extras) & set(tail.extras))
+        return replace(_concat_columns([head, tail]), tokens=RowView(st.tokens, head.tokens.idx, tail.tokens),
+                       extras={k: RowView(st.extras[k], head.extras[k].idx, tail.extras[k]) for k in keys})
+
     @staticmethod
     def _group_set(g: FrameTokens, scored: GroupScore, extras: dict[str, torch.Tensor]) -> TokenSet:
         h, w = g.grid
@@ -463,16 +486,22 @@ def _fold(st: _Store, src: torch.Tensor, heads: torch.Tensor, tokens: torch.Tens
 
 
 def _concat(parts: list[TokenSet]) -> TokenSet:
-    meta_keys = set().union(*(p.meta.keys() for p in parts))
     extra_keys = set.intersection(*(set(p.extras.keys()) for p in parts))
     dtype = parts[-1].tokens.dtype
+    return replace(_concat_columns(parts), tokens=torch.cat([p.tokens.to(dtype) for p in parts]),
+                   extras={k: torch.cat([p.extras[k].to(dtype) for p in parts]) for k in sorted(extra_keys)})
+
+
+def _concat_columns(parts: list[TokenSet]) -> TokenSet:
+    """The parts' per-row columns joined; no vectors (`tokens` left empty)."""
+    meta_keys = set().union(*(p.meta.keys() for p in parts))
 
     def cat_meta(k: str) -> torch.Tensor:
         ref = next(p.meta[k] for p in parts if k in p.meta)
         return torch.cat([p.meta[k] if k in p.meta else torch.zeros(len(p), dtype=ref.dtype) for p in parts])
 
     return TokenSet(
-        tokens=torch.cat([p.tokens.to(dtype) for p in parts]),
+        tokens=torch.zeros(0, 0),
         group=torch.cat([p.group for p in parts]),
         pts=torch.cat([p.pts for p in parts]),
         row=torch.cat([p.row for p in parts]),
@@ -481,7 +510,6 @@ def _concat(parts: list[TokenSet]) -> TokenSet:
         recent=torch.cat([p.recent for p in parts]),
         grid=parts[-1].grid,
         meta={k: cat_meta(k) for k in sorted(meta_keys)},
-        extras={k: torch.cat([p.extras[k].to(dtype) for p in parts]) for k in sorted(extra_keys)},
         run=torch.cat([p.run for p in parts]),
     )
 

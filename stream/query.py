@@ -124,20 +124,21 @@ class QueryHandler:
         return self._full(question, max_new, on_text, stop, t0)
 
     def _full(self, question: Question, max_new: int, on_text, stop, t0: float) -> Answer:
-        snap = self.memory.snapshot()
-        if len(snap) == 0:
-            raise RequestError("empty_memory", "the memory holds no video yet; ask again once frames have arrived")
-        budget = question.llm_budget or self.settings.llm_budget or len(snap)
+        """Rank the memory in place (ingest waits meanwhile) and copy only the rows picked."""
         query = self._query_embeds(question.text).to(self.memory.device)
-        with self.memory.placed():
-            rows = self.pruner.rank_for_query(snap, query, budget)
-        seen = snap.select(rows).columns_on_host()
+        with self.memory.frozen() as view:
+            held = len(view)
+            if held == 0:
+                raise RequestError("empty_memory", "the memory holds no video yet; ask again once frames have arrived")
+            budget = question.llm_budget or self.settings.llm_budget or held
+            rows = self.pruner.rank_for_query(view, query, budget)
+            seen = view.select(rows).columns_on_host()
         if len(seen) == 0:
             raise RequestError("empty_memory", "the query budget left no visual tokens to answer from")
         prompt = self.vlm.layout(seen, question.text, self.layout)
         gen = self.vlm.generate(prompt, max_new, on_text, stop=stop, layer_schedule=self.settings.layer_pruning)
         return self._answer(question, gen, t0, FULL, len(prompt), len(prompt), float(seen.pts.min()),
-                            float(seen.pts.max()), int(seen.groups().numel()), len(seen), len(snap))
+                            float(seen.pts.max()), int(seen.groups().numel()), len(seen), held)
 
     def _query_embeds(self, text: str):
         """What the pruner ranks by: the question's hidden states at its `query_layer`, when it
