@@ -106,7 +106,7 @@ class RowView:
 
     def __getitem__(self, i) -> torch.Tensor:
         if self.tail is None:
-            return self.buf[self.idx[i]]
+            return _rows(self.buf, self.idx[i])
         j = torch.as_tensor(i, device=self.idx.device).to(torch.long)
         head = int(self.idx.numel())
         if head == 0:
@@ -114,10 +114,15 @@ class RowView:
         return self._split(j, head) if j.device.type == "cpu" else self._where(j, head)
 
     def _split(self, j: torch.Tensor, head: int) -> torch.Tensor:
-        """Each row from its part, where reading the split back costs nothing (the CPU)."""
+        """Each row from its part, where reading the split back costs nothing (the CPU). Rows of
+        the store before rows of the tail (a `select` of ascending rows) are copied once."""
         inside = j < head
-        if bool(inside.all()):  # the store's rows alone (a ranking over the store): one gather
-            return self.buf[self.idx[j]]
+        c = int(inside.sum())
+        if j.ndim == 1 and bool(inside[:c].all()) and self.tail.dtype == self.buf.dtype:
+            out = torch.empty(j.shape[0], *self.buf.shape[1:], dtype=self.buf.dtype, device=self.buf.device)
+            torch.index_select(self.buf, 0, self.idx[j[:c]], out=out[:c])
+            torch.index_select(self.tail, 0, j[c:] - head, out=out[c:])
+            return out
         out = torch.empty(*j.shape, *self.buf.shape[1:], dtype=self.buf.dtype, device=self.buf.device)
         out[inside] = self.buf[self.idx[j[inside]]]
         out[~inside] = self.tail[j[~inside] - head].to(self.buf.dtype)
@@ -141,6 +146,14 @@ class RowView:
         product's kernel depends on the row count."""
         out = fn(self.buf)[self.idx]
         return out if self.tail is None else torch.cat([out, fn(self.tail.to(self.buf.dtype))])
+
+
+def _rows(x: torch.Tensor | RowView, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of a tensor or a `RowView`; a list of rows by `index_select` (the same copy as
+    `x[idx]`, about twice as fast on the CPU for rows of thousands of values)."""
+    if isinstance(x, RowView) or idx.ndim != 1 or idx.dtype != torch.long:
+        return x[idx]
+    return x.index_select(0, idx)
 
 
 def rowwise(tokens: torch.Tensor | RowView, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -183,7 +196,7 @@ class TokenSet:
         idx = idx.to(torch.long)
         return replace(
             self,
-            tokens=self.tokens[idx],
+            tokens=_rows(self.tokens, idx),
             group=self.group[idx],
             pts=self.pts[idx],
             row=self.row[idx],
@@ -191,7 +204,7 @@ class TokenSet:
             score=self.score[idx],
             recent=self.recent[idx],
             meta={k: v[idx] for k, v in self.meta.items()},
-            extras={k: v[idx] for k, v in self.extras.items()},
+            extras={k: _rows(v, idx) for k, v in self.extras.items()},
             run=self.run[idx],
         )
 

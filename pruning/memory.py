@@ -168,7 +168,7 @@ class _Store:
         gone = rows_of(mask, self.n - k)
         self.free = torch.cat([self.free, self.slot[: self.n][gone]])
         for col in self.small_columns():
-            col[:k] = col[keep]
+            col[:k] = col.index_select(0, keep)
         self.n = k
 
 
@@ -288,8 +288,9 @@ class TokenMemory:
         st.stamp[sl] = stamp
         for name, v in scored.meta.items():
             st.ensure_meta(name, v)[sl] = v[rows]
-        for name, v in extras.items():
-            st.ensure_extra(name, v)[slots] = v[rows].to(st.tokens.dtype)
+        for name, v in extras.items():  # one copy into the slots when every token stays
+            st.ensure_extra(name, v).index_copy_(0, slots, (v if k == n_tok else v.index_select(0, rows)).to(
+                st.tokens.dtype))
         st.n += k
         if st.n <= self.capacity:
             return dropped
@@ -479,7 +480,7 @@ def _fold(st: _Store, src: torch.Tensor, heads: torch.Tensor, tokens: torch.Tens
     wt = st.weight[heads]
     for buf, new in [(st.tokens, tokens), *((st.extras[k], v) for k, v in extras.items() if k in st.extras)]:
         wv = wt.view(-1, *([1] * (buf.ndim - 1)))
-        mean = buf[slots].float().mul_(wv).add_(new[src].float()).div_(wv + 1)  # in place: one temporary
+        mean = buf.index_select(0, slots).float().mul_(wv).add_(new.index_select(0, src).float()).div_(wv + 1)
         buf.index_copy_(0, slots, mean.to(buf.dtype))
     st.weight[heads] += 1
     st.stamp[heads] = stamp

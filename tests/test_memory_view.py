@@ -96,3 +96,14 @@ def test_ingest_waits_while_a_question_ranks():
         assert len(view) == held
     worker.join(5)
     assert done.is_set() and mem.groups_seen == 11
+
+
+def test_a_row_view_reads_rows_in_any_order_and_of_any_part():
+    gen = torch.Generator().manual_seed(1)
+    buf, tail = torch.randn(12, 2, 3, generator=gen), torch.randn(4, 2, 3, generator=gen)
+    view = RowView(buf, torch.tensor([9, 0, 4, 11, 6]), tail)
+    whole = view.materialize()
+    for picks in ([0, 1, 2], [5, 6, 8], [1, 3, 5, 7], [7, 2, 5, 0], [8, 8, 1]):
+        picks = torch.tensor(picks)
+        assert torch.equal(view[picks], whole[picks])
+        assert torch.equal(view._where(picks, 5), whole[picks])
