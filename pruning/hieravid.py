@@ -528,10 +528,17 @@ class HieraVid(Pruner):
         segment per round and one read-back of the picks' counts per round that picked."""
         n = snap.grid[0] * snap.grid[1]
         out = torch.zeros(rows.numel(), dtype=torch.float64, device=rows.device)
-        x = snap.tokens[rows].float()
-        units = normalize(x)
-        rel = None if r is None else r[rows]
+        x = snap.tokens[rows].float()  # a gathered copy: the means come first, then it is normalised in place
         spans = list(zip([0, *cuts], [*cuts, rows.numel()]))
+        means = []
+        for a, b in spans:  # summed in group-sized blocks, as ingest sums them, added in order
+            whole, part = divmod(b - a, n)
+            sums = x[a:b - part].view(whole, n, x.shape[1]).sum(1)
+            if part:
+                sums = torch.cat([sums, x[b - part:b].sum(0, keepdim=True)])
+            means.append(sums.double().cumsum(0)[-1] / (b - a))
+        units = x.div_(x.norm(dim=-1, keepdim=True).clamp_min(EPS))  # `normalize`, without a second copy
+        rel = None if r is None else r[rows]
         at = [a for a, _ in spans]
         bases = [torch.zeros(0, snap.tokens.shape[1], device=rows.device) for _ in spans]
         while any(s < b for s, (_, b) in zip(at, spans)):
@@ -551,13 +558,6 @@ class HieraVid(Pruner):
             if picked:
                 for (m, picks), made in zip(picked, torch.stack([p.count() for _, p in picked]).tolist()):
                     bases[m] = picks.extend(made)
-        means = []
-        for a, b in spans:  # summed in group-sized blocks, as ingest sums them, added in order
-            whole, part = divmod(b - a, n)
-            sums = x[a:b - part].view(whole, n, x.shape[1]).sum(1)
-            if part:
-                sums = torch.cat([sums, x[b - part:b].sum(0, keepdim=True)])
-            means.append(sums.double().cumsum(0)[-1] / (b - a))
         return out, torch.stack(means).float()
 
     def query_score(self, snap: TokenSet, query_embeds: torch.Tensor | None) -> torch.Tensor:
