@@ -68,8 +68,12 @@ def relevance(tokens: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
     if text is None or text.numel() == 0 or lead.numel() == 0:
         return torch.zeros(lead)
     unit_text = normalize(text.reshape(-1, text.shape[-1])).T
-    best = rowwise(tokens, lambda x: (normalize(x).reshape(-1, x.shape[-1]) @ unit_text).amax(dim=1))
-    return best.reshape(lead)
+
+    def best(x: torch.Tensor) -> torch.Tensor:  # dot products over the norm: no normalised copy of x
+        flat = x.reshape(-1, x.shape[-1]).float()
+        return (flat @ unit_text).amax(dim=1) / flat.norm(dim=-1).clamp_min(EPS)
+
+    return rowwise(tokens, best).reshape(lead)
 
 
 class Prepared(NamedTuple):
