@@ -15,10 +15,11 @@ after r) then sees early rows change once every few groups instead of every grou
 
 `add` (ingest thread) and `snapshot`/`layout`/`gather` (query and display threads) take one
 lock; all return copies. A question that ranks the whole memory holds the lock instead
-(`frozen`) and copies only the rows it keeps. `version` changes with every change to what is held, so a reader that
-keeps something derived from the memory can tell whether it is stale without copying the
-tokens, and every held row carries a `stamp` that changes whenever its vector does (it is
-written or merged into), so such a reader can find the first row that changed.
+(`frozen`) and copies only the rows it keeps. `version` changes with every change to what is
+held, so a reader that keeps something derived from the memory can tell whether it is stale
+without copying the tokens, and every held row carries a `stamp` that changes whenever its
+vector does (it is written or merged into), so such a reader can find the first row that
+changed.
 
 The memory lives on one device, the model's (`device`): the store, the recent window and the
 pruner's own state are there, and a group's add reads nothing back to the host when its pruner
