@@ -112,3 +112,30 @@ async def test_cancelling_aask_frees_the_llm_thread_within_a_token(vlm):
     finally:
         handler.close()
     assert after_cancel < 5 * one + 1.0, (after_cancel, one)
+
+
+@pytest.mark.parametrize("name", ["echoprune", "hieravid", "moprune"])
+def test_a_ranked_answer_equals_one_ranked_on_a_copy_of_the_memory(vlm, name):
+    """The full path ranks the memory in place; the plain way (rank a snapshot, lay out its
+    picked rows) gives the same prompt and the same answer, token for token."""
+    mem = TokenMemory(40, get_pruner(name), recent_groups=2, evict_slack=8)
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 4, vlm.hidden_size, generator=gen)
+    for g in range(12):
+        mem.add(FrameTokens(g, g * 0.5, base + 0.3 * torch.randn(3, 4, vlm.hidden_size, generator=gen)))
+    question = Question("what moved near the door?", llm_budget=30, max_new_tokens=6)
+    handler = QueryHandler(vlm, mem, QuerySettings())
+    try:
+        answer = handler.ask(question)
+    finally:
+        handler.close()
+    assert answer.prompt_path == "full" and answer.tokens_used == 30 < answer.memory_tokens == len(mem)
+    snap = mem.snapshot()
+    layer = mem.pruner.query_layer
+    query = vlm.question_embeds(question.text) if layer is None else vlm.question_states(question.text, layer)
+    seen = snap.select(mem.pruner.rank_for_query(snap, query, 30))
+    prompt = vlm.layout(seen, question.text, handler.layout)
+    plain = vlm.generate(prompt, 6)
+    assert (answer.text, answer.prompt_tokens) == (plain.text, len(prompt))
+    assert (answer.t_start, answer.t_end, answer.groups) == (float(seen.pts.min()), float(seen.pts.max()),
+                                                            int(seen.groups().numel()))
