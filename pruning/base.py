@@ -165,9 +165,10 @@ def rowwise(tokens: torch.Tensor | RowView, fn: Callable[[torch.Tensor], torch.T
 class TokenSet:
     """Tokens with per-token metadata, sorted by (group, row, col).
 
-    Used both as the long-term store handed to `evict` (read-only; there `tokens` and `extras`
-    are `RowView`s: index them to read rows) and as the immutable snapshot a query runs on
-    (plain tensors). `recent` marks tokens of the dense recent window. `run` is how many
+    Used as the long-term store handed to `evict` and as the whole memory a question ranks
+    (`TokenMemory.frozen`), both read-only, where `tokens` and `extras` are `RowView`s (index
+    them to read rows, or `rowwise` for a row-wise function of all of them), and as an
+    immutable snapshot (plain tensors). `recent` marks tokens of the dense recent window. `run` is how many
     consecutive groups a row stands for: a merged run's length from the row's group on (its
     vector their mean), 1 for every other row; left out, it is all 1.
     """
@@ -266,5 +267,6 @@ class Pruner:
     def rank_for_query(
         self, snap: TokenSet, query_embeds: torch.Tensor | None, budget: int
     ) -> torch.Tensor:
-        """Rows of `snap` the LLM sees (ascending, at most `budget`), recent window first."""
+        """Rows of `snap` the LLM sees (ascending, at most `budget`), recent window first. A
+        question passes the memory in place, its vectors as `RowView`s; a snapshot works alike."""
         return recent_first(snap, self.query_score(snap, query_embeds), budget)
