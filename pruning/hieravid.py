@@ -537,7 +537,7 @@ class HieraVid(Pruner):
             if part:
                 sums = torch.cat([sums, x[b - part:b].sum(0, keepdim=True)])
             means.append(sums.double().cumsum(0)[-1] / (b - a))
-        units = x.div_(x.norm(dim=-1, keepdim=True).clamp_min(EPS))  # `normalize`, without a second copy
+        units = normalize(x, inplace=True)
         rel = None if r is None else r[rows]
         at = [a for a, _ in spans]
         bases = [torch.zeros(0, snap.tokens.shape[1], device=rows.device) for _ in spans]

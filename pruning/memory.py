@@ -252,8 +252,8 @@ class TokenMemory:
 
     def placed(self) -> contextlib.AbstractContextManager:
         """Where the pruner's own tensors are made: where the memory lives (no context on the
-        CPU, the default, where the context's per-call cost would be pure overhead). A query
-        ranks a snapshot inside it."""
+        CPU, the default, where the context's per-call cost would be pure overhead). A question
+        ranks the memory inside it (`frozen`)."""
         return contextlib.nullcontext() if self.device.type == "cpu" else self.device
 
     def _new_stamp(self) -> int:

@@ -9,10 +9,12 @@ import torch
 EPS = 1e-6
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalise the last dim in float32 (eps 1e-6), as every `cos` in docs/PRUNERS.md."""
+def normalize(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """L2-normalise the last dim in float32 (eps 1e-6), as every `cos` in docs/PRUNERS.md;
+    `inplace` overwrites a float32 `x` (a copy the caller owns) instead of making another."""
     x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    norm = x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    return x.div_(norm) if inplace else x / norm
 
 
 def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
