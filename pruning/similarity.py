@@ -22,13 +22,6 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (normalize(a) * normalize(b)).sum(-1)
 
 
-def cos_matrix(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """Pairwise cosine [n, m] of rows of a [n, D] and b [m, D] (b defaults to a)."""
-    na = normalize(a)
-    nb = na if b is None else normalize(b)
-    return na @ nb.T
-
-
 def topk_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, ties toward the lower index, returned ascending
     (`smallest_rows` of the negated scores). NaN never comes from our pruners; if it does, it
