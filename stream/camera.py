@@ -265,8 +265,9 @@ class Camera:
         if loop is None or loop.is_closed():
             return
         events: list[Event] = [GroupAdded(self.name, group.index, group.pts, len(self.memory), thumbnail(frames[0].image))]
-        if self.scenes.update(group.tokens):
-            events.append(SceneChange(self.name, group.index, group.pts))
+        cuts = self.scenes.update(group)
+        events += [SceneChange(self.name, index, pts) for index, pts in cuts]
+        if cuts:
             loop.call_soon_threadsafe(self.watches.scene_change)
         for event in events:
             asyncio.run_coroutine_threadsafe(self.publish(event), loop)
