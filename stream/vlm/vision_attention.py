@@ -8,7 +8,8 @@ arithmetic. `BatchedVisionAttention` computes all chunks in one
 [chunks, heads, len, head_dim]; unequal ones are gathered into chunks padded to the longest, with a
 key-padding mask, and gathered back. The chunk layout (and its one host sync) is worked out once
 per distinct `cu_seqlens` tensor, not per layer: every block of a kind gets the same tensor object
-in a forward, and a cache shared by the tower's blocks holds it.
+in a forward, and a cache shared by the tower's blocks holds it. The Qwen families pass tensors
+they made once per grid and `prime` with their lengths, so their calls pay no sync at all.
 
 `install(model)` swaps it into every vision block of a loaded model; the parameters stay the
 original's (same `qkv` and `proj` modules, so the state dict's keys and values are unchanged).
@@ -50,10 +51,12 @@ class ChunkPlan:
 class PlanCache:
     """Chunk plans by `cu_seqlens` tensor object (held alive, so its id is not reused), then by
     lengths and device: a forward's first layer of a kind pays the one host sync, the others find the
-    tensor. Small LRUs: a forward has at most two kinds (Qwen2.5-VL's windows and frames)."""
+    tensor, and a tensor `prime`d with its lengths costs none. LRUs: a forward has at most two kinds
+    (Qwen2.5-VL's windows and frames)."""
 
-    def __init__(self, size: int = 8):
-        self.size = size
+    def __init__(self, size: int = 8, tensors: int = 256):
+        self.size = size  # distinct layouts (their index tensors) kept
+        self.tensors = tensors  # cu_seqlens tensors known: a family's tower inputs keep two per grid
         self.syncs = 0  # host syncs paid (one per new cu_seqlens tensor), for tests and profiling
         self.by_tensor: OrderedDict[int, tuple[torch.Tensor, ChunkPlan]] = OrderedDict()
         self.by_lengths: OrderedDict[tuple[tuple[int, ...], torch.device], ChunkPlan] = OrderedDict()
@@ -66,6 +69,13 @@ class PlanCache:
             return hit[1]
         lengths = tuple((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())  # the one host sync
         self.syncs += 1
+        return self.prime(cu_seqlens, lengths)
+
+    def prime(self, cu_seqlens: torch.Tensor, lengths: tuple[int, ...]) -> ChunkPlan:
+        """The plan of `cu_seqlens`, whose chunk `lengths` the caller knows on the host: a tensor
+        made once and passed to every forward (the families' cached tower inputs) never costs a
+        sync, not even the first time."""
+        key = id(cu_seqlens)
         layout = (lengths, cu_seqlens.device)  # the plan's index tensors live on that device
         plan = self.by_lengths.get(layout)
         if plan is None:
@@ -73,7 +83,7 @@ class PlanCache:
             _put(self.by_lengths, layout, plan, self.size)
         else:
             self.by_lengths.move_to_end(layout)
-        _put(self.by_tensor, key, (cu_seqlens, plan), self.size)
+        _put(self.by_tensor, key, (cu_seqlens, plan), self.tensors)
         return plan
 
 
@@ -146,6 +156,15 @@ class BatchedVisionAttention(nn.Module):
         if plan.scatter is not None:
             out = out.index_select(0, plan.scatter)
         return self.proj(out)
+
+
+def prime(model: nn.Module, cu_seqlens: torch.Tensor, lengths: tuple[int, ...]) -> None:
+    """Tell the installed blocks of `model` the chunk lengths of `cu_seqlens` (nothing to do
+    where none are installed)."""
+    for block in getattr(_vision_tower(model), "blocks", ()):
+        if isinstance(block.attn, BatchedVisionAttention):
+            block.attn._plans.prime(cu_seqlens, lengths)
+            return
 
 
 def _vision_tower(model: nn.Module) -> nn.Module | None:

@@ -56,6 +56,19 @@ class Qwen2_5_VL(QwenTower, ChatLLM):
         speed_up(net)
         return cls(net, tokenizer, name=name, random_weights=random_weights, max_pixels=max_pixels)
 
+    def _grid_inputs(self, visual: torch.nn.Module, grid: torch.Tensor) -> dict[str, Any]:
+        from transformers.utils.generic import get_max_seqlen
+        from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
+
+        cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid, visual.config)
+        window_index, cu_window_seqlens = get_vision_window_index(
+            grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+            patch_size=visual.patch_size)
+        return {"position_ids": get_vision_position_ids(grid, visual.spatial_merge_size),
+                "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen,
+                "window_index": window_index, "cu_window_seqlens": cu_window_seqlens,
+                "max_window_seqlen": get_max_seqlen(cu_window_seqlens, visual.config)}
+
     def _per_group(self, feats: Any, t: int, h: int, w: int) -> list[torch.Tensor]:
         """One [h, w, D] token grid per group, on the model's device (where the memory lives)."""
         return list(feats.pooler_output[0].reshape(t, h, w, -1))

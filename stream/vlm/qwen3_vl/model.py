@@ -89,6 +89,21 @@ class Qwen3_VL(QwenTower, ChatLLM):
         mean, std = normalization(path)
         return cls(net, tokenizer, name=name, random_weights=random_weights, max_pixels=max_pixels, mean=mean, std=std)
 
+    def _grid_inputs(self, visual: torch.nn.Module, grid: torch.Tensor) -> dict[str, Any]:
+        from transformers.vision_utils import (
+            get_vision_attention_seqlens,
+            get_vision_interpolation_indices_and_weights,
+            get_vision_position_ids,
+        )
+
+        interp_indices, interp_weights = get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.config.spatial_merge_size)
+        cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid, visual.config)
+        return {"interp_indices": interp_indices, "interp_weights": interp_weights,
+                "position_ids": get_vision_position_ids(grid, visual.spatial_merge_size),
+                "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+
     def _per_group(self, feats: Any, t: int, h: int, w: int) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """Per group its [h, w, D] token grid and its deepstack features {"deepstack": [n, h, w, D]}."""
         grid = feats.pooler_output[0].reshape(t, h, w, -1)
