@@ -58,3 +58,11 @@ def test_a_tower_call_reads_nothing_back_even_for_a_new_grid(name):
     out = vlm.encode_prepared([(torch.empty(pixels.shape, device="meta"), (t, gh, gw))] * 3)
     grid = out[0][0] if isinstance(out[0], tuple) else out[0]
     assert len(out) == 3 and grid.device.type == "meta" and grid.shape[:2] == (gh // 2, gw // 2)
+
+
+def test_llava_onevisions_tower_reads_nothing_back_either():
+    vlm = load_model("tiny-random-llava-ov")
+    vlm.model.to("meta")
+    pixels = vlm.prepare(_frames(1, 112, 168))
+    out = vlm.encode_prepared([torch.empty(pixels.shape, device="meta")] * 3)
+    assert len(out) == 3 and out[0].device.type == "meta" and out[0].shape[:2] == (vlm.side, vlm.side)
