@@ -3,11 +3,14 @@
 differential token drop does, `random` keeps a uniform sample."""
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from typing import ClassVar
 
 import torch
 
 from .base import GroupScore, ParamRange, Pruner, TokenSet, check_params
+from .host_sync import to_device
 from .similarity import normalize
 from .types import FrameTokens
 
@@ -39,10 +42,12 @@ class Uniform(Pruner):
     The score is the stride level of the group (trailing zero bits of its offset), so a query
     budget smaller than the store still spreads evenly: coarsest stride first.
 
-    The stride lives on the host, so the memory reads nothing back for a group: one on it enters
-    with no keep-mask, one off it keeps none, and says so (`kept`). Eviction reads back once, a
-    pair: the new stride and how many rows it keeps depend on the groups the store holds, which
-    only the device knows.
+    Everything it decides from lives on the host, so the memory reads nothing back for it: a
+    group on the stride enters with no keep-mask, one off it keeps none and says so (`kept`),
+    and eviction works from a host-side list of the groups the store holds (level and rows,
+    in store order). Whole groups of sizes known at ingest enter and leave, and the memory moves
+    them into the store in the order they were scored, so the list is the groups admitted, up
+    to the store's length; the device checks it against the store's group column.
     """
 
     name = "uniform"
@@ -51,6 +56,8 @@ class Uniform(Pruner):
     def __init__(self) -> None:
         self._origin: int | None = None
         self._level = 0  # the stride is 2 ** level
+        self._admitted: deque[tuple[int, int, int]] = deque()  # (group, level, rows), not yet in the store
+        self._held: list[tuple[int, int, int]] = []  # the same for the groups the store holds, in its order
 
     def score(self, group: FrameTokens) -> GroupScore:
         h, w = group.grid
@@ -60,29 +67,51 @@ class Uniform(Pruner):
         level = (offset & -offset).bit_length() - 1 if offset > 0 else _ORIGIN_LEVEL
         score = torch.full((h * w,), float(level))
         if offset % (1 << self._level) == 0:
+            self._admitted.append((group.index, level, h * w))
             return GroupScore(score=score)
         return GroupScore(score=score, keep=torch.zeros(h * w, dtype=torch.bool), kept=0)
 
     def evict(self, store: TokenSet, capacity: int) -> torch.Tensor:
         """The least stride from the current one at which the groups on it fit, or only one is
-        left, found for every stride at once: each row's level (the trailing zero bits of its
-        offset; it is on stride 2^L when its level is at least L) and, per level, the rows at
-        or above it and the least and greatest group among them."""
-        levels = _ORIGIN_LEVEL + 1
-        offset = store.group - (self._origin or 0)
-        level = torch.where(offset == 0, _ORIGIN_LEVEL, torch.frexp((offset & -offset).double()).exponent.long() - 1)
-        rows = torch.zeros(levels, dtype=torch.long).index_add_(0, level, torch.ones_like(level))
-        top = torch.full((levels,), -(1 << 62)).scatter_reduce(0, level, store.group, "amax")
-        low = torch.full((levels,), 1 << 62).scatter_reduce(0, level, store.group, "amin")
-        rows = rows.flip(0).cumsum(0).flip(0)
-        top = top.flip(0).cummax(0).values.flip(0)
-        low = low.flip(0).cummin(0).values.flip(0)
-        steps = torch.arange(levels)
-        fits = ((rows <= capacity) | (top <= low)) & (steps >= self._level)
-        new_level = torch.where(fits, steps, levels).amin()
-        kept = torch.where(steps == new_level, rows, 0).sum().clamp_max(capacity)
-        self._level, count = torch.stack([new_level, kept]).tolist()
-        return torch.nonzero_static(level >= self._level, size=count).flatten()
+        left; the store keeps their rows (at most `capacity`)."""
+        held = self._holding(store)
+        level = self._level
+        while level < _ORIGIN_LEVEL:
+            on = [g for g in held if g[1] >= level]
+            if sum(g[2] for g in on) <= capacity or len(on) <= 1:
+                break
+            level += 1
+        self._level = level
+        keep, self._held, start = [], [], 0
+        for group, lv, n in held:
+            take = min(n, capacity - len(keep)) if lv >= level else 0
+            if take:
+                keep += range(start, start + take)
+                self._held.append((group, lv, take))
+            start += n
+        return to_device(_host(keep), store.group.device)
+
+    def _holding(self, store: TokenSet) -> list[tuple[int, int, int]]:
+        """The groups the store holds: those held after the last eviction, then the admitted
+        ones that have reached it since (as many as its length says)."""
+        n = sum(g[2] for g in self._held)
+        while n < len(store) and self._admitted:
+            self._held.append(self._admitted.popleft())
+            n += self._held[-1][2]
+        if n != len(store):
+            raise RuntimeError(f"uniform: the store holds {len(store)} rows, the groups it admitted {n}")
+        if self._held:
+            device = store.group.device
+            starts = to_device(_host(itertools.accumulate((g[2] for g in self._held[:-1]), initial=0)), device)
+            ids = to_device(_host(g[0] for g in self._held), device)
+            torch._assert_async((store.group.index_select(0, starts) == ids).all(),
+                                "uniform: the store's groups are not the ones it admitted")
+        return self._held
+
+
+def _host(values) -> torch.Tensor:
+    """Python ints as a long tensor on the host, outside any device context (the memory's)."""
+    return torch.tensor(list(values), dtype=torch.long, device="cpu")
 
 
 class DTD(Pruner):

@@ -9,6 +9,11 @@ build machines is the count a GPU would see. `.tolist()`, `.cpu()`, `.numpy()` a
 of a CPU tensor never reach the dispatcher, so they are counted where Python calls them. The
 `meta` device, where every read-back raises, proves a path has none at all
 (tests/test_memory_device.py does both).
+
+A copy from the host to a GPU waits too: without `non_blocking` (and pinned memory behind it)
+PyTorch synchronizes the stream after it. `HostSyncs` counts those where the target is not the
+CPU (`torch.tensor(..., device=...)`, `Tensor.to`, `Tensor.copy_`), so a run on `meta` shows
+them; `to_device` is the copy that does not wait.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ _ALWAYS = {
 _BOOL_INDEX = {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"}
 # Copies to the host, which a CPU tensor makes without reaching the dispatcher.
 _TO_HOST = {"tolist", "cpu", "numpy"}
+# Tensors made on a device from host data: a blocking copy there.
+_FROM_DATA = {"tensor", "as_tensor", "asarray"}
 
 
 def _bool_index(args: tuple) -> bool:
@@ -39,6 +46,25 @@ def _to_host(args: tuple, kwargs: dict) -> bool:
     for a in (*args[1:], kwargs.get("device")):
         if isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu":
             return True
+    return False
+
+
+def _on_a_device(device: object) -> bool:
+    return isinstance(device, (str, torch.device)) and torch.device(device).type != "cpu"
+
+
+def _blocking_to_device(name: str, args: tuple, kwargs: dict) -> bool:
+    """A copy of host data to a device that makes the host wait for the device's queue."""
+    if kwargs.get("non_blocking"):
+        return False
+    if name in _FROM_DATA:
+        data = args[0] if args else kwargs.get("data")
+        return _on_a_device(kwargs.get("device")) and not (
+            isinstance(data, torch.Tensor) and data.device == torch.device(kwargs["device"]))
+    if name in ("to", "cuda") and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu":
+        return name == "cuda" or any(_on_a_device(a) for a in (*args[1:], kwargs.get("device")))
+    if name == "copy_" and len(args) > 1 and all(isinstance(a, torch.Tensor) for a in args[:2]):
+        return args[0].device.type != "cpu" and args[1].device.type == "cpu" and not (args[2:] and args[2])
     return False
 
 
@@ -64,6 +90,8 @@ class _Copied(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in _TO_HOST or (name == "to" and _to_host(args, kwargs)):
             self.counts[f"Tensor.{name}"] += 1
+        elif _blocking_to_device(name, args, kwargs):
+            self.counts[f"{name} to a device, blocking"] += 1
         return func(*args, **kwargs)
 
 
@@ -86,3 +114,14 @@ class HostSyncs:
     def __exit__(self, *exc) -> None:
         for m in reversed(self._modes):
             m.__exit__(*exc)
+
+
+def to_device(x: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """`x` (on the host) on `device` without the host waiting for the device's queue: through
+    pinned memory on a GPU (whose buffer PyTorch keeps until the copy is done), queued either way."""
+    device = torch.device(device)
+    if x.device == device:
+        return x
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)

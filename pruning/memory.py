@@ -39,6 +39,7 @@ from typing import Iterator, Mapping
 import torch
 
 from .base import GroupScore, Pruner, RowView, TokenSet
+from .host_sync import to_device
 from .similarity import rows_of
 from .types import FrameTokens
 
@@ -384,7 +385,7 @@ class TokenMemory:
             toks: list[torch.Tensor] = []
             extras: list[dict[str, torch.Tensor]] = []
             if cut:
-                slots = st.slot[rows[:cut].to(self.device)]
+                slots = st.slot[to_device(rows[:cut], self.device)]
                 toks.append(st.tokens.index_select(0, slots))
                 extras.append({k: v.index_select(0, slots) for k, v in st.extras.items()})
             start = stored
@@ -392,7 +393,7 @@ class TokenMemory:
                 n = g.tokens.shape[0] * g.tokens.shape[1]
                 lo, hi = (int(torch.searchsorted(rows, torch.tensor(x))) for x in (start, start + n))
                 if hi > lo:
-                    local = (rows[lo:hi] - start).to(self.device)
+                    local = to_device(rows[lo:hi] - start, self.device)
                     toks.append(g.tokens.reshape(n, -1).index_select(0, local))
                     extras.append({k: v.index_select(0, local) for k, v in ex.items()})
                 start += n

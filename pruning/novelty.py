@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from .base import check_params, describe_range
+from .host_sync import to_device
 from .similarity import EPS
 
 # Cosine at or above which a token is an observation of a banked state. Same cell, consecutive
@@ -66,7 +67,7 @@ class StateBank:
         self._chunks = -(-d // self.dims) if d > self.dims else 0
         gen = torch.Generator().manual_seed(0)
         signs = torch.randint(0, 2, (1, self._chunks), generator=gen, device="cpu") * 2 - 1
-        self._signs = signs.float().to(device)
+        self._signs = to_device(signs.float(), device)
         self._bank = torch.zeros(n, k, min(d, self.dims), device=device)
         self._norm = torch.ones(n, k, device=device)  # of each banked vector, clamped at EPS
         self._count = torch.zeros(n, k, device=device)  # observations folded in, 0 = empty

@@ -68,10 +68,9 @@ def test_uniform_with_capacity_below_one_group_keeps_a_prefix():
         assert snap.group.tolist() == [0, 0, 0] and snap.row.tolist() == [0, 0, 1]
 
 
-def test_uniform_says_what_a_group_keeps_and_evicts_with_one_read_back():
+def test_uniform_says_what_a_group_keeps_and_evicts_reading_nothing_back():
     """A group on the stride has no keep-mask and one off it keeps none and says so (the memory
-    reads nothing back for either); eviction reads back one pair: the new stride and how many
-    rows it keeps."""
+    reads nothing back for either); eviction decides from the groups it admitted, on the host."""
     pruner = Uniform()
     frames = groups(6)
     assert all(pruner.score(g).keep is None for g in frames[:4])
@@ -80,7 +79,7 @@ def test_uniform_says_what_a_group_keeps_and_evicts_with_one_read_back():
                      score=torch.zeros(16), recent=torch.zeros(16, dtype=torch.bool), grid=(2, 2))
     with HostSyncs() as syncs:
         kept = pruner.evict(store, 8)
-    assert syncs.total == 1 and group[kept].tolist() == [0] * 4 + [2] * 4
+    assert syncs.total == 0 and group[kept].tolist() == [0] * 4 + [2] * 4
     assert pruner.score(frames[4]).keep is None
     off = pruner.score(frames[5])
     assert off.kept == 0 and not bool(off.keep.any())

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from pruning.host_sync import HostSyncs
 from stream.vlm.qwen2_5_vl.preprocess import batches_by_shape
 from stream.vlm.registry import load_model
 
@@ -55,14 +56,38 @@ def test_a_tower_call_reads_nothing_back_even_for_a_new_grid(name):
     vlm = load_model(name)
     vlm.model.to("meta")
     pixels, (t, gh, gw) = vlm.prepare(_frames(2, 112, 168))
-    out = vlm.encode_prepared([(torch.empty(pixels.shape, device="meta"), (t, gh, gw))] * 3)
+    with HostSyncs() as syncs:
+        out = vlm.encode_prepared([(torch.empty(pixels.shape, device="meta"), (t, gh, gw))] * 3)
     grid = out[0][0] if isinstance(out[0], tuple) else out[0]
     assert len(out) == 3 and grid.device.type == "meta" and grid.shape[:2] == (gh // 2, gw // 2)
+    assert not _blocking_copies(syncs)
+
+
+def _blocking_copies(syncs: HostSyncs) -> dict[str, int]:
+    """Copies to the device that would wait for its queue (reads of host tensors, which
+    `HostSyncs` counts too since on the CPU it cannot tell them apart, cost nothing here)."""
+    return {k: n for k, n in syncs.counts.items() if k.endswith("to a device, blocking")}
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "tiny-random-llava-ov"])
+def test_frames_prepared_on_the_device_are_copied_there_without_waiting(name):
+    """On a GPU a frame goes up through pinned memory, queued: a blocking copy would make the
+    camera's thread wait for every other camera's tower work."""
+    vlm = load_model(name)
+    vlm.model.to("meta")
+    vlm.preprocess_on_device = True
+    frames = _frames(vlm.group_size, 120, 160)
+    with HostSyncs() as syncs:
+        prepared = vlm.prepare(frames)
+        vlm.encode_prepared([prepared, prepared])
+    assert not _blocking_copies(syncs)
 
 
 def test_llava_onevisions_tower_reads_nothing_back_either():
     vlm = load_model("tiny-random-llava-ov")
     vlm.model.to("meta")
     pixels = vlm.prepare(_frames(1, 112, 168))
-    out = vlm.encode_prepared([torch.empty(pixels.shape, device="meta")] * 3)
+    with HostSyncs() as syncs:
+        out = vlm.encode_prepared([torch.empty(pixels.shape, device="meta")] * 3)
     assert len(out) == 3 and out[0].device.type == "meta" and out[0].shape[:2] == (vlm.side, vlm.side)
+    assert not _blocking_copies(syncs)

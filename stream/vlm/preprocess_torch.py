@@ -23,6 +23,8 @@ import numpy as np
 import PIL
 import torch
 
+from pruning import host_sync
+
 from .llava_ov.preprocess import FrameGeometry
 from .qwen2_5_vl.preprocess import VisionGeometry, budget_size, letterbox, patch_grid, stack_pairs
 
@@ -39,8 +41,9 @@ def runs_on_device(choice: bool | None, device: torch.device) -> bool:
 
 
 def to_device(image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """An H x W x 3 uint8 frame on `device`, still uint8: the one copy of its pixels there."""
-    return torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    """An H x W x 3 uint8 frame on `device`, still uint8: the one copy of its pixels there, queued
+    without waiting for the device (a blocking copy would wait for every camera's queued work)."""
+    return host_sync.to_device(torch.from_numpy(np.ascontiguousarray(image)), device)
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -68,8 +71,8 @@ def _taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tens
         total = total + col
     w = w / np.where(total == 0, 1.0, total)[:, None]
     fixed = np.trunc(w * (1 << PRECISION_BITS) + np.where(w < 0, -0.5, 0.5)).astype(np.int32)
-    return (torch.from_numpy(np.minimum(index, in_size - 1).T.copy()).to(device),
-            torch.from_numpy(fixed.T.copy()).to(device))
+    return (host_sync.to_device(torch.from_numpy(np.minimum(index, in_size - 1).T.copy()), device),
+            host_sync.to_device(torch.from_numpy(fixed.T.copy()), device))
 
 
 def _resample(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -99,7 +102,7 @@ def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 @functools.lru_cache(maxsize=32)
 def _constant(values: float | tuple, device: torch.device) -> torch.Tensor:
     """A float32 constant on `device`, made once."""
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return host_sync.to_device(torch.tensor(values, dtype=torch.float32, device="cpu"), device)
 
 
 def _normalise(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pruning import host_sync
+
 log = logging.getLogger(__name__)
 
 # Vision attention classes whose forward this module reproduces (same qkv/proj/rotary/cu_seqlens
@@ -111,7 +113,7 @@ def _build_plan(lengths: tuple[int, ...], device: torch.device) -> ChunkPlan:
     valid = offsets[None, :] < lens[:, None]  # [n, longest]
     gather = torch.where(valid, starts[:, None] + offsets[None, :], 0).flatten()
     scatter = valid.flatten().nonzero().squeeze(1)
-    return ChunkPlan(n, longest, gather.to(device), valid[:, None, None, :].to(device), scatter.to(device))
+    return ChunkPlan(n, longest, *(host_sync.to_device(x, device) for x in (gather, valid[:, None, None, :], scatter)))
 
 
 class BatchedVisionAttention(nn.Module):

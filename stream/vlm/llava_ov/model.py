@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pruning import host_sync
 
 from .. import preprocess_torch
 from ..base import LayoutSettings, PromptPlan
@@ -123,7 +124,7 @@ class LlavaOneVision(ChatLLM):
             return []
         pixels = torch.stack([torch.as_tensor(p) for p in prepared])[None]
         feats = self.model.model.get_video_features(
-            pixel_values_videos=pixels.to(self.device, self.dtype)).pooler_output[0, :-1]
+            pixel_values_videos=host_sync.to_device(pixels, self.device).to(self.dtype)).pooler_output[0, :-1]
         return list(feats.reshape(len(prepared), self.side, self.side, -1))
 
     @functools.lru_cache(maxsize=4096)

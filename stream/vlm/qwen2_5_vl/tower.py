@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pruning import host_sync
+
 from .. import patch_embed, preprocess_torch, vision_attention
 from .preprocess import VisionGeometry, batches_by_shape, prepare_group
 
@@ -61,7 +63,7 @@ class QwenTower:
         m = self.geometry.merge_size
         for idxs, pixels, (t, gh, gw) in batches_by_shape(prepared):
             feats = self.model.model.get_video_features(
-                pixel_values_videos=torch.as_tensor(pixels, device=self.device),
+                pixel_values_videos=host_sync.to_device(torch.as_tensor(pixels), self.device),
                 video_grid_thw=torch.tensor([[t, gh, gw]]),  # on the host, where reading it costs nothing
                 **self._tower_inputs(t, gh, gw),
             )
@@ -76,7 +78,7 @@ class QwenTower:
         the tower, each call reads the grid back (`tolist`) half a dozen times: on a GPU, each read
         waits for every camera's queued work."""
         inputs = self._grid_inputs(self.model.model.visual, torch.tensor([[t, gh, gw]]))
-        placed = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        placed = {k: host_sync.to_device(v, self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         for key in CHUNKS:
             if key in placed:
                 vision_attention.prime(self.model, placed[key], tuple(inputs[key].diff().tolist()))
