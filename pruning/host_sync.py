@@ -13,7 +13,8 @@ of a CPU tensor never reach the dispatcher, so they are counted where Python cal
 A copy from the host to a GPU waits too: without `non_blocking` (and pinned memory behind it)
 PyTorch synchronizes the stream after it. `HostSyncs` counts those where the target is not the
 CPU (`torch.tensor(..., device=...)`, `Tensor.to`, `Tensor.copy_`), so a run on `meta` shows
-them; `to_device` is the copy that does not wait.
+them; `to_device` is the copy that does not wait, and `HostCopy` the read-back that waits only
+when its value is needed (after letting go of a lock, or a group later).
 """
 from __future__ import annotations
 
@@ -125,3 +126,27 @@ def to_device(x: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     if device.type == "cuda" and x.device.type == "cpu":
         x = x.pin_memory()
     return x.to(device, non_blocking=True)
+
+
+class HostCopy:
+    """A host copy of device data, queued behind the device's work: on a GPU a non-blocking copy
+    to pinned memory and an event, so the caller can let go of a lock, or go on with its next
+    group, before it waits; `ready()` asks without waiting, `get()` waits only if it must. On the
+    CPU it is a plain copy, ready at once."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if x.device.type == "cuda":
+            self._host = x.detach().to("cpu", non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = x.detach().to("cpu", copy=True)
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def get(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host

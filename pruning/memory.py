@@ -39,7 +39,7 @@ from typing import Iterator, Mapping
 import torch
 
 from .base import GroupScore, Pruner, RowView, TokenSet
-from .host_sync import to_device
+from .host_sync import HostCopy, to_device
 from .similarity import rows_of
 from .types import FrameTokens
 
@@ -138,12 +138,12 @@ class _Store:
             extras={k: RowView(v, slots) for k, v in self.extras.items()}, run=self.run(),
         )
 
-    def positions(self) -> list[torch.Tensor]:
-        """Host copies of the group, pts, row, col, stamp and run columns of the live rows."""
+    def positions(self) -> tuple[HostCopy, HostCopy]:
+        """Host copies, queued, of the group, row, col, stamp and run columns of the live rows
+        (stacked) and of their pts."""
         n = self.n
-        group, row, col, stamp, run = torch.stack([self.group[:n], self.row[:n], self.col[:n], self.stamp[:n],
-                                                   self.run()]).cpu()
-        return [group, self.pts[:n].to("cpu", copy=True), row, col, stamp, run]
+        return (HostCopy(torch.stack([self.group[:n], self.row[:n], self.col[:n], self.stamp[:n], self.run()])),
+                HostCopy(self.pts[:n]))
 
     def run(self) -> torch.Tensor:
         """Groups each live row stands for: the tokens folded into it, itself included."""
@@ -352,24 +352,28 @@ class TokenMemory:
 
     def layout(self) -> MemoryLayout:
         """The snapshot's group, pts, row and col columns (copies) and the counters, taken
-        together under the lock; no token vectors are copied."""
+        together under the lock; no token vectors are copied. The store's columns are copied to
+        the host in the device's queue under the lock and waited for after it, so ingest never
+        waits for the device's other work behind a layout."""
         with self._lock:
-            cols = self._store.positions() if self._store is not None else []
-            parts = [cols] if cols and cols[0].numel() else []
-            for g, _, _, stamp in self._recent:
-                h, w = g.grid
-                idx = torch.arange(h * w)
-                parts.append([torch.full((h * w,), g.index, dtype=torch.long),
-                              torch.full((h * w,), g.pts, dtype=torch.float64), idx // w, idx % w,
-                              torch.full((h * w,), stamp, dtype=torch.long), torch.ones(h * w, dtype=torch.long)])
-            if parts:
-                group, pts, row, col, stamps, run = (torch.cat(c) for c in zip(*parts))
-            else:
-                z = torch.zeros(0, dtype=torch.long)
-                group, pts, row, col, stamps, run = (z, torch.zeros(0, dtype=torch.float64), z.clone(), z.clone(),
-                                                     z.clone(), z.clone())
-            return MemoryLayout(group, pts, row, col, self._grid or (0, 0), self.tokens_seen,
-                                self.groups_seen, self._version, stamps, run)
+            store = self._store.positions() if self._store is not None and self._store.n else None
+            recent = [(g.grid, g.index, g.pts, stamp) for g, _, _, stamp in self._recent]
+            counters = (self._grid or (0, 0), self.tokens_seen, self.groups_seen, self._version)
+        parts = []
+        if store is not None:
+            (group, row, col, stamp, run), pts = store[0].get(), store[1].get()
+            parts.append([group, pts, row, col, stamp, run])
+        for (h, w), index, pts, stamp in recent:
+            idx = torch.arange(h * w)
+            parts.append([torch.full((h * w,), index, dtype=torch.long), torch.full((h * w,), pts, dtype=torch.float64),
+                          idx // w, idx % w, torch.full((h * w,), stamp, dtype=torch.long), torch.ones(h * w, dtype=torch.long)])
+        if parts:
+            group, pts, row, col, stamps, run = (torch.cat(c) for c in zip(*parts))
+        else:
+            z = torch.zeros(0, dtype=torch.long)
+            group, pts, row, col, stamps, run = (z, torch.zeros(0, dtype=torch.float64), z.clone(), z.clone(),
+                                                 z.clone(), z.clone())
+        return MemoryLayout(group, pts, row, col, *counters, stamps, run)
 
     def gather(self, rows: torch.Tensor, version: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """The vectors (tokens, extras) of snapshot rows `rows` (ascending), or None when the

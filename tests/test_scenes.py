@@ -1,12 +1,11 @@
 """The camera's scene detector: a cut is reported at the group it happens in, once, in order,
-and its verdict is read through `LateValue`, so on a GPU the camera's thread never waits for it."""
+and its verdict is read through a `HostCopy`, so on a GPU the camera's thread never waits for it."""
 from __future__ import annotations
 
 import torch
 
-from pruning.host_sync import HostSyncs
+from pruning.host_sync import HostCopy, HostSyncs
 from pruning.types import FrameTokens
-from stream.late_value import LateValue
 from stream.scenes import SceneDetector
 
 
@@ -29,18 +28,20 @@ def test_the_first_group_starts_no_scene():
     assert det.update(groups(1, cut_at=0)[0]) == []
 
 
-def test_a_verdict_is_read_only_through_a_late_value():
-    """On the CPU the value is on the host already; on a GPU the same read is a pinned copy
-    queued behind the device's work and an event (stream/late_value.py)."""
+def test_a_verdict_is_read_only_through_a_host_copy():
+    """On the CPU a plain copy; on a GPU the same read is a pinned copy queued behind the
+    device's work and an event (`pruning.host_sync.HostCopy`)."""
     det = SceneDetector()
     stream = groups(4, cut_at=2)
     det.update(stream[0])
     for g in stream[1:]:
         with HostSyncs() as syncs:
             det.update(g)
-        assert dict(syncs.counts) == {"Tensor.tolist": 1}
+        assert dict(syncs.counts) == {"Tensor.to": 1, "Tensor.tolist": 1}
 
 
-def test_a_late_value_on_the_host_is_ready_at_once():
-    value = LateValue(torch.tensor(3) > 2)
-    assert value.ready() and value.get() is True
+def test_a_host_copy_on_the_cpu_is_a_copy_and_ready_at_once():
+    x = torch.arange(3)
+    copy = HostCopy(x)
+    x += 1
+    assert copy.ready() and copy.get().tolist() == [0, 1, 2]
