@@ -13,9 +13,11 @@
   latency, drops, pruning ms per group; and from that the cameras one GPU keeps up with at 1 and
   2 fps sampling (landed >= 95% of offered, nothing dropped, p95 latency <= 1 s). The memories
   live on the model's device, in its dtype, as the pipeline keeps them;
+- the host synchronizations (`pruning.host_sync.HostSyncs`: read-backs and blocking copies to the
+  device) of preparing a group on the device, of a tower call and of the scene detector's verdict
+  (on a GPU: none expected; on the CPU it counts host-side reads it cannot tell apart);
 - each pruner's `TokenMemory.add` per group on the device and the host synchronizations it
-  makes (`pruning.host_sync.HostSyncs`), and HieraVid's query-time ranking at half the memory,
-  at 7B shapes.
+  makes, and HieraVid's query-time ranking at half the memory, at 7B shapes.
 The tower is random-init from Qwen2.5-VL-7B's published vision config (depth 32, hidden 1280, 16
 heads, MLP 3420, window 112, full attention in blocks 7/15/23/31, merger to 3584) in bf16,
 behind a one-layer LLM of the 7B width (ingest never runs the LLM); nothing is downloaded.
@@ -35,6 +37,7 @@ import torch
 
 from pruning import FrameTokens, TokenMemory, get_pruner
 from pruning.host_sync import HostSyncs
+from stream.scenes import SceneDetector
 from stream.vlm import patch_embed, vision_attention
 
 from .common import Stat, Table, quiet, video_like_features
@@ -119,6 +122,27 @@ def prepare_rows(vlm, size: DeviceSize, t: Table) -> float:
     return float((rows[0] - rows[1]).abs().max())
 
 
+def ingest_syncs_table(vlm, size: DeviceSize, where: str) -> Table:
+    """Host synchronizations (read-backs and blocking copies to the device, `HostSyncs`) of a
+    group's path outside the memory, each step after a warm-up call: preparing a group on the
+    device, a tower call as the families load it, and the scene detector's verdict."""
+    frames = camera_frames(2, 640, 480, n=2)
+    prepared = vlm.prepare(frames)
+    batch = [prepared] * size.batches[-1]
+    tokens = vlm.encode_prepared(batch)
+    scenes = SceneDetector()
+    steps = {"prepare a 640x480 pair on the device": lambda: vlm.prepare(frames),
+             f"tower + merger as loaded, {len(batch)} groups": lambda: vlm.encode_prepared(batch),
+             "scene detector, one group": lambda: scenes.update(FrameTokens(len(tokens), 0.0, tokens[0]))}
+    t = Table(f"Host synchronizations on a group's path outside the memory ({where})", ["step", "host syncs", "which"])
+    for step, fn in steps.items():
+        fn()
+        with HostSyncs() as counted:
+            fn()
+        t.add(step, counted.total, ", ".join(f"{k} x{n}" for k, n in sorted(counted.counts.items())) or "none")
+    return t
+
+
 def memory_table(vlm, size: DeviceSize, where: str) -> Table:
     """TokenMemory.add per group (the last 15) and HieraVid's rank_for_query at half the memory,
     with every tensor on the model's device (float32 features)."""
@@ -197,6 +221,8 @@ def measure(size: DeviceSize, device: str) -> Iterator[Table]:
     same.add("tower tokens, 4 groups: as loaded vs transformers' own, relative to the largest token "
              f"({str(dtype).removeprefix('torch.')})", f"{tower_diff:.3g}")
     yield same
+    with torch.inference_mode():
+        yield ingest_syncs_table(vlm, size, where)
     cams, best = cameras_table(vlm, size, where)
     yield cams
     cap = Table("Cameras one model keeps up with (landed >= 95% of offered, no drops, p95 ingest latency <= 1 s)",
