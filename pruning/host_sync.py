@@ -139,7 +139,7 @@ class HostCopy:
         if x.device.type == "cuda":
             self._host = x.detach().to("cpu", non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(x.device))  # the copy's stream, on x's GPU
         else:
             self._host = x.detach().to("cpu", copy=True)
 
