@@ -150,6 +150,9 @@ def batches_by_shape(prepared: list[tuple[Any, tuple[int, int, int]]]) -> list[t
     out = []
     for (gh, gw), idxs in by_shape.items():
         rows = [prepared[i][0] for i in idxs]
-        stacked = torch.cat(rows) if isinstance(rows[0], torch.Tensor) else np.concatenate(rows)
+        if len(rows) == 1:  # a group alone is its own batch: no copy
+            stacked = rows[0]
+        else:
+            stacked = torch.cat(rows) if isinstance(rows[0], torch.Tensor) else np.concatenate(rows)
         out.append((idxs, stacked, (sum(prepared[i][1][0] for i in idxs), gh, gw)))
     return out
