@@ -4,7 +4,8 @@ among a plan's text embeddings, and greedy decoding (stream/vlm/decode.py).
 
 A family (stream/vlm/<family>/model.py) subclasses `ChatLLM` and adds what is its own: the
 vision tower (`encode`), its prompt plan and positions, and where its LLM differs (Qwen3-VL's
-deepstack in `forward` and `layout`, LLaVA-OneVision's newline in `embed`).
+deepstack in `forward` and `layout`, LLaVA-OneVision's newline in `embed`). Every family's LLM
+attends over grouped KV heads without copying them on the CPU (stream/vlm/grouped_attention.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from transformers import DynamicCache
 
 from pruning import TokenSet
 
-from . import decode
+from . import decode, grouped_attention
 from .base import Columns, Generation, LayoutSettings, Prompt, PromptPlan
 from .kv_cache import BufferedCache
 from .layer_pruning import LayerPruned, Schedule, check_layers
@@ -35,7 +36,10 @@ class ChatLLM:
     pruner_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}  # pruner -> the papers' setting for the family
 
     def __init__(self, model, tokenizer, name: str, random_weights: bool):
+        """Takes a loaded transformers VLM; its text model's attention becomes the grouped one
+        (stream/vlm/grouped_attention.py: exact, no copy of the KV cache per layer on the CPU)."""
         self.model = model.eval()
+        grouped_attention.install(model)
         self.tokenizer = tokenizer
         self.name = name
         self.random_weights = random_weights
