@@ -155,7 +155,7 @@ def memory_table(vlm, size: DeviceSize, where: str) -> Table:
     for name in MEMORY_PRUNERS:
         feats = [g.to(vlm.device) for g in cpu_feats]
         memory = TokenMemory(capacity, get_pruner(name), 4, evict_slack=capacity // 4, device=vlm.device)
-        add_ms, syncs = [], []
+        add_ms, syncs, late = [], [], []
         for i, g in enumerate(feats):
             _sync(vlm.device)
             t0 = time.perf_counter()
@@ -164,8 +164,10 @@ def memory_table(vlm, size: DeviceSize, where: str) -> Table:
             _sync(vlm.device)
             add_ms.append((time.perf_counter() - t0) * 1e3)
             syncs.append(counted.total)
+            late.append(counted.late)
         t.add(f"TokenMemory.add, {name}, capacity {capacity}, {side}x{side}x{d}", 1,
-              Stat.of(add_ms[-15:]).fmt(1), "", f"{min(syncs[-15:])}-{max(syncs[-15:])}")
+              Stat.of(add_ms[-15:]).fmt(1), "", f"{min(syncs[-15:])}-{max(syncs[-15:])}"
+              + (f" (+{max(late[-15:])} read late)" if max(late[-15:]) else ""))
         if name == "hieravid":
             held = len(memory)
             query = torch.randn(16, d, device=vlm.device)

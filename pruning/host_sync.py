@@ -14,11 +14,16 @@ A copy from the host to a GPU waits too: without `non_blocking` (and pinned memo
 PyTorch synchronizes the stream after it. `HostSyncs` counts those where the target is not the
 CPU (`torch.tensor(..., device=...)`, `Tensor.to`, `Tensor.copy_`), so a run on `meta` shows
 them; `to_device` is the copy that does not wait, and `HostCopy` the read-back that waits only
-when its value is needed (after letting go of a lock, or a group later).
+when its value is needed (after letting go of a lock, or a group later). `HostSyncs` counts a
+`HostCopy`'s reads apart, as `late` (`total` leaves them out): whether one ever waits depends
+on how much later it is read, which the caller says in its own docs.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import Counter
+from collections.abc import Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -69,6 +74,23 @@ def _blocking_to_device(name: str, args: tuple, kwargs: dict) -> bool:
     return False
 
 
+_reading = threading.local()  # .late: inside a HostCopy, whose reads are counted apart
+LATE = "late "  # the prefix of a HostCopy's reads in `HostSyncs.counts`
+
+
+@contextlib.contextmanager
+def _late() -> Iterator[None]:
+    _reading.late = True
+    try:
+        yield
+    finally:
+        _reading.late = False
+
+
+def _count(counts: Counter, name: str) -> None:
+    counts[f"{LATE}{name}" if getattr(_reading, "late", False) else name] += 1
+
+
 class _Dispatched(TorchDispatchMode):
     def __init__(self, counts: Counter) -> None:
         super().__init__()
@@ -77,7 +99,7 @@ class _Dispatched(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket._qualified_op_name.replace("::", ".")
         if name in _ALWAYS or (name in _BOOL_INDEX and _bool_index(args)):
-            self.counts[name] += 1
+            _count(self.counts, name)
         return func(*args, **(kwargs or {}))
 
 
@@ -90,14 +112,15 @@ class _Copied(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name in _TO_HOST or (name == "to" and _to_host(args, kwargs)):
-            self.counts[f"Tensor.{name}"] += 1
+            _count(self.counts, f"Tensor.{name}")
         elif _blocking_to_device(name, args, kwargs):
-            self.counts[f"{name} to a device, blocking"] += 1
+            _count(self.counts, f"{name} to a device, blocking")
         return func(*args, **kwargs)
 
 
 class HostSyncs:
-    """`with HostSyncs() as syncs: ...` then `syncs.total`, and `syncs.counts` by operation."""
+    """`with HostSyncs() as syncs: ...` then `syncs.total` (what waits where it is read),
+    `syncs.late` (a `HostCopy`'s reads) and `syncs.counts` by operation."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
@@ -105,7 +128,11 @@ class HostSyncs:
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        return sum(n for k, n in self.counts.items() if not k.startswith(LATE))
+
+    @property
+    def late(self) -> int:
+        return sum(n for k, n in self.counts.items() if k.startswith(LATE))
 
     def __enter__(self) -> "HostSyncs":
         for m in self._modes:
@@ -136,12 +163,13 @@ class HostCopy:
 
     def __init__(self, x: torch.Tensor) -> None:
         self._event: torch.cuda.Event | None = None
-        if x.device.type == "cuda":
-            self._host = x.detach().to("cpu", non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record(torch.cuda.current_stream(x.device))  # the copy's stream, on x's GPU
-        else:
-            self._host = x.detach().to("cpu", copy=True)
+        with _late():
+            if x.device.type == "cuda":
+                self._host = x.detach().to("cpu", non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record(torch.cuda.current_stream(x.device))  # the copy's stream, on x's GPU
+            else:
+                self._host = x.detach().to("cpu", copy=True)
 
     def ready(self) -> bool:
         return self._event is None or self._event.query()
@@ -150,3 +178,8 @@ class HostCopy:
         if self._event is not None:
             self._event.synchronize()
         return self._host
+
+    def tolist(self):
+        """The value as Python numbers (`get().tolist()`, counted as late)."""
+        with _late():
+            return self.get().tolist()

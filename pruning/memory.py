@@ -195,6 +195,7 @@ class TokenMemory:
         self._lock = threading.Lock()
         self._recent: deque[tuple[FrameTokens, GroupScore, dict[str, torch.Tensor], int]] = deque()
         self._stamps = 0  # the last stamp handed out
+        self._kept_counts: dict[int, HostCopy] = {}  # by stamp: a recent group's keep-mask count, read late
         self._store: _Store | None = None
         self._grid: tuple[int, int] | None = None
         self._version = 0
@@ -235,7 +236,10 @@ class TokenMemory:
             if scored.score.shape != (h * w,):
                 raise RuntimeError(f"{self.pruner.name}.score returned {tuple(scored.score.shape)}, expected ({h * w},)")
             self._grid = (h, w)
-            self._recent.append((group, scored, extras, self._new_stamp()))
+            stamp = self._new_stamp()
+            if scored.keep is not None and scored.kept is None and scored.merge_into is None:
+                self._kept_counts[stamp] = HostCopy(scored.keep.sum())  # read when the group graduates
+            self._recent.append((group, scored, extras, stamp))
             self._version += 1  # covers the merges and evictions below: readers wait for the lock
             self.groups_seen += 1
             self.tokens_seen += h * w
@@ -271,7 +275,7 @@ class TokenMemory:
         if scored.keep is None and scored.merge_into is None:  # every token: nothing to read back
             rows = torch.arange(n_tok, device=self.device)
         else:
-            rows = self._select(st, scored, tokens, extras, w)
+            rows = self._select(st, scored, tokens, extras, w, self._kept_counts.pop(stamp, None))
         k = int(rows.numel())
         dropped = n_tok - k
         if st.n + k > st.size:
@@ -330,14 +334,17 @@ class TokenMemory:
         return new
 
     def _select(self, st: _Store, scored: GroupScore, tokens: torch.Tensor, extras: dict[str, torch.Tensor],
-                w: int) -> torch.Tensor:
+                w: int, kept_count: HostCopy | None) -> torch.Tensor:
         """The rows of a group that become store rows, after folding its merging tokens into
-        their runs. How many there are is known only on the device: the one read-back of a
-        group whose pruner drops or merges at ingest, unless it says how many it keeps."""
+        their runs. How many there are is known only on the device: a group whose pruner only
+        drops had its count queued for the host when it arrived (`kept_count`: read now, a
+        recent window later, it has long arrived on a GPU); one that merges reads its counts
+        back here, as the runs it folds into are the store's now; one whose pruner says how many
+        it keeps reads nothing."""
         keep = torch.ones(tokens.shape[0], dtype=torch.bool) if scored.keep is None else scored.keep.clone()
         if scored.merge_into is None:
             if scored.kept is None:
-                return rows_of(keep, int(keep.sum().tolist()))
+                return rows_of(keep, kept_count.tolist())
             torch._assert_async(keep.sum() == scored.kept, f"{self.pruner.name}.score: keep does not keep `kept` tokens")
             return rows_of(keep, scored.kept)
         stamp = self._new_stamp()

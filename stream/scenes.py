@@ -34,6 +34,6 @@ class SceneDetector:
         changed = []
         while self._pending and self._pending[0][2].ready():
             index, pts, cut = self._pending.popleft()
-            if cut.get().tolist():
+            if cut.tolist():
                 changed.append((index, pts))
         return changed

@@ -15,12 +15,14 @@ from pruning.host_sync import HostSyncs
 from pruning.types import FrameTokens
 
 # Host synchronizations per added group once the store evicts, at most, each a count only the
-# data determines: DTD's keep-mask and HieraVid's merges (the rows a group leaves), HieraVid's DPP
-# candidates and basis picks and the segments its store holds, ForestPrune's product width (the
-# held nodes' last slot).
+# data determines: HieraVid's merges (the rows a group leaves), its DPP candidates and basis picks
+# and the segments its store holds, ForestPrune's product width (the held nodes' last slot).
 SYNCS_PER_GROUP = {"echoprune": 0, "moprune": 0, "hieravid": 3, "forestprune": 1, "uniform": 0,
-                   "recent": 0, "dtd": 1, "random": 0}
-SYNC_FREE = [name for name, n in SYNCS_PER_GROUP.items() if n == 0]
+                   "recent": 0, "dtd": 0, "random": 0}
+# Read late (`HostCopy`, queued when a group arrives and read when it leaves the recent window):
+# how many tokens DTD's keep-mask keeps.
+LATE_PER_GROUP = {"dtd": 1}
+SYNC_FREE = [name for name, n in SYNCS_PER_GROUP.items() if n == 0 and name not in LATE_PER_GROUP]
 
 
 def stream(n: int, side: int = 6, seed: int = 0) -> list[FrameTokens]:
@@ -49,13 +51,29 @@ def test_a_groups_add_reads_back_at_most_its_budget(name, shape):
     side, capacity, slack = shape
     mem = TokenMemory(capacity, get_pruner(name), recent_groups=2, evict_slack=slack)
     groups = stream(30, side)
-    counts = []
+    counts, late = [], []
     for g in groups:
         with HostSyncs() as syncs:
             mem.add(g)
         counts.append(syncs.total)
+        late.append(syncs.late)
     assert mem.tokens_evicted > 0
     assert max(counts[10:]) <= SYNCS_PER_GROUP[name], (counts, dict(syncs.counts))
+    assert max(late[10:]) <= 2 * LATE_PER_GROUP.get(name, 0), late  # a copy when it arrives, a read when it graduates
+
+
+def test_dtds_count_is_read_a_recent_window_after_it_was_queued():
+    """With a recent window of 2, the count queued for group k is read when group k + 2 arrives
+    and pushes it into the store: on a GPU it has long arrived by then."""
+    mem = TokenMemory(200, get_pruner("dtd"), recent_groups=2, evict_slack=0)
+    queued, read = [], []
+    for g in stream(8):
+        with HostSyncs() as syncs:
+            mem.add(g)
+        queued.append(syncs.counts["late Tensor.to"])
+        read.append(syncs.counts["late Tensor.tolist"])
+        assert syncs.total == 0
+    assert queued == [1] * 8 and read == [0, 0] + [1] * 6
 
 
 @pytest.mark.parametrize("shape", SHAPES)
