@@ -52,10 +52,10 @@ def test_unmasked_causal_and_single_query_calls_equal_transformers_sdpa(shape):
 
 
 @pytest.mark.parametrize("name", ["tiny-random", "tiny-random-qwen3-vl", "tiny-random-llava-ov"])
-def test_every_familys_llm_gives_the_same_states_with_it_and_without(name):
+def test_every_familys_llm_gives_the_same_states_with_it_and_without(name, model_cache):
     """A prefill, then a question over its cache: the text model's hidden states with the grouped
     attention (installed when a family loads) equal transformers' "sdpa"."""
-    vlm = load_model(name)
+    vlm = load_model(name, cache=model_cache)
     text = vlm.model.model.language_model
     assert text.config._attn_implementation == grouped_attention.NAME
     ids = torch.randint(0, 100, (1, 300), generator=torch.Generator().manual_seed(1))
@@ -72,3 +72,10 @@ def test_every_familys_llm_gives_the_same_states_with_it_and_without(name):
     text.set_attn_implementation("sdpa")
     plain = states()
     assert all(torch.equal(a, b) for a, b in zip(grouped, plain))
+
+
+def test_a_position_bias_goes_to_transformers_own_path():
+    q, k, v = _qkv(14, 2, 20, 60)
+    module, bias = Heads(7), torch.randn(1, 14, 20, 60)
+    ours = grouped_attention.attention(module, q, k, v, _suffix_mask(20, 60), position_bias=bias)[0]
+    assert torch.equal(ours, sdpa_attention_forward(module, q, k, v, _suffix_mask(20, 60), position_bias=bias)[0])

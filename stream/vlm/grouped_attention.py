@@ -26,7 +26,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 log = logging.getLogger(__name__)
 
 NAME = "sdpa_grouped_on_cpu"
-_SPECIAL = ("position_bias", "cache", "softcap", "output_attentions")  # what only transformers' own handles
+_SPECIAL = ("position_bias", "cache", "softcap")  # what only transformers' own handles
 
 
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -35,7 +35,7 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     """transformers' `sdpa_attention_forward`, without `repeat_kv` on the CPU (module docstring)."""
     q_length = query.shape[2]
     if (query.device.type != "cpu" or getattr(module, "num_key_value_groups", 1) <= 1 or q_length == 1
-            or any(kwargs.get(k) for k in _SPECIAL)):
+            or any(kwargs.get(k) is not None for k in _SPECIAL) or kwargs.get("output_attentions")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal = q_length > 1 and attention_mask is None and (
