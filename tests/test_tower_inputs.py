@@ -50,10 +50,10 @@ def test_precomputed_inputs_leave_the_towers_output_unchanged(name, model_cache)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_a_tower_call_reads_nothing_back_even_for_a_new_grid(name):
+def test_a_tower_call_reads_nothing_back_even_for_a_new_grid(name, model_cache):
     """On torch's `meta` device any read-back raises: a batch of a grid never seen before goes
     through the whole tower there."""
-    vlm = load_model(name)
+    vlm = load_model(name, cache=model_cache)
     vlm.model.to("meta")
     pixels, (t, gh, gw) = vlm.prepare(_frames(2, 112, 168))
     with HostSyncs() as syncs:
@@ -70,10 +70,10 @@ def _blocking_copies(syncs: HostSyncs) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name", [*FAMILIES, "tiny-random-llava-ov"])
-def test_frames_prepared_on_the_device_are_copied_there_without_waiting(name):
+def test_frames_prepared_on_the_device_are_copied_there_without_waiting(name, model_cache):
     """On a GPU a frame goes up through pinned memory, queued: a blocking copy would make the
     camera's thread wait for every other camera's tower work."""
-    vlm = load_model(name)
+    vlm = load_model(name, cache=model_cache)
     vlm.model.to("meta")
     vlm.preprocess_on_device = True
     frames = _frames(vlm.group_size, 120, 160)
@@ -83,8 +83,8 @@ def test_frames_prepared_on_the_device_are_copied_there_without_waiting(name):
     assert not _blocking_copies(syncs)
 
 
-def test_llava_onevisions_tower_reads_nothing_back_either():
-    vlm = load_model("tiny-random-llava-ov")
+def test_llava_onevisions_tower_reads_nothing_back_either(model_cache):
+    vlm = load_model("tiny-random-llava-ov", cache=model_cache)
     vlm.model.to("meta")
     pixels = vlm.prepare(_frames(1, 112, 168))
     with HostSyncs() as syncs:
