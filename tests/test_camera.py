@@ -198,3 +198,23 @@ async def test_a_slow_encoder_batches_waiting_groups_instead_of_queueing(vlm):
     assert s.groups_encoded + s.groups_dropped == 40
     assert s.batches < s.groups_encoded  # waiting groups went through the tower together
     assert mem.groups_seen == s.groups_encoded
+
+
+async def test_a_cut_in_the_video_is_published_once_at_its_group(vlm, tmp_path):
+    """A file that cuts from black to white at 3 s: the camera publishes one `scene_change`,
+    for the group the cut starts, whether its verdict arrives with that group (CPU) or later."""
+    import numpy as np
+    from clips import write_h264
+
+    from stream.events import GroupAdded, SceneChange
+
+    black, white = np.zeros((120, 160, 3), np.uint8), np.full((120, 160, 3), 255, np.uint8)
+    write_h264(tmp_path / "cut.mp4", [black] * 12 + [white] * 12, fps=4)
+    cfg = from_dict({"name": "cam", "source": {"kind": "file", "path": str(tmp_path / "cut.mp4")},
+                     "sampler": {"fps": 2.0}, "memory": {"pruner": "echoprune", "capacity": 400, "recent_groups": 2},
+                     "output": {"status_interval_s": 0.0}})
+    cam, rec = _camera(cfg, vlm)
+    async with cam:
+        await cam.done()
+    assert [g.pts for g in rec.of(GroupAdded)] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # 6 s, a pair of frames a second
+    assert [(e.camera, e.group, e.pts) for e in rec.of(SceneChange)] == [("cam", 3, 3.0)]
