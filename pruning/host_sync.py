@@ -80,11 +80,12 @@ LATE = "late "  # the prefix of a HostCopy's reads in `HostSyncs.counts`
 
 @contextlib.contextmanager
 def _late() -> Iterator[None]:
+    before = getattr(_reading, "late", False)
     _reading.late = True
     try:
         yield
     finally:
-        _reading.late = False
+        _reading.late = before
 
 
 def _count(counts: Counter, name: str) -> None:
