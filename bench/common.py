@@ -1,5 +1,6 @@
 """What every benchmark shares: medians with spread, tables, verdicts, the machine, the report
-files, RSS, a video-like random feature stream, and a pruner wrapper that times its decisions.
+files, RSS, a video-like random feature stream, a pruner wrapper that times its decisions, and a
+count of the operations a call dispatches.
 
 Figures are medians of repeated measurements with their min-max spread, because this is a
 shared 2-core machine where a single run says little; the load average before and after each
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pruning
 from pruning import FrameTokens, Pruner, TokenSet
@@ -249,6 +251,20 @@ class TimedPruner(Pruner):
 
     def rank_for_query(self, snap: TokenSet, query_embeds: torch.Tensor | None, budget: int) -> torch.Tensor:
         return self.inner.rank_for_query(snap, query_embeds, budget)
+
+
+class DeviceOps(TorchDispatchMode):
+    """`with DeviceOps() as ops: ...` then `ops.count`: the operations dispatched that are not
+    views, each a kernel launch on a GPU, where a loop of small ones costs its launches, not its
+    arithmetic (about 5-10 us each from Python)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
 
 
 def video_like_features(h: int, w: int, d: int, n: int, seed: int = 0, moving: float = 0.1,

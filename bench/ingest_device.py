@@ -40,7 +40,7 @@ from pruning.host_sync import HostSyncs
 from stream.scenes import SceneDetector
 from stream.vlm import patch_embed, vision_attention
 
-from .common import Stat, Table, quiet, video_like_features
+from .common import DeviceOps, Stat, Table, quiet, video_like_features
 from .ingest_scale import ScaleSettings, camera_frames, drive, p95
 from .ttft import TINY_VISION, LLMSize, build_sized
 
@@ -144,30 +144,36 @@ def ingest_syncs_table(vlm, size: DeviceSize, where: str) -> Table:
 
 
 def memory_table(vlm, size: DeviceSize, where: str) -> Table:
-    """TokenMemory.add per group (the last 15) and HieraVid's rank_for_query at half the memory,
-    with every tensor on the model's device (float32 features)."""
+    """TokenMemory.add per group (the last 15 timed; every fourth group is counted instead: its
+    host syncs and the operations it dispatches) and HieraVid's rank_for_query at half the
+    memory, with every tensor on the model's device (float32 features)."""
     side, capacity, groups = size.memory
     d = vlm.hidden_size
     t = Table(f"Memory and pruners on the device ({where}): median (min-max) ms", ["measure", "groups per call",
                                                                                   "ms per group", "ms per call",
-                                                                                  "host syncs per call"])
+                                                                                  "host syncs per call",
+                                                                                  "device ops per call"])
     cpu_feats = list(video_like_features(side, side, d, groups))  # made on the host: its generator is a CPU one
     for name in MEMORY_PRUNERS:
         feats = [g.to(vlm.device) for g in cpu_feats]
         memory = TokenMemory(capacity, get_pruner(name), 4, evict_slack=capacity // 4, device=vlm.device)
-        add_ms, syncs, late = [], [], []
+        add_ms, syncs, late, ops = [], [], [], []
         for i, g in enumerate(feats):
+            if i % 4 == 3:  # every fourth group counted, not timed: a dispatch mode costs Python per operation
+                with HostSyncs() as counted, DeviceOps() as dispatched:
+                    memory.add(FrameTokens(i, float(i), g))
+                syncs.append(counted.total)
+                late.append(counted.late)
+                ops.append(dispatched.count)
+                continue
             _sync(vlm.device)
             t0 = time.perf_counter()
-            with HostSyncs() as counted:
-                memory.add(FrameTokens(i, float(i), g))
+            memory.add(FrameTokens(i, float(i), g))
             _sync(vlm.device)
             add_ms.append((time.perf_counter() - t0) * 1e3)
-            syncs.append(counted.total)
-            late.append(counted.late)
         t.add(f"TokenMemory.add, {name}, capacity {capacity}, {side}x{side}x{d}", 1,
-              Stat.of(add_ms[-15:]).fmt(1), "", f"{min(syncs[-15:])}-{max(syncs[-15:])}"
-              + (f" (+{max(late[-15:])} read late)" if max(late[-15:]) else ""))
+              Stat.of(add_ms[-15:]).fmt(1), "", f"{min(syncs[-4:])}-{max(syncs[-4:])}"
+              + (f" (+{max(late[-4:])} read late)" if max(late[-4:]) else ""), f"{min(ops[-4:])}-{max(ops[-4:])}")
         if name == "hieravid":
             held = len(memory)
             query = torch.randn(16, d, device=vlm.device)
@@ -177,10 +183,10 @@ def memory_table(vlm, size: DeviceSize, where: str) -> Table:
                     return view.select(memory.pruner.rank_for_query(view, query, held // 2)).tokens
 
             ms = _timed(rank, vlm.device, size.repeats)
-            with HostSyncs() as counted:
+            with HostSyncs() as counted, DeviceOps() as dispatched:
                 rank()
             t.add(f"hieravid rank_for_query in place + picked rows, {held // 2} of {held} tokens", 1, ms.fmt(1),
-                  ms.fmt(1), counted.total)
+                  ms.fmt(1), counted.total, dispatched.count)
     return t
 
 

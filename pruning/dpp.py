@@ -24,56 +24,70 @@ from dataclasses import dataclass
 
 import torch
 
+from .host_sync import to_device
+
 MIN_GAIN = 1e-10
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:
-    """The correctly rounded square root of a 0-dim float64 tensor (as `math.sqrt`), on its
-    device. torch's own float64 sqrt is an ulp off now and then on the CPU (its vectorised
-    math), and every later gain of the greedy would move with it; LAPACK's 1x1 Cholesky factor
-    is the hardware's root. A GPU's float64 sqrt is correctly rounded, and a solver call per
-    greedy step would cost a launch of its own there. A non-positive x gives a meaningless
-    value (the greedy masks it)."""
+    """The correctly rounded square roots of a float64 tensor (as `math.sqrt`), on its device.
+    torch's own float64 sqrt is an ulp off now and then on the CPU (its vectorised math), and
+    every later gain of the greedy would move with it; LAPACK's 1x1 Cholesky factors are the
+    hardware's roots (one batched call). A GPU's float64 sqrt is correctly rounded, and a solver
+    call per greedy step would cost launches of its own there. A non-positive x gives a
+    meaningless value (the greedy masks it)."""
     if x.device.type != "cpu":
         return torch.sqrt(x)
-    return torch.linalg.cholesky_ex(x.view(1, 1)).L.view(())
+    return torch.linalg.cholesky_ex(x.reshape(-1, 1, 1)).L.view(x.shape)
 
 
 def _greedy(
-    kernel: torch.Tensor, k: int, min_gain: float = MIN_GAIN, read_back: bool = False
+    kernels: torch.Tensor, steps: list[int], min_gain: float = MIN_GAIN, read_back: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Up to k greedy picks, stopping at the first gain <= min_gain: (picks, gains, residual d2),
-    one pick and gain per step run, -1 and 0 from the stop on.
+    """The greedy on a batch of kernels [S, N, N], each zero-padded past its own size: up to
+    `steps[s]` picks from kernel s, stopping at its first gain <= min_gain: (picks [S, K], gains
+    [S, K], residual d2 [S, N]), K = max(steps), one pick and gain per step run, -1 and 0 from
+    a kernel's stop or its last step on.
 
     Float64, so float32 cosine kernels keep the small gains late picks have. Every step runs on
-    the kernel's device and the host never waits for a gain: from the stop on d2 is left as it
+    the kernels' device and the host never waits for a gain: from the stop on d2 is left as it
     is, so each later step finds the same best gain, below min_gain again, and changes nothing.
-    `read_back` (offline, where k may be far beyond the kernel's rank) reads each gain back and
-    ends the loop at the stop instead.
+    A padded entry's d2 is 0, so it is never a live pick. A step's dot products with the picks
+    so far are each summed along one contiguous row (multiply, then sum the last axis), so a
+    kernel's values do not depend on the batch or the padding around it: on the CPU a kernel
+    gives the same bits alone or batched (BLAS's gemv and gemm sum in an order that depends on
+    their shapes). All of a question's segments run as one batch (`span_scores_batch`): a
+    step's dozen operations once instead of once per segment.
+    `read_back` (offline, where k may be far beyond the kernel's rank) reads each step's gains
+    back and ends the loop once no kernel picked.
     """
-    lk = kernel.detach().to(torch.float64)
-    n = int(lk.shape[0])
-    k = max(0, min(int(k), n))
-    d2 = lk.diagonal().clone()
-    ct = lk.new_zeros(n, k)
-    picks, gains = [], []
+    lk = kernels.detach().to(torch.float64)
+    s, n, _ = lk.shape
+    k = max(steps, default=0)
+    d2 = lk.diagonal(dim1=1, dim2=2).clone()
+    ct = lk.new_zeros(s, n, k)
+    limit = None if min(steps, default=0) == k else to_device(torch.tensor(steps), lk.device)
+    picks, gains, made = [], [], []
     for i in range(k):
-        best, j = torch.max(d2, 0)
+        best, j = torch.max(d2, 1)
         live = best > min_gain
-        if read_back and not live:
+        if limit is not None:
+            live &= limit > i
+        if read_back and not bool(live.any()):
             break
-        j = j.view(1)  # a 0-dim index would be read back as a Python int
-        e = torch.addmv(lk.index_select(0, j)[0], ct[:, :i], ct.index_select(0, j)[0, :i], alpha=-1.0)
-        e.div_(_sqrt(best))
-        ct[:, i] = e
-        d2 = torch.where(live, torch.addcmul(d2, e, e, value=-1.0).index_fill_(0, j, -math.inf), d2)
+        at = j.view(s, 1, 1)
+        row = lk.gather(1, at.expand(s, 1, n)).view(s, n)
+        e = row - (ct[:, :, :i] * ct.gather(1, at.expand(s, 1, k))[:, :, :i]).sum(2)
+        e.div_(_sqrt(best)[:, None])
+        ct[:, :, i] = e
+        d2 = torch.where(live[:, None], torch.addcmul(d2, e, e, value=-1.0).scatter_(1, j.view(s, 1), -math.inf), d2)
         picks.append(j)
         gains.append(best)
+        made.append(live)
     if not picks:
-        return torch.zeros(0, dtype=torch.long, device=lk.device), lk.new_zeros(0), d2
-    gains = torch.stack(gains)
-    live = gains > min_gain
-    return torch.where(live, torch.cat(picks), -1), torch.where(live, gains, 0.0), d2
+        return lk.new_zeros(s, 0, dtype=torch.long), lk.new_zeros(s, 0), d2
+    live = torch.stack(made, 1)
+    return torch.where(live, torch.stack(picks, 1), -1), torch.where(live, torch.stack(gains, 1), 0.0), d2
 
 
 def greedy_map_gains(kernel: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +97,8 @@ def greedy_map_gains(kernel: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     """
     n = int(kernel.shape[0])
     k = max(0, min(int(k), n))
-    picks, gains, _ = _greedy(kernel, k, read_back=True)
+    picks, gains, _ = _greedy(kernel[None], [k], read_back=True)
+    picks, gains = picks[0], gains[0]
     if picks.numel() == k:
         return picks, gains
     diag = kernel.detach().to(torch.float64).diagonal()
@@ -122,10 +137,11 @@ class SpanPicks:
     proj: torch.Tensor  # [n, p] the block on the basis
     basis: torch.Tensor  # [p, D]
     order: torch.Tensor  # [steps] rows picked, in order; -1 from the first pick not made
+    made: torch.Tensor  # 0-dim long: how many picks were made (a view into its batch's counts)
 
     def count(self) -> torch.Tensor:
         """How many picks were made (0-dim, on the device)."""
-        return (self.order >= 0).sum()
+        return self.made
 
     def extend(self, made: int) -> torch.Tensor:
         """The basis with the `made` picks' residuals appended, orthonormalised: a size the host
@@ -136,6 +152,17 @@ class SpanPicks:
         resid = self.units[picked] - self.proj[picked] @ self.basis
         resid -= (resid @ self.basis.T) @ self.basis  # float32 Gram-Schmidt drifts: re-orthogonalise once
         return torch.cat([self.basis.float(), torch.linalg.qr(resid.T).Q.T])
+
+
+def _padded(rows: list[torch.Tensor], value: float) -> torch.Tensor:
+    """Tensors of one rank, stacked, each padded with `value` to the largest's size."""
+    size = [max(r.shape[d] for r in rows) for d in range(rows[0].dim())]
+    if all(list(r.shape) == size for r in rows):
+        return torch.stack(rows)
+    out = rows[0].new_full((len(rows), *size), value)
+    for i, r in enumerate(rows):
+        out[(i, *(slice(0, n) for n in r.shape))] = r
+    return out
 
 
 def span_scores(
@@ -157,23 +184,48 @@ def span_scores(
     full) only the kernel's diagonal is computed: [n] instead of [n, n], so any number of
     tokens is scored in one call.
     """
-    u = units.float()
-    proj = u @ basis.T
-    r = None if relevance is None else relevance.to(torch.float64)
-    steps = max(0, min(int(picks), int(rank) - basis.shape[0], u.shape[0]))
-    fill = SPAN_GAIN / 2 if r is None else SPAN_GAIN / 2 * r.square()
-    if steps == 0:  # nothing to pick: every score is a residual gain, the diagonal alone
-        unit = (torch.linalg.vector_norm(u, dim=-1).square() > 0.5).to(torch.float64)  # unit_kernel's diagonal
-        d2 = unit - proj.square().sum(-1).to(torch.float64)
+    return span_scores_batch([(units, basis, relevance)], picks, rank)[0]
+
+
+def span_scores_batch(
+    blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], picks: int, rank: int
+) -> list[tuple[torch.Tensor, SpanPicks | None]]:
+    """`span_scores` of independent blocks (units, basis, relevance: given for every block or
+    for none) at once: the blocks that pick share one batched greedy, and each block's scores
+    are the bits it gets alone (the greedy's sums do not depend on the batch; each block's own
+    products keep their shapes)."""
+    out: list[tuple[torch.Tensor, SpanPicks | None] | None] = [None] * len(blocks)
+    picking = []
+    for b, (units, basis, relevance) in enumerate(blocks):
+        u = units.float()
+        proj = u @ basis.T
+        r = None if relevance is None else relevance.to(torch.float64)
+        steps = max(0, min(int(picks), int(rank) - basis.shape[0], u.shape[0]))
+        if steps == 0:  # nothing to pick: every score is a residual gain, the diagonal alone
+            unit = (torch.linalg.vector_norm(u, dim=-1).square() > 0.5).to(torch.float64)  # unit_kernel's diagonal
+            d2 = unit - proj.square().sum(-1).to(torch.float64)
+            if r is not None:
+                d2 = r * d2 * r
+            out[b] = (torch.where(d2 <= SPAN_GAIN, _fill(r), d2), None)
+            continue
+        kernel = unit_kernel(u).to(torch.float64) - (proj @ proj.T).to(torch.float64)
         if r is not None:
-            d2 = r * d2 * r
-        return torch.where(d2 <= SPAN_GAIN, fill, d2), None
-    kernel = unit_kernel(u).to(torch.float64) - (proj @ proj.T).to(torch.float64)
-    if r is not None:
-        kernel = r[:, None] * kernel * r[None, :]
-    order, gains, d2 = _greedy(kernel, steps, SPAN_GAIN)
-    n = u.shape[0]
-    scores = torch.where(d2 <= SPAN_GAIN, fill, d2)
-    slot = torch.where(order >= 0, order, n)  # picks not made land in a spare slot
-    scores = torch.cat([scores, scores.new_zeros(1)]).index_copy_(0, slot, gains)[:n]
-    return scores, SpanPicks(u, proj, basis, order)
+            kernel = r[:, None] * kernel * r[None, :]
+        picking.append((b, u, proj, basis, r, steps, kernel))
+    if picking:
+        kernels = _padded([p[6] for p in picking], 0.0)
+        order, gains, d2 = _greedy(kernels, [p[5] for p in picking], SPAN_GAIN)
+        made = (order >= 0).sum(1)
+        n = kernels.shape[1]
+        fill = _fill(None) if picking[0][4] is None else _padded([_fill(p[4]) for p in picking], 0.0)
+        scores = torch.where(d2 <= SPAN_GAIN, fill, d2)
+        slot = torch.where(order >= 0, order, n)  # picks not made land in a spare column
+        scores = torch.cat([scores, scores.new_zeros(len(picking), 1)], 1).scatter_(1, slot, gains)
+        for i, (b, u, proj, basis, _, steps, _) in enumerate(picking):
+            out[b] = (scores[i, :u.shape[0]], SpanPicks(u, proj, basis, order[i, :steps], made[i]))
+    return out
+
+
+def _fill(r: torch.Tensor | None) -> torch.Tensor | float:
+    """What a token already in the span scores: below every pick, by relevance."""
+    return SPAN_GAIN / 2 if r is None else SPAN_GAIN / 2 * r.square()

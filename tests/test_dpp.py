@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pruning.dpp import (SPAN_GAIN, _greedy, _sqrt, greedy_map, greedy_map_gains, span_scores,
-                         unit_kernel)
+                         span_scores_batch, unit_kernel)
 from pruning.host_sync import HostSyncs
 from pruning.similarity import normalize
 
@@ -178,9 +179,9 @@ def test_the_greedy_on_the_device_runs_every_step_and_matches_the_one_that_stops
     """Steps after the first small gain change nothing: the same picks and gains, -1 and 0 after
     them, the same residual diagonal, and nothing read back."""
     kernel = psd(seed, n, rank)
-    stopped = _greedy(kernel, k, read_back=True)
+    stopped = [x[0] for x in _greedy(kernel[None], [min(k, n)], read_back=True)]
     with HostSyncs() as syncs:
-        picks, gains, d2 = _greedy(kernel, k)
+        picks, gains, d2 = (x[0] for x in _greedy(kernel[None], [min(k, n)]))
     assert syncs.total == 0, dict(syncs.counts)
     made = stopped[0].numel()
     assert picks.numel() == min(k, n) and bool((picks[made:] == -1).all()) and bool((gains[made:] == 0).all())
@@ -207,3 +208,45 @@ def test_the_greedys_square_root_is_correctly_rounded():
     x = torch.rand(2000, generator=g, dtype=torch.float64)
     x *= torch.exp(8 * torch.randn(2000, generator=g, dtype=torch.float64))
     assert [float(_sqrt(v)) for v in x] == [math.sqrt(v) for v in x.tolist()]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(1, 40), min_size=1, max_size=5),
+       d=st.integers(2, 48), k=st.integers(1, 12))
+def test_a_batch_of_padded_kernels_gives_each_kernel_the_bits_it_gets_alone(seed, sizes, d, k):
+    """What lets a question's segments share one greedy: neither the batch nor the padding
+    around a kernel changes a bit of its picks, gains or residuals (a kernel may stop early)."""
+    g = torch.Generator().manual_seed(seed)
+    kernels = [unit_kernel(normalize(torch.randn(n, d, generator=g))).double() for n in sizes]
+    steps = [min(k + i, n) for i, n in enumerate(sizes)]
+    width = max(sizes) + 3
+    batch = torch.zeros(len(sizes), width, width, dtype=torch.float64)
+    for b, kernel in enumerate(kernels):
+        batch[b, :sizes[b], :sizes[b]] = kernel
+    picks, gains, d2 = _greedy(batch, steps, SPAN_GAIN)
+    for b, kernel in enumerate(kernels):
+        alone = _greedy(kernel[None], [steps[b]], SPAN_GAIN)
+        assert torch.equal(picks[b, :steps[b]], alone[0][0]) and torch.equal(gains[b, :steps[b]], alone[1][0])
+        assert bool((picks[b, steps[b]:] == -1).all()) and torch.equal(d2[b, :sizes[b]], alone[2][0])
+
+
+@pytest.mark.parametrize("with_r", [False, True])
+def test_span_scores_of_a_batch_of_blocks_are_each_blocks_own(with_r):
+    """Blocks of different sizes, one with a full basis (its diagonal alone): each gets the
+    scores, picks and extended basis it gets alone, and nothing is read back."""
+    g = torch.Generator().manual_seed(8)
+    blocks = []
+    for n, p in ((30, 0), (17, 3), (9, 0), (25, 6)):
+        units = normalize(torch.randn(n, 12, generator=g))
+        basis = torch.linalg.qr(torch.randn(12, p, generator=g)).Q.T if p else torch.zeros(0, 12)
+        blocks.append((units, basis, torch.rand(n, generator=g, dtype=torch.float64) if with_r else None))
+    with HostSyncs() as syncs:
+        batched = span_scores_batch(blocks, picks=5, rank=6)
+    assert syncs.total == 0, dict(syncs.counts)
+    assert batched[3][1] is None  # its basis is full
+    for (units, basis, r), (scores, picked) in zip(blocks, batched):
+        want, want_picked = span_scores(units, basis, r, picks=5, rank=6)
+        assert torch.equal(scores, want)
+        if picked is not None:
+            made = int(picked.count())
+            assert made == int(want_picked.count()) and torch.equal(picked.extend(made), want_picked.extend(made))
