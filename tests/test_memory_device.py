@@ -16,8 +16,8 @@ from pruning.types import FrameTokens
 
 # Host synchronizations per added group once the store evicts, at most, each a count only the
 # data determines: HieraVid's merges (the rows a group leaves), its DPP candidates and basis picks
-# and the segments its store holds, ForestPrune's product width (the held nodes' last slot).
-SYNCS_PER_GROUP = {"echoprune": 0, "moprune": 0, "hieravid": 3, "forestprune": 1, "uniform": 0,
+# and the segments its store holds.
+SYNCS_PER_GROUP = {"echoprune": 0, "moprune": 0, "hieravid": 3, "forestprune": 0, "uniform": 0,
                    "recent": 0, "dtd": 0, "random": 0}
 # Read late (`HostCopy`, queued when a group arrives and read when it leaves the recent window):
 # how many tokens DTD's keep-mask keeps.
