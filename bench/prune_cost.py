@@ -10,7 +10,9 @@ next groups are timed:
 - pruner ms: the pruner's `score` + `evict` calls alone (`TimedPruner`);
 and then a question's ranking as the full path runs it: `rank_for_query` on the memory in place
 (`TokenMemory.frozen`) at budget 4096 with a 16-token question, and (timed apart) the copy of
-the picked rows for the prompt. 2 torch threads, float32 tokens (the pipeline's default model dtype).
+the picked rows for the prompt; and how many operations the ranking dispatches (not views: each a
+kernel launch on a GPU, `common.DeviceOps`). 2 torch threads, float32 tokens (the pipeline's
+default model dtype).
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ import torch
 
 from pruning import FrameTokens, TokenMemory
 
-from .common import (Report, Stat, Table, Target, TimedPruner, finish, load_average, run_alone, set_threads, variant,
-                     video_like_features)
+from .common import (DeviceOps, Report, Stat, Table, Target, TimedPruner, finish, load_average, run_alone, set_threads,
+                     variant, video_like_features)
 
 VARIANTS = ("echoprune-3x3", "echoprune", "moprune", "hieravid", "forestprune", "dtd", "uniform", "recent", "random")
 GOALS_MS = {"echoprune-3x3": 2.0, "moprune": 2.0, "dtd": 2.0, "echoprune": 10.0, "hieravid": 10.0, "forestprune": 10.0}
@@ -81,7 +83,13 @@ def measure(s: CostSettings, label: str, h: int, w: int, d: int, deepstack: int 
             view.select(rows)
         rank_ms.append((t1 - t0) * 1e3)
         pick_ms.append((time.perf_counter() - t1) * 1e3)
-    return {"add_ms": add_ms, "pruner_ms": own_ms, "rank_ms": rank_ms, "pick_ms": pick_ms, "groups_fed": fed,
+    rank_ops = None
+    if pruner.evictions:
+        with mem.frozen() as view, DeviceOps() as dispatched:
+            pruner.rank_for_query(view, query, s.query_budget)
+        rank_ops = dispatched.count
+    return {"add_ms": add_ms, "pruner_ms": own_ms, "rank_ms": rank_ms, "pick_ms": pick_ms, "rank_ops": rank_ops,
+            "groups_fed": fed,
             "held": len(mem),
             "full": bool(pruner.evictions)}
 
@@ -119,13 +127,14 @@ def run(s: CostSettings, out_dir: Path) -> Report:
     for shape, h, w, d, deepstack in s.shapes:
         extra = f" + {deepstack} deepstack vectors per token" if deepstack else ""
         t = Table(f"{shape}: {h}x{w} tokens x {d} per group{extra}",
-                  ["pruner", "add ms", "pruner ms", "rank_for_query ms", "copy picked rows ms", "groups to fill"])
+                  ["pruner", "add ms", "pruner ms", "rank_for_query ms", "rank_for_query ops", "copy picked rows ms",
+                   "groups to fill"])
         runs = {label: measure(s, label, h, w, d, deepstack) for label in s.variants}
         for label, m in runs.items():
             raw[f"{shape}/{label}"] = m
             fill = str(m["groups_fed"] - len(m["add_ms"])) if m["full"] else f"not full after {m['groups_fed']}"
             t.add(label, Stat.of(m["add_ms"]).fmt(2), Stat.of(m["pruner_ms"]).fmt(2), Stat.of(m["rank_ms"]).fmt(1),
-                  Stat.of(m["pick_ms"]).fmt(1), fill)
+                  m["rank_ops"] if m["rank_ops"] is not None else "n/a", Stat.of(m["pick_ms"]).fmt(1), fill)
         report.tables.append(t)
         report.targets += _targets(shape, runs)
     report.raw = raw

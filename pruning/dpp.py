@@ -156,6 +156,8 @@ class SpanPicks:
 
 def _padded(rows: list[torch.Tensor], value: float) -> torch.Tensor:
     """Tensors of one rank, stacked, each padded with `value` to the largest's size."""
+    if len(rows) == 1:  # a batch of one (ingest's block): a view, no copy
+        return rows[0][None]
     size = [max(r.shape[d] for r in rows) for d in range(rows[0].dim())]
     if all(list(r.shape) == size for r in rows):
         return torch.stack(rows)
