@@ -253,10 +253,10 @@ class TimedPruner(Pruner):
         return self.inner.rank_for_query(snap, query_embeds, budget)
 
 
-class DeviceOps(TorchDispatchMode):
-    """`with DeviceOps() as ops: ...` then `ops.count`: the operations dispatched that are not
-    views, each a kernel launch on a GPU, where a loop of small ones costs its launches, not its
-    arithmetic (about 5-10 us each from Python)."""
+class DispatchedOps(TorchDispatchMode):
+    """`with DispatchedOps() as ops: ...` then `ops.count`: the operations dispatched that are not
+    views. On a GPU each one on a device tensor is a kernel launch, and a loop of small ones costs
+    its launches, not its arithmetic (about 5-10 us each from Python)."""
 
     def __init__(self) -> None:
         super().__init__()

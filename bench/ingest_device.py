@@ -40,7 +40,7 @@ from pruning.host_sync import HostSyncs
 from stream.scenes import SceneDetector
 from stream.vlm import patch_embed, vision_attention
 
-from .common import DeviceOps, Stat, Table, quiet, video_like_features
+from .common import DispatchedOps, Stat, Table, quiet, video_like_features
 from .ingest_scale import ScaleSettings, camera_frames, drive, p95
 from .ttft import TINY_VISION, LLMSize, build_sized
 
@@ -152,7 +152,7 @@ def memory_table(vlm, size: DeviceSize, where: str) -> Table:
     t = Table(f"Memory and pruners on the device ({where}): median (min-max) ms", ["measure", "groups per call",
                                                                                   "ms per group", "ms per call",
                                                                                   "host syncs per call",
-                                                                                  "device ops per call"])
+                                                                                  "operations dispatched per call"])
     cpu_feats = list(video_like_features(side, side, d, groups))  # made on the host: its generator is a CPU one
     for name in MEMORY_PRUNERS:
         feats = [g.to(vlm.device) for g in cpu_feats]
@@ -160,7 +160,7 @@ def memory_table(vlm, size: DeviceSize, where: str) -> Table:
         add_ms, syncs, late, ops = [], [], [], []
         for i, g in enumerate(feats):
             if i % 4 == 3:  # every fourth group counted, not timed: a dispatch mode costs Python per operation
-                with HostSyncs() as counted, DeviceOps() as dispatched:
+                with HostSyncs() as counted, DispatchedOps() as dispatched:
                     memory.add(FrameTokens(i, float(i), g))
                 syncs.append(counted.total)
                 late.append(counted.late)
@@ -183,7 +183,7 @@ def memory_table(vlm, size: DeviceSize, where: str) -> Table:
                     return view.select(memory.pruner.rank_for_query(view, query, held // 2)).tokens
 
             ms = _timed(rank, vlm.device, size.repeats)
-            with HostSyncs() as counted, DeviceOps() as dispatched:
+            with HostSyncs() as counted, DispatchedOps() as dispatched:
                 rank()
             t.add(f"hieravid rank_for_query in place + picked rows, {held // 2} of {held} tokens", 1, ms.fmt(1),
                   ms.fmt(1), counted.total, dispatched.count)

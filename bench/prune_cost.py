@@ -11,7 +11,7 @@ next groups are timed:
 and then a question's ranking as the full path runs it: `rank_for_query` on the memory in place
 (`TokenMemory.frozen`) at budget 4096 with a 16-token question, and (timed apart) the copy of
 the picked rows for the prompt; and how many operations the ranking dispatches (not views: each a
-kernel launch on a GPU, `common.DeviceOps`). 2 torch threads, float32 tokens (the pipeline's
+kernel launch on a GPU, `common.DispatchedOps`). 2 torch threads, float32 tokens (the pipeline's
 default model dtype).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from pruning import FrameTokens, TokenMemory
 
-from .common import (DeviceOps, Report, Stat, Table, Target, TimedPruner, finish, load_average, run_alone, set_threads,
+from .common import (DispatchedOps, Report, Stat, Table, Target, TimedPruner, finish, load_average, run_alone, set_threads,
                      variant, video_like_features)
 
 VARIANTS = ("echoprune-3x3", "echoprune", "moprune", "hieravid", "forestprune", "dtd", "uniform", "recent", "random")
@@ -85,7 +85,7 @@ def measure(s: CostSettings, label: str, h: int, w: int, d: int, deepstack: int 
         pick_ms.append((time.perf_counter() - t1) * 1e3)
     rank_ops = None
     if pruner.evictions:
-        with mem.frozen() as view, DeviceOps() as dispatched:
+        with mem.frozen() as view, DispatchedOps() as dispatched:
             pruner.rank_for_query(view, query, s.query_budget)
         rank_ops = dispatched.count
     return {"add_ms": add_ms, "pruner_ms": own_ms, "rank_ms": rank_ms, "pick_ms": pick_ms, "rank_ops": rank_ops,
