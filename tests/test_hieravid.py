@@ -26,8 +26,9 @@ from pruning.hieravid import (
     segment_ids,
     static_flags,
 )
+from pruning.dpp import span_scores
 from pruning.host_sync import HostSyncs
-from pruning.similarity import cos
+from pruning.similarity import cos, normalize
 
 
 def slow_segments(x: torch.Tensor, beta: float, thr: float) -> list[int]:
@@ -439,6 +440,35 @@ def test_rank_for_query_is_step_3_over_the_store_with_query_time_scores():
         want = rest[slow_allocate(store, budget - n_recent, means, 16, last=int(snap.group.max()))].tolist()
         want = sorted(want + torch.nonzero(snap.recent).flatten().tolist())
         assert pruner.rank_for_query(snap, query, budget).tolist() == want
+
+
+@pytest.mark.parametrize("with_query", [False, True])
+def test_query_time_dpp_batched_across_segments_gives_each_segment_its_own_scores(with_query):
+    """A question's DPP runs one batched greedy per round over every segment's block; each
+    segment's scores are the bits its own blocks give one after another (as before batching)."""
+    video = clip(12, t_len=20, d=24, cuts=(5, 9, 14))
+    pruner = HieraVid(dpp_picks=3, dpp_rank=7)  # a segment picks over three blocks
+    mem = stream(pruner, video, capacity=150, recent=2)
+    snap = mem.snapshot()
+    query = torch.randn(3, 24, generator=torch.Generator().manual_seed(4)) if with_query else None
+    got = pruner.query_score(snap, query)
+    order, _, n_recent, cuts = pruner._parts(snap)
+    stored = len(snap) - n_recent
+    rows = order[:stored]
+    cuts = [c for c in cuts if c < stored]
+    assert len(cuts) >= 2
+    r = relevance(snap.tokens, query)
+    units = normalize(snap.tokens[rows].float())
+    n = snap.grid[0] * snap.grid[1]
+    for a, b in zip([0, *cuts], [*cuts, stored]):  # each segment alone, block after block
+        basis, s = torch.zeros(0, 24), a
+        while s < b:
+            e = min(s + n, b) if basis.shape[0] < pruner.dpp_rank else b
+            want, picks = span_scores(units[s:e], basis, None if r is None else r[rows][s:e], 3, 7)
+            assert torch.equal(got[rows[s:e]], want)
+            if picks is not None:
+                basis = picks.extend(int(picks.count()))
+            s = e
 
 
 # Measured on this random clip (D=64, 4 segments), the same merge_ratio on both sides: 0.58 of
