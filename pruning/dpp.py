@@ -61,11 +61,13 @@ def _greedy(
     `read_back` (offline, where k may be far beyond the kernel's rank) reads each step's gains
     back and ends the loop once no kernel picked.
     """
-    lk = kernels.detach().to(torch.float64)
-    s, n, _ = lk.shape
+    s, n, _ = kernels.shape
     k = max(steps, default=0)
+    # each kernel row followed by its row of the picks' vectors (c), so that one gather brings both
+    rows = kernels.new_zeros(s, n, n + k, dtype=torch.float64)
+    rows[:, :, :n] = kernels.detach()
+    lk, ct = rows[:, :, :n], rows[:, :, n:]
     d2 = lk.diagonal(dim1=1, dim2=2).clone()
-    ct = lk.new_zeros(s, n, k)
     limit = None if min(steps, default=0) == k else to_device(torch.tensor(steps), lk.device)
     picks, gains, made = [], [], []
     for i in range(k):
@@ -75,11 +77,9 @@ def _greedy(
             live &= limit > i
         if read_back and not bool(live.any()):
             break
-        at = j.view(s, 1, 1)
-        row = lk.gather(1, at.expand(s, 1, n)).view(s, n)
-        e = row - (ct[:, :, :i] * ct.gather(1, at.expand(s, 1, k))[:, :, :i]).sum(2)
+        picked = rows.gather(1, j.view(s, 1, 1).expand(s, 1, n + k))  # row j: its kernel row, then c_j
+        e = torch.sub(picked[:, 0, :n], (ct[:, :, :i] * picked[:, :, n:n + i]).sum(2), out=ct[:, :, i])
         e.div_(_sqrt(best)[:, None])
-        ct[:, :, i] = e
         d2 = torch.where(live[:, None], torch.addcmul(d2, e, e, value=-1.0).scatter_(1, j.view(s, 1), -math.inf), d2)
         picks.append(j)
         gains.append(best)

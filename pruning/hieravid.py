@@ -80,8 +80,8 @@ The streaming `HieraVid` shares every step's code and departs from the offline v
    a question at 9k tokens with 5 segments reads back twice (was 327 times, twice per step).
    A round's greedy steps run batched across its segments (`dpp.span_scores_batch`, bit for
    bit each segment's own): at 16x16x3584, capacity 8192 and budget 4096, a question
-   dispatches 718 operations (not views: a GPU's launches) where it dispatched 1,400 one
-   segment at a time on prune_cost's stream (3 segments held), and 1,123 instead of 5,137 with
+   dispatches 655 operations (not views: a GPU's launches) where it dispatched 1,400 one
+   segment at a time on prune_cost's stream (3 segments held), and 1,060 instead of 5,137 with
    a cut every 12 groups (12 segments); the same picks.
 6. Memory-aware novelty (`memory_states`, default 4; 0 is the paper), as EchoPrune and MoPrune
    have it (`novelty.StateBank`): a token that returns to a state its position held before
