@@ -146,7 +146,8 @@ def ingest_syncs_table(vlm, size: DeviceSize, where: str) -> Table:
 def memory_table(vlm, size: DeviceSize, where: str) -> Table:
     """TokenMemory.add per group (the last 15 timed; every fourth group is counted instead: its
     host syncs and the operations it dispatches) and HieraVid's rank_for_query at half the
-    memory, with every tensor on the model's device (float32 features)."""
+    memory, also over a store of many segments (a question's DPP batches them), with every
+    tensor on the model's device (float32 features)."""
     side, capacity, groups = size.memory
     d = vlm.hidden_size
     t = Table(f"Memory and pruners on the device ({where}): median (min-max) ms", ["measure", "groups per call",
@@ -175,19 +176,31 @@ def memory_table(vlm, size: DeviceSize, where: str) -> Table:
               Stat.of(add_ms[-15:]).fmt(1), "", f"{min(syncs[-4:])}-{max(syncs[-4:])}"
               + (f" (+{max(late[-4:])} read late)" if max(late[-4:]) else ""), f"{min(ops[-4:])}-{max(ops[-4:])}")
         if name == "hieravid":
-            held = len(memory)
-            query = torch.randn(16, d, device=vlm.device)
-
-            def rank() -> torch.Tensor:  # as a question's full path: in place, then the picked rows
-                with memory.frozen() as view:
-                    return view.select(memory.pruner.rank_for_query(view, query, held // 2)).tokens
-
-            ms = _timed(rank, vlm.device, size.repeats)
-            with HostSyncs() as counted, DispatchedOps() as dispatched:
-                rank()
-            t.add(f"hieravid rank_for_query in place + picked rows, {held // 2} of {held} tokens", 1, ms.fmt(1),
-                  ms.fmt(1), counted.total, dispatched.count)
+            _rank_row(t, vlm, memory, size, "")
+    many = TokenMemory(capacity, get_pruner("hieravid"), 4, evict_slack=capacity // 4, device=vlm.device)
+    for i, g in enumerate(video_like_features(side, side, d, groups, cut_every=max(2, groups // 10))):
+        many.add(FrameTokens(i, float(i), g.to(vlm.device)))
+    _rank_row(t, vlm, many, size, ", a cut every tenth of the stream")
     return t
+
+
+def _rank_row(t: Table, vlm, memory: TokenMemory, size: DeviceSize, label: str) -> None:
+    """HieraVid's rank_for_query at half the memory, as a question's full path runs it (in place,
+    then the picked rows): time, host syncs and operations dispatched, with the segments held."""
+    held = len(memory)
+    query = torch.randn(16, vlm.hidden_size, device=vlm.device)
+
+    def rank() -> torch.Tensor:
+        with memory.frozen() as view:
+            return view.select(memory.pruner.rank_for_query(view, query, held // 2)).tokens
+
+    ms = _timed(rank, vlm.device, size.repeats)
+    with HostSyncs() as counted, DispatchedOps() as dispatched:
+        rank()
+    with memory.frozen() as view:
+        segments = len(torch.unique(view.meta["segment"]))
+    t.add(f"hieravid rank_for_query in place + picked rows, {held // 2} of {held} tokens, {segments} segment{'s' * (segments != 1)}{label}",
+          1, ms.fmt(1), ms.fmt(1), counted.total, dispatched.count)
 
 
 def cameras_table(vlm, size: DeviceSize, where: str) -> tuple[Table, int]:
