@@ -16,6 +16,8 @@ departure 4, says why and what it costs). Its scores read nothing back from the
 device, the greedy's steps included; extending the basis (`SpanPicks.extend`) needs the number
 of picks on the host, as the basis's row count shapes every later product, so HieraVid counts
 them when it reads back anyway (with the next group's counts, or a round of blocks' at once).
+`span_scores_batch` scores independent blocks at once (a question's segments, one block each
+per round) with one batched greedy, each block getting the bits it gets alone.
 """
 from __future__ import annotations
 

@@ -67,11 +67,12 @@ group until 2026-11-30. A product's per-element rounding may depend on its width
 may differ in its last bit from the exact prefix's; measured against that code, every
 snapshot, tree and depth was the same on 1,800 groups of 20 stream x configuration runs (the
 widths differed in 1,065 of them) and on 160 groups at 16x16x3584 (capacity 8192, where the
-two widths settle equal, 8832, and `TokenMemory.add` costs the same, 47 ms). Everything else has sizes known on the host: matching is masked
-reductions over the whole product, a tree's tail depth is a column of its held nodes (a tree
-with no held node can never be joined again), the store's rows are known to be the rows the
-last eviction kept, then the nodes of the groups that left the recent window since (checked on
-the device, no search), and eviction sorts all rows. Measured against the data-dependent code before (16x16x3584, capacity
+two widths settle equal, 8832, and `TokenMemory.add` costs the same, 47 ms). Everything else
+has sizes known on the host: matching is masked reductions over the whole product, a tree's
+tail depth is a column of its held nodes (a tree with no held node can never be joined again),
+the store's rows are known to be the rows the last eviction kept, then the nodes of the groups
+that left the recent window since (checked on the device, no search), and eviction sorts all
+rows. Measured against the data-dependent code before (16x16x3584, capacity
 8192, 4 recent groups, float32, store full, median of 15 groups, interleaved): `TokenMemory.add`
 44.4 -> 43.6 ms on 2 threads (score 40.9 -> 39.8, evict 2.4 -> 2.8), 83.7 -> 80.8 ms on 1.
 Measured (tests/test_forestprune.py, a drifting 32-group clip with a cut, budget 10%): the store
