@@ -125,7 +125,9 @@ def prepare_rows(vlm, size: DeviceSize, t: Table) -> float:
 def ingest_syncs_table(vlm, size: DeviceSize, where: str) -> Table:
     """Host synchronizations (read-backs and blocking copies to the device, `HostSyncs`) of a
     group's path outside the memory, each step after a warm-up call: preparing a group on the
-    device, a tower call as the families load it, and the scene detector's verdict."""
+    device, a tower call as the families load it (a batch and a lone group), and the scene
+    detector's verdict; with the operations each dispatches (a GPU's launches: a tower call's
+    count hardly grows with its batch)."""
     frames = camera_frames(2, 640, 480, n=2)
     prepared = vlm.prepare(frames)
     batch = [prepared] * size.batches[-1]
@@ -133,13 +135,16 @@ def ingest_syncs_table(vlm, size: DeviceSize, where: str) -> Table:
     scenes = SceneDetector()
     steps = {"prepare a 640x480 pair on the device": lambda: vlm.prepare(frames),
              f"tower + merger as loaded, {len(batch)} groups": lambda: vlm.encode_prepared(batch),
+             "tower + merger as loaded, 1 group": lambda: vlm.encode_prepared(batch[:1]),
              "scene detector, one group": lambda: scenes.update(FrameTokens(len(tokens), 0.0, tokens[0]))}
-    t = Table(f"Host synchronizations on a group's path outside the memory ({where})", ["step", "host syncs", "which"])
+    t = Table(f"Host synchronizations on a group's path outside the memory ({where})",
+              ["step", "host syncs", "which", "operations dispatched"])
     for step, fn in steps.items():
         fn()
-        with HostSyncs() as counted:
+        with HostSyncs() as counted, DispatchedOps() as dispatched:
             fn()
-        t.add(step, counted.total, ", ".join(f"{k} x{n}" for k, n in sorted(counted.counts.items())) or "none")
+        t.add(step, counted.total, ", ".join(f"{k} x{n}" for k, n in sorted(counted.counts.items())) or "none",
+              dispatched.count)
     return t
 
 

@@ -220,7 +220,7 @@ def test_ingest_device_tiny_on_cpu_without_pyav():
     per_group = [line for line in run.stdout.splitlines() if line.startswith("| ") and "ms per group" not in line
                  and not line.startswith("|---")]
     memory = len(ingest_device.MEMORY_PRUNERS) + 2  # an add row per pruner and HieraVid's query ranking, twice
-    syncs = 1 + 3  # its header; preparing on the device, a tower call, the scene verdict
+    syncs = 1 + 4  # its header; preparing on the device, two tower calls, the scene verdict
     assert len(per_group) == 2 + 2 * len(size.batches) + len(size.cameras) + 2 + 2 + memory + syncs + 3  # 6 tables
     assert "| pixel rows: torch on the device vs numpy on the host (the CPU tests find 0) | 0 |" in run.stdout
     assert "| prepare a 640x480 pair on the device | 0 | none |" in run.stdout
