@@ -24,8 +24,12 @@ changed.
 The memory lives on one device, the model's (`device`): the store, the recent window and the
 pruner's own state are there, and a group's add reads nothing back to the host when its pruner
 keeps every token at ingest and evicts to a fixed count (EchoPrune, MoPrune: counted by
-`host_sync.HostSyncs` in tests/test_memory_device.py). `layout` brings only the small columns
-to the host; `gather` and `snapshot` hand out vectors on the device.
+`host_sync.HostSyncs` in tests/test_memory_device.py). What a group leaves in the store when its
+pruner drops or merges tokens at ingest is a count only the device knows; it is queued for the
+host (`HostCopy`) before the group leaves the recent window and read when it does: a dropping
+group's when it arrives, a merging group's at the end of the add before (the runs it folds into
+are the store's then, as only a graduation changes the store). `layout` brings only the small
+columns to the host; `gather` and `snapshot` hand out vectors on the device.
 """
 from __future__ import annotations
 
@@ -196,6 +200,8 @@ class TokenMemory:
         self._recent: deque[tuple[FrameTokens, GroupScore, dict[str, torch.Tensor], int]] = deque()
         self._stamps = 0  # the last stamp handed out
         self._kept_counts: dict[int, HostCopy] = {}  # by stamp: a recent group's keep-mask count, read late
+        self._merge_plan: _MergePlan | None = None  # the next graduating group's merges, its counts read late
+        self._epoch = 0  # changes whenever the store's rows do (a graduation, a reallocation)
         self._store: _Store | None = None
         self._grid: tuple[int, int] | None = None
         self._version = 0
@@ -246,6 +252,7 @@ class TokenMemory:
             evicted = 0
             while len(self._recent) > self.recent_groups:
                 evicted += self._graduate(*self._recent.popleft())
+            self._plan_next_merge()
             self.tokens_evicted += evicted
             return AddResult(self._len(), (time.perf_counter() - t0) * 1e3, evicted)
 
@@ -275,7 +282,7 @@ class TokenMemory:
         if scored.keep is None and scored.merge_into is None:  # every token: nothing to read back
             rows = torch.arange(n_tok, device=self.device)
         else:
-            rows = self._select(st, scored, tokens, extras, w, self._kept_counts.pop(stamp, None))
+            rows = self._select(st, scored, tokens, extras, w, self._kept_counts.pop(stamp, None), stamp)
         k = int(rows.numel())
         dropped = n_tok - k
         if st.n + k > st.size:
@@ -298,6 +305,7 @@ class TokenMemory:
             st.ensure_extra(name, v).index_copy_(0, slots, (v if k == n_tok else v.index_select(0, rows)).to(
                 st.tokens.dtype))
         st.n += k
+        self._epoch += 1
         if st.n <= self.capacity:
             return dropped
         before = st.n
@@ -316,6 +324,7 @@ class TokenMemory:
         st = self._store
         if st is not None and st.size >= self.capacity + n_tok and st.tokens.shape[1] == tokens.shape[1]:
             return st
+        self._epoch += 1
         new = _Store(self.capacity + n_tok, tokens.shape[1], tokens.dtype, self.device)
         if st is not None and st.n and st.tokens.shape[1] == tokens.shape[1]:
             n = st.n
@@ -334,28 +343,44 @@ class TokenMemory:
         return new
 
     def _select(self, st: _Store, scored: GroupScore, tokens: torch.Tensor, extras: dict[str, torch.Tensor],
-                w: int, kept_count: HostCopy | None) -> torch.Tensor:
+                w: int, kept_count: HostCopy | None, stamp: int) -> torch.Tensor:
         """The rows of a group that become store rows, after folding its merging tokens into
         their runs. How many there are is known only on the device: a group whose pruner only
         drops had its count queued for the host when it arrived (`kept_count`: read now, a
-        recent window later, it has long arrived on a GPU); one that merges reads its counts
-        back here, as the runs it folds into are the store's now; one whose pruner says how many
-        it keeps reads nothing."""
-        keep = torch.ones(tokens.shape[0], dtype=torch.bool) if scored.keep is None else scored.keep.clone()
-        if scored.merge_into is None:
+        recent window later, it has long arrived on a GPU); one that merges had its counts
+        queued at the end of the add before this one (`_plan_next_merge`: the runs it folds
+        into are the store's as it was then, as only a graduation changes the store), or reads
+        them back now without a recent window; one whose pruner says how many it keeps reads
+        nothing."""
+        if scored.merge_into is None:  # it drops (a keep-mask): `_graduate` handles keeping all
             if scored.kept is None:
-                return rows_of(keep, kept_count.tolist())
-            torch._assert_async(keep.sum() == scored.kept, f"{self.pruner.name}.score: keep does not keep `kept` tokens")
-            return rows_of(keep, scored.kept)
-        stamp = self._new_stamp()
-        heads = _run_heads(st, scored.merge_into, keep, w)
-        folded = heads >= 0
-        keep &= ~folded
-        kept, merged = torch.stack([keep.sum(), folded.sum()]).tolist()
+                return rows_of(scored.keep, kept_count.tolist())
+            torch._assert_async(scored.keep.sum() == scored.kept,
+                                f"{self.pruner.name}.score: keep does not keep `kept` tokens")
+            return rows_of(scored.keep, scored.kept)
+        fold_stamp = self._new_stamp()
+        plan, self._merge_plan = self._merge_plan, None
+        if plan is not None and plan.stamp == stamp and plan.epoch == self._epoch:
+            kept, merged = plan.counts.tolist()  # queued an add ago
+        else:  # no recent window, or the first graduation: read back now
+            plan = _plan_merges(st, scored, tokens.shape[0], w, stamp, self._epoch)
+            kept, merged = plan.counts.get().tolist()
         if merged:
-            src = rows_of(folded, merged)
-            _fold(st, src, heads[src], tokens, extras, stamp)
-        return rows_of(keep, kept)
+            src = rows_of(plan.heads >= 0, merged)
+            _fold(st, src, plan.heads[src], tokens, extras, fold_stamp)
+        return rows_of(plan.keep, kept)
+
+    def _plan_next_merge(self) -> None:
+        """If the group the next add graduates merges, find the runs it folds into now, in the
+        store as that graduation will find it, and queue its counts for the host: read a group
+        later, they have long arrived on a GPU."""
+        self._merge_plan = None
+        if self.recent_groups == 0 or len(self._recent) != self.recent_groups or self._store is None:
+            return
+        group, scored, _, stamp = self._recent[0]
+        if scored.merge_into is not None:
+            h, w = group.grid
+            self._merge_plan = _plan_merges(self._store, scored, h * w, w, stamp, self._epoch)
 
     def layout(self) -> MemoryLayout:
         """The snapshot's group, pts, row and col columns (copies) and the counters, taken
@@ -466,6 +491,27 @@ class TokenMemory:
             score=scored.score.float(), recent=torch.ones(n, dtype=torch.bool), grid=(h, w),
             meta=dict(scored.meta), extras=extras,
         )
+
+
+@dataclass(frozen=True)
+class _MergePlan:
+    """A graduating group's merges into the store at `epoch`: the store row each token folds
+    into (-1: none), the tokens that stay as rows, and both counts (kept, merged), queued for the
+    host."""
+
+    stamp: int
+    epoch: int
+    heads: torch.Tensor
+    keep: torch.Tensor
+    counts: HostCopy
+
+
+def _plan_merges(st: _Store, scored: GroupScore, n: int, w: int, stamp: int, epoch: int) -> _MergePlan:
+    keep = torch.ones(n, dtype=torch.bool) if scored.keep is None else scored.keep.clone()
+    heads = _run_heads(st, scored.merge_into, keep, w)
+    folded = heads >= 0
+    keep &= ~folded
+    return _MergePlan(stamp, epoch, heads, keep, HostCopy(torch.stack([keep.sum(), folded.sum()])))
 
 
 def _run_heads(st: _Store, merge_into: torch.Tensor, keep: torch.Tensor, w: int) -> torch.Tensor:

@@ -9,19 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning import PRUNERS, TokenMemory, get_pruner
+from pruning import PRUNERS, GroupScore, Pruner, TokenMemory, get_pruner
 from pruning import base as pruning_base
 from pruning.host_sync import HostSyncs
 from pruning.types import FrameTokens
 
 # Host synchronizations per added group once the store evicts, at most, each a count only the
-# data determines: HieraVid's merges (the rows a group leaves), its DPP candidates and basis picks.
-SYNCS_PER_GROUP = {"echoprune": 0, "moprune": 0, "hieravid": 2, "forestprune": 0, "uniform": 0,
+# data determines: HieraVid's DPP candidates and basis picks.
+SYNCS_PER_GROUP = {"echoprune": 0, "moprune": 0, "hieravid": 1, "forestprune": 0, "uniform": 0,
                    "recent": 0, "dtd": 0, "random": 0}
 # Read late (`HostCopy`, queued and read later): how many tokens DTD's keep-mask keeps (queued when
-# a group arrives, read when it leaves the recent window); the oldest segment HieraVid's store
-# holds (queued at an eviction, read at the next).
-LATE_PER_GROUP = {"dtd": 1, "hieravid": 1}
+# a group arrives, read when it leaves the recent window); how many rows a merging group leaves
+# (HieraVid: queued an add before it leaves the recent window, read when it does); the oldest
+# segment HieraVid's store holds (queued at an eviction, read at the next).
+LATE_PER_GROUP = {"dtd": 1, "hieravid": 2}
 SYNC_FREE = [name for name, n in SYNCS_PER_GROUP.items() if n == 0 and name not in LATE_PER_GROUP]
 
 
@@ -74,6 +75,39 @@ def test_dtds_count_is_read_a_recent_window_after_it_was_queued():
         read.append(syncs.counts["late Tensor.tolist"])
         assert syncs.total == 0
     assert queued == [1] * 8 and read == [0, 0] + [1] * 6
+
+
+class _MergeEven(Pruner):
+    """Tokens at even positions fold into their position's run from the group before."""
+
+    name = "merge-even"
+
+    def score(self, group: FrameTokens) -> GroupScore:
+        n = group.grid[0] * group.grid[1]
+        into = torch.where(torch.arange(n) % 2 == 0, group.index - 1, -1) if group.index else torch.full((n,), -1)
+        return GroupScore(score=torch.zeros(n), merge_into=into)
+
+
+@pytest.mark.parametrize("recent", [2, 0])
+def test_a_merging_groups_counts_are_read_when_it_leaves_the_recent_window_queued_an_add_before(recent):
+    """The runs a group folds into are found, and its counts queued for the host, at the end of
+    the add before the one it leaves the recent window in (only a graduation changes the store
+    in between): read then, they have long arrived on a GPU. The first graduation (no store
+    yet) and a memory without a recent window read them back at once."""
+    mem = TokenMemory(200, _MergeEven(), recent_groups=recent, evict_slack=0)
+    queued, read, syncs_ = [], [], []
+    for g in stream(8):
+        with HostSyncs() as syncs:
+            mem.add(g)
+        queued.append(syncs.counts["late Tensor.to"])
+        read.append(syncs.counts["late Tensor.tolist"])
+        syncs_.append(syncs.total)
+    assert mem.snapshot().run.max() > 1  # runs merged
+    if recent:
+        assert syncs_ == [0, 0, 1, 0, 0, 0, 0, 0] and read == [0, 0, 0, 1, 1, 1, 1, 1]
+        assert queued == [0, 0, 2, 1, 1, 1, 1, 1]  # the first graduation's own, then the next one's
+    else:
+        assert syncs_ == [1] * 8 and read == [0] * 8
 
 
 @pytest.mark.parametrize("shape", SHAPES)
