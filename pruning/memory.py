@@ -507,6 +507,7 @@ class _MergePlan:
 
 
 def _plan_merges(st: _Store, scored: GroupScore, n: int, w: int, stamp: int, epoch: int) -> _MergePlan:
+    """The merges of a group of `n` tokens into `st` as it is at `epoch`; nothing is read back."""
     keep = torch.ones(n, dtype=torch.bool) if scored.keep is None else scored.keep.clone()
     heads = _run_heads(st, scored.merge_into, keep, w)
     folded = heads >= 0
