@@ -26,9 +26,9 @@ pruner's own state are there, and a group's add reads nothing back to the host w
 keeps every token at ingest and evicts to a fixed count (EchoPrune, MoPrune: counted by
 `host_sync.HostSyncs` in tests/test_memory_device.py). What a group leaves in the store when its
 pruner drops or merges tokens at ingest is a count only the device knows; it is queued for the
-host (`HostCopy`) before the group leaves the recent window and read when it does: a dropping
-group's when it arrives, a merging group's at the end of the add before (the runs it folds into
-are the store's then, as only a graduation changes the store). `layout` brings only the small
+host (`HostCopy`) at the end of the add before the one it leaves the recent window in, and read
+when it does (the runs a merging group folds into are the store's then, as only a graduation
+changes the store). `layout` brings only the small
 columns to the host; `gather` and `snapshot` hand out vectors on the device.
 """
 from __future__ import annotations
@@ -199,8 +199,7 @@ class TokenMemory:
         self._lock = threading.Lock()
         self._recent: deque[tuple[FrameTokens, GroupScore, dict[str, torch.Tensor], int]] = deque()
         self._stamps = 0  # the last stamp handed out
-        self._kept_counts: dict[int, HostCopy] = {}  # by stamp: a recent group's keep-mask count, read late
-        self._merge_plan: _MergePlan | None = None  # the next graduating group's merges, its counts read late
+        self._next: _Graduation | None = None  # the next graduating group's rows, their count read late
         self._epoch = 0  # changes whenever the store's rows do (a graduation, a reallocation)
         self._store: _Store | None = None
         self._grid: tuple[int, int] | None = None
@@ -242,17 +241,14 @@ class TokenMemory:
             if scored.score.shape != (h * w,):
                 raise RuntimeError(f"{self.pruner.name}.score returned {tuple(scored.score.shape)}, expected ({h * w},)")
             self._grid = (h, w)
-            stamp = self._new_stamp()
-            if scored.keep is not None and scored.kept is None and scored.merge_into is None:
-                self._kept_counts[stamp] = HostCopy(scored.keep.sum())  # read when the group graduates
-            self._recent.append((group, scored, extras, stamp))
+            self._recent.append((group, scored, extras, self._new_stamp()))
             self._version += 1  # covers the merges and evictions below: readers wait for the lock
             self.groups_seen += 1
             self.tokens_seen += h * w
             evicted = 0
             while len(self._recent) > self.recent_groups:
                 evicted += self._graduate(*self._recent.popleft())
-            self._plan_next_merge()
+            self._plan_next_graduation()
             self.tokens_evicted += evicted
             return AddResult(self._len(), (time.perf_counter() - t0) * 1e3, evicted)
 
@@ -282,7 +278,7 @@ class TokenMemory:
         if scored.keep is None and scored.merge_into is None:  # every token: nothing to read back
             rows = torch.arange(n_tok, device=self.device)
         else:
-            rows = self._select(st, scored, tokens, extras, w, self._kept_counts.pop(stamp, None), stamp)
+            rows = self._select(st, scored, tokens, extras, w, stamp)
         k = int(rows.numel())
         dropped = n_tok - k
         if st.n + k > st.size:
@@ -343,44 +339,43 @@ class TokenMemory:
         return new
 
     def _select(self, st: _Store, scored: GroupScore, tokens: torch.Tensor, extras: dict[str, torch.Tensor],
-                w: int, kept_count: HostCopy | None, stamp: int) -> torch.Tensor:
+                w: int, stamp: int) -> torch.Tensor:
         """The rows of a group that become store rows, after folding its merging tokens into
-        their runs. How many there are is known only on the device: a group whose pruner only
-        drops had its count queued for the host when it arrived (`kept_count`: read now, a
-        recent window later, it has long arrived on a GPU); one that merges had its counts
-        queued at the end of the add before this one (`_plan_next_merge`: the runs it folds
-        into are the store's as it was then, as only a graduation changes the store), or reads
-        them back now without a recent window; one whose pruner says how many it keeps reads
-        nothing."""
-        if scored.merge_into is None:  # it drops (a keep-mask): `_graduate` handles keeping all
-            if scored.kept is None:
-                return rows_of(scored.keep, kept_count.tolist())
+        their runs. Unless its pruner says how many it keeps, how many there are is known only on
+        the device: they were found, and their count queued for the host, at the end of the add
+        before this one (`_plan_next_graduation`), and are read now, a group later; without a
+        recent window, or at the first graduation of merges, they are found and read back now."""
+        if scored.merge_into is None and scored.kept is not None:
             torch._assert_async(scored.keep.sum() == scored.kept,
                                 f"{self.pruner.name}.score: keep does not keep `kept` tokens")
             return rows_of(scored.keep, scored.kept)
-        fold_stamp = self._new_stamp()
-        plan, self._merge_plan = self._merge_plan, None
-        if plan is not None and plan.stamp == stamp and plan.epoch == self._epoch:
+        fold_stamp = self._new_stamp() if scored.merge_into is not None else None
+        plan, self._next = self._next, None
+        if plan is not None and plan.stamp == stamp and plan.epoch in (None, self._epoch):
             kept, merged = plan.counts.tolist()  # queued an add ago
-        else:  # no recent window, or the first graduation: read back now
-            plan = _plan_merges(st, scored, tokens.shape[0], w, stamp, self._epoch)
+        else:
+            plan = _plan_graduation(st, scored, tokens.shape[0], w, stamp, self._epoch)
             kept, merged = plan.counts.get().tolist()
         if merged:
             src = rows_of(plan.heads >= 0, merged)
             _fold(st, src, plan.heads[src], tokens, extras, fold_stamp)
         return rows_of(plan.keep, kept)
 
-    def _plan_next_merge(self) -> None:
-        """If the group the next add graduates merges, find the runs it folds into now, in the
-        store as that graduation will find it, and queue its counts for the host: read a group
-        later, they have long arrived on a GPU."""
-        self._merge_plan = None
-        if self.recent_groups == 0 or len(self._recent) != self.recent_groups or self._store is None:
+    def _plan_next_graduation(self) -> None:
+        """If the group the next add graduates drops or merges tokens, find the rows it leaves
+        now and queue their count for the host: read a group later, it has long arrived on a
+        GPU. Only a graduation changes the store, so the runs a group folds into now are the
+        ones its graduation finds (checked by `_epoch`)."""
+        self._next = None
+        if self.recent_groups == 0 or len(self._recent) != self.recent_groups:
             return
         group, scored, _, stamp = self._recent[0]
-        if scored.merge_into is not None:
-            h, w = group.grid
-            self._merge_plan = _plan_merges(self._store, scored, h * w, w, stamp, self._epoch)
+        if scored.kept is not None or (scored.keep is None and scored.merge_into is None):
+            return  # nothing to count
+        if scored.merge_into is not None and self._store is None:
+            return  # the store it folds into does not exist yet
+        h, w = group.grid
+        self._next = _plan_graduation(self._store, scored, h * w, w, stamp, self._epoch)
 
     def layout(self) -> MemoryLayout:
         """The snapshot's group, pts, row and col columns (copies) and the counters, taken
@@ -494,25 +489,28 @@ class TokenMemory:
 
 
 @dataclass(frozen=True)
-class _MergePlan:
-    """A graduating group's merges into the store at `epoch`: the store row each token folds
-    into (-1: none), the tokens that stay as rows, and both counts (kept, merged), queued for the
-    host."""
+class _Graduation:
+    """What a group leaves in the store: the tokens that stay as rows, the store row each token
+    folds into (-1: none), and both counts (kept, merged), queued for the host. `epoch`: the
+    store's, for a group that merges into it (None: one that only drops does not read it)."""
 
     stamp: int
-    epoch: int
-    heads: torch.Tensor
+    epoch: int | None
     keep: torch.Tensor
+    heads: torch.Tensor
     counts: HostCopy
 
 
-def _plan_merges(st: _Store, scored: GroupScore, n: int, w: int, stamp: int, epoch: int) -> _MergePlan:
-    """The merges of a group of `n` tokens into `st` as it is at `epoch`; nothing is read back."""
+def _plan_graduation(st: _Store | None, scored: GroupScore, n: int, w: int, stamp: int, epoch: int) -> _Graduation:
+    """The rows a group of `n` tokens leaves: its keep-mask less the tokens that fold into a run
+    of `st` as it is at `epoch`; nothing is read back."""
     keep = torch.ones(n, dtype=torch.bool) if scored.keep is None else scored.keep.clone()
-    heads = _run_heads(st, scored.merge_into, keep, w)
-    folded = heads >= 0
-    keep &= ~folded
-    return _MergePlan(stamp, epoch, heads, keep, HostCopy(torch.stack([keep.sum(), folded.sum()])))
+    if scored.merge_into is None:
+        heads, epoch = torch.full((n,), -1, dtype=torch.long), None
+    else:
+        heads = _run_heads(st, scored.merge_into, keep, w)
+        keep &= heads < 0
+    return _Graduation(stamp, epoch, keep, heads, HostCopy(torch.stack([keep.sum(), (heads >= 0).sum()])))
 
 
 def _run_heads(st: _Store, merge_into: torch.Tensor, keep: torch.Tensor, w: int) -> torch.Tensor:

@@ -63,18 +63,23 @@ def test_a_groups_add_reads_back_at_most_its_budget(name, shape):
     assert max(late[10:]) <= 2 * LATE_PER_GROUP.get(name, 0), late  # a copy queued, a read later
 
 
-def test_dtds_count_is_read_a_recent_window_after_it_was_queued():
-    """With a recent window of 2, the count queued for group k is read when group k + 2 arrives
-    and pushes it into the store: on a GPU it has long arrived by then."""
-    mem = TokenMemory(200, get_pruner("dtd"), recent_groups=2, evict_slack=0)
-    queued, read = [], []
+@pytest.mark.parametrize("recent", [2, 0])
+def test_dtds_count_is_read_when_its_group_leaves_the_recent_window_queued_an_add_before(recent):
+    """With a recent window of 2, group k's count is queued at the end of add k + 1 and read when
+    group k + 2 arrives and pushes group k into the store: on a GPU it has long arrived by
+    then. Without a recent window it is read back at once."""
+    mem = TokenMemory(200, get_pruner("dtd"), recent_groups=recent, evict_slack=0)
+    queued, read, syncs_ = [], [], []
     for g in stream(8):
         with HostSyncs() as syncs:
             mem.add(g)
         queued.append(syncs.counts["late Tensor.to"])
         read.append(syncs.counts["late Tensor.tolist"])
-        assert syncs.total == 0
-    assert queued == [1] * 8 and read == [0, 0] + [1] * 6
+        syncs_.append(syncs.total)
+    if recent:
+        assert syncs_ == [0] * 8 and queued == [0] + [1] * 7 and read == [0, 0] + [1] * 6
+    else:
+        assert syncs_ == [1] * 8 and read == [0] * 8
 
 
 class _MergeEven(Pruner):
