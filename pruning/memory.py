@@ -352,12 +352,12 @@ class TokenMemory:
         fold_stamp = self._new_stamp() if scored.merge_into is not None else None
         plan, self._next = self._next, None
         if plan is not None and plan.stamp == stamp and plan.epoch in (None, self._epoch):
-            kept, merged = plan.counts.tolist()  # queued an add ago
+            kept, *merged = plan.counts.tolist()  # queued an add ago
         else:
             plan = _plan_graduation(st, scored, tokens.shape[0], w, stamp, self._epoch)
-            kept, merged = plan.counts.get().tolist()
-        if merged:
-            src = rows_of(plan.heads >= 0, merged)
+            kept, *merged = plan.counts.get().tolist()
+        if merged and merged[0]:
+            src = rows_of(plan.heads >= 0, merged[0])
             _fold(st, src, plan.heads[src], tokens, extras, fold_stamp)
         return rows_of(plan.keep, kept)
 
@@ -490,26 +490,26 @@ class TokenMemory:
 
 @dataclass(frozen=True)
 class _Graduation:
-    """What a group leaves in the store: the tokens that stay as rows, the store row each token
-    folds into (-1: none), and both counts (kept, merged), queued for the host. `epoch`: the
-    store's, for a group that merges into it (None: one that only drops does not read it)."""
+    """What a group leaves in the store: the tokens that stay as rows, for a group that merges the
+    store row each token folds into (-1: none), and the counts (kept, and merged when it merges),
+    queued for the host. `epoch`: the store's, for a group that merges into it (None: one that
+    only drops does not read the store)."""
 
     stamp: int
     epoch: int | None
     keep: torch.Tensor
-    heads: torch.Tensor
+    heads: torch.Tensor | None
     counts: HostCopy
 
 
 def _plan_graduation(st: _Store | None, scored: GroupScore, n: int, w: int, stamp: int, epoch: int) -> _Graduation:
     """The rows a group of `n` tokens leaves: its keep-mask less the tokens that fold into a run
     of `st` as it is at `epoch`; nothing is read back."""
-    keep = torch.ones(n, dtype=torch.bool) if scored.keep is None else scored.keep.clone()
     if scored.merge_into is None:
-        heads, epoch = torch.full((n,), -1, dtype=torch.long), None
-    else:
-        heads = _run_heads(st, scored.merge_into, keep, w)
-        keep &= heads < 0
+        return _Graduation(stamp, None, scored.keep, None, HostCopy(scored.keep.sum().view(1)))
+    keep = torch.ones(n, dtype=torch.bool) if scored.keep is None else scored.keep.clone()
+    heads = _run_heads(st, scored.merge_into, keep, w)
+    keep &= heads < 0
     return _Graduation(stamp, epoch, keep, heads, HostCopy(torch.stack([keep.sum(), (heads >= 0).sum()])))
 
 
