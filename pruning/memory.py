@@ -370,8 +370,8 @@ class TokenMemory:
         if self.recent_groups == 0 or len(self._recent) != self.recent_groups:
             return
         group, scored, _, stamp = self._recent[0]
-        if scored.kept is not None or (scored.keep is None and scored.merge_into is None):
-            return  # nothing to count
+        if scored.merge_into is None and (scored.keep is None or scored.kept is not None):
+            return  # nothing to count: it keeps every token, or says how many
         if scored.merge_into is not None and self._store is None:
             return  # the store it folds into does not exist yet
         h, w = group.grid
