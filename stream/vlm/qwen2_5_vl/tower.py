@@ -39,6 +39,11 @@ class QwenTower:
     geometry: VisionGeometry
     preprocess_on_device: bool | None = None  # `prepare` in torch on the model's device; None: unless that is the CPU
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # this model's own cache (a class-level lru_cache would hold every instance alive)
+        self._tower_inputs = functools.lru_cache(maxsize=64)(self._make_tower_inputs)
+
     @property
     def group_size(self) -> int:
         return self.geometry.temporal_patch_size
@@ -71,12 +76,11 @@ class QwenTower:
                 out[i] = group
         return out
 
-    @functools.lru_cache(maxsize=64)
-    def _tower_inputs(self, t: int, gh: int, gw: int) -> dict[str, Any]:
+    def _make_tower_inputs(self, t: int, gh: int, gw: int) -> dict[str, Any]:
         """What the tower's forward would work out from the grid (positions, attention chunks,
-        windows), worked out once per grid on the host and kept on the model's device. Left to
-        the tower, each call reads the grid back (`tolist`) half a dozen times: on a GPU, each read
-        waits for every camera's queued work."""
+        windows), worked out once per grid (`_tower_inputs` caches it) on the host and kept on the
+        model's device. Left to the tower, each call reads the grid back (`tolist`) half a dozen
+        times: on a GPU, each read waits for every camera's queued work."""
         inputs = self._grid_inputs(self.model.model.visual, torch.tensor([[t, gh, gw]]))
         placed = {k: host_sync.to_device(v, self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         for key in CHUNKS:
