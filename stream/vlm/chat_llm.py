@@ -9,7 +9,6 @@ attends over grouped KV heads without copying them on the CPU (stream/vlm/groupe
 """
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -21,6 +20,7 @@ from pruning import TokenSet
 
 from . import decode, grouped_attention
 from .base import Columns, Generation, LayoutSettings, Prompt, PromptPlan
+from .instance_cache import instance_cache
 from .kv_cache import BufferedCache
 from .layer_pruning import LayerPruned, Schedule, check_layers
 
@@ -110,7 +110,7 @@ class ChatLLM:
                              "takes side features of its visual tokens (its own forward)")
         check_layers(schedule, len(self.model.model.language_model.layers))
 
-    @functools.lru_cache(maxsize=64)
+    @instance_cache(maxsize=64)
     def _before_video(self, system: str) -> torch.Tensor:
         return self.chat_parts(system, "")[0]
 

@@ -40,7 +40,6 @@ takes 1-D positions without a mask or a cache as packed sequences.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +52,7 @@ from pruning import host_sync
 from .. import preprocess_torch
 from ..base import LayoutSettings, PromptPlan
 from ..chat_llm import ChatLLM
+from ..instance_cache import instance_cache
 from ..qwen2_5_vl.positions import group_time_text
 from .preprocess import FrameGeometry, checkpoint_normalisation, preprocess_frame
 
@@ -127,12 +127,12 @@ class LlavaOneVision(ChatLLM):
             pixel_values_videos=host_sync.to_device(pixels, self.device).to(self.dtype)).pooler_output[0, :-1]
         return list(feats.reshape(len(prepared), self.side, self.side, -1))
 
-    @functools.lru_cache(maxsize=4096)
+    @instance_cache(maxsize=4096)
     def _label(self, text: str) -> torch.Tensor:
         """A frame's timestamp text (tokenized once per distinct label)."""
         return self.tokenize(text)
 
-    @functools.lru_cache(maxsize=64)
+    @instance_cache(maxsize=64)
     def _before_video(self, system: str) -> torch.Tensor:
         """The system message (when there is one) and the opening of the user turn."""
         head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""

@@ -14,13 +14,13 @@ Prompt layout, question last so the video block's KV can be reused between quest
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from ..base import LayoutSettings, PromptPlan
 from ..chat_llm import ChatLLM
+from ..instance_cache import instance_cache
 from ..positions import TextPart, VisualPart, plan_of
 from .positions import group_time_text, time_offsets
 from .preprocess import VisionGeometry
@@ -73,7 +73,7 @@ class Qwen2_5_VL(QwenTower, ChatLLM):
         """One [h, w, D] token grid per group, on the model's device (where the memory lives)."""
         return list(feats.pooler_output[0].reshape(t, h, w, -1))
 
-    @functools.lru_cache(maxsize=4096)
+    @instance_cache(maxsize=4096)
     def _label(self, text: str) -> torch.Tensor:
         """A group's timestamp text and `<|vision_start|>` (tokenized once per distinct label)."""
         return torch.cat([self.tokenize(text), torch.tensor([self.vision_start_id])])

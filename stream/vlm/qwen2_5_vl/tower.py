@@ -11,7 +11,6 @@ with Qwen2.5-VL, whose preprocessing Qwen3-VL already shares.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from pruning import host_sync
 
 from .. import patch_embed, preprocess_torch, vision_attention
+from ..instance_cache import instance_cache
 from .preprocess import VisionGeometry, batches_by_shape, prepare_group
 
 
@@ -38,11 +38,6 @@ class QwenTower:
 
     geometry: VisionGeometry
     preprocess_on_device: bool | None = None  # `prepare` in torch on the model's device; None: unless that is the CPU
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # this model's own cache (a class-level lru_cache would hold every instance alive)
-        self._tower_inputs = functools.lru_cache(maxsize=64)(self._make_tower_inputs)
 
     @property
     def group_size(self) -> int:
@@ -76,10 +71,10 @@ class QwenTower:
                 out[i] = group
         return out
 
-    def _make_tower_inputs(self, t: int, gh: int, gw: int) -> dict[str, Any]:
+    @instance_cache(maxsize=64)
+    def _tower_inputs(self, t: int, gh: int, gw: int) -> dict[str, Any]:
         """What the tower's forward would work out from the grid (positions, attention chunks,
-        windows), worked out once per grid (`_tower_inputs` caches it) on the host and kept on the
-        model's device. Left to the tower, each call reads the grid back (`tolist`) half a dozen
+        windows), worked out once per grid on the host and kept on the model's device. Left to the tower, each call reads the grid back (`tolist`) half a dozen
         times: on a GPU, each read waits for every camera's queued work."""
         inputs = self._grid_inputs(self.model.model.visual, torch.tensor([[t, gh, gw]]))
         placed = {k: host_sync.to_device(v, self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

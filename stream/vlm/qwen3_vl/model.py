@@ -33,7 +33,6 @@ labelled as a full group.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +42,7 @@ from pruning import TokenSet
 
 from ..base import LayoutSettings, Prompt, PromptPlan
 from ..chat_llm import ChatLLM
+from ..instance_cache import instance_cache
 from ..positions import TextPart, VisualPart, plan_of
 from ..qwen2_5_vl.tower import QwenTower, speed_up
 from .positions import group_time, time_label
@@ -110,7 +110,7 @@ class Qwen3_VL(QwenTower, ChatLLM):
         deep = torch.stack([f[0] for f in feats.deepstack_features]).reshape(-1, t, h, w, grid.shape[-1])
         return [(grid[k], {DEEPSTACK: deep[:, k]}) for k in range(t)]
 
-    @functools.lru_cache(maxsize=4096)
+    @instance_cache(maxsize=4096)
     def _label(self, text: str) -> torch.Tensor:
         """A group's timestamp text and `<|vision_start|>` (tokenized once per distinct label)."""
         return torch.cat([self.tokenize(text), torch.tensor([self.vision_start_id])])
