@@ -63,19 +63,25 @@ def test_a_groups_add_reads_back_at_most_its_budget(name, shape):
     assert max(late[10:]) <= 2 * LATE_PER_GROUP.get(name, 0), late  # a copy queued, a read later
 
 
+def _late_counts(mem: TokenMemory, groups: list[FrameTokens]) -> tuple[list[int], list[int], list[int]]:
+    """Per add: read-backs that wait, copies queued for the host, and queued copies read."""
+    syncs_, queued, read = [], [], []
+    for g in groups:
+        with HostSyncs() as syncs:
+            mem.add(g)
+        syncs_.append(syncs.total)
+        queued.append(syncs.counts["late Tensor.to"])
+        read.append(syncs.counts["late Tensor.tolist"])
+    return syncs_, queued, read
+
+
 @pytest.mark.parametrize("recent", [2, 0])
 def test_dtds_count_is_read_when_its_group_leaves_the_recent_window_queued_an_add_before(recent):
     """With a recent window of 2, group k's count is queued at the end of add k + 1 and read when
     group k + 2 arrives and pushes group k into the store: on a GPU it has long arrived by
     then. Without a recent window it is read back at once."""
     mem = TokenMemory(200, get_pruner("dtd"), recent_groups=recent, evict_slack=0)
-    queued, read, syncs_ = [], [], []
-    for g in stream(8):
-        with HostSyncs() as syncs:
-            mem.add(g)
-        queued.append(syncs.counts["late Tensor.to"])
-        read.append(syncs.counts["late Tensor.tolist"])
-        syncs_.append(syncs.total)
+    syncs_, queued, read = _late_counts(mem, stream(8))
     if recent:
         assert syncs_ == [0] * 8 and queued == [0] + [1] * 7 and read == [0, 0] + [1] * 6
     else:
@@ -100,13 +106,7 @@ def test_a_merging_groups_counts_are_read_when_it_leaves_the_recent_window_queue
     in between): read then, they have long arrived on a GPU. The first graduation (no store
     yet) and a memory without a recent window read them back at once."""
     mem = TokenMemory(200, _MergeEven(), recent_groups=recent, evict_slack=0)
-    queued, read, syncs_ = [], [], []
-    for g in stream(8):
-        with HostSyncs() as syncs:
-            mem.add(g)
-        queued.append(syncs.counts["late Tensor.to"])
-        read.append(syncs.counts["late Tensor.tolist"])
-        syncs_.append(syncs.total)
+    syncs_, queued, read = _late_counts(mem, stream(8))
     assert mem.snapshot().run.max() > 1  # runs merged
     if recent:
         assert syncs_ == [0, 0, 1, 0, 0, 0, 0, 0] and read == [0, 0, 0, 1, 1, 1, 1, 1]
